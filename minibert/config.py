@@ -1,0 +1,103 @@
+"""The BERT model config: one dataclass, read from and written to Hugging Face's `config.json`.
+
+Field names follow Hugging Face's `BertConfig` so that a `config.json` round-trips unchanged and
+`transformers` can load what we save. Only the fields that change the computation are kept;
+everything else in a foreign `config.json` is ignored (and listed on request, never guessed at).
+"""
+
+import json
+from dataclasses import asdict, dataclass, fields
+
+# Attention implementations the model can run. Each is written out in minibert/model.py (eager,
+# sdpa) or minibert/kernels/ (triton, triton-varlen); the config names one, there is no fallback.
+ATTENTION_IMPLS = ("eager", "sdpa", "triton", "triton-varlen")
+
+# `gelu` in BERT's original code and in transformers is the exact erf form; `gelu_new` (GPT-2's)
+# is the tanh approximation. Other activations exist in the wild but not in BERT checkpoints.
+HIDDEN_ACTS = ("gelu", "gelu_new")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class BertConfig:
+    vocab_size: int = 30522  # BERT's uncased WordPiece vocabulary
+    hidden_size: int = 768  # C
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12  # nh; head size hs = C // nh
+    intermediate_size: int = 3072  # the MLP is 4x wider than the residual stream
+    hidden_act: str = "gelu"  # exact erf GELU, as BERT was trained
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512  # learned absolute positions: the longest input
+    type_vocab_size: int = 2  # segment A / segment B
+    layer_norm_eps: float = 1e-12  # BERT's value; much smaller than PyTorch's 1e-5 default
+    pad_token_id: int = 0
+    # Not a Hugging Face field: which attention code runs. `sdpa` is PyTorch's fused kernel and
+    # the fast default; `eager` is the explicit softmax, kept as the readable reference.
+    attention: str = "sdpa"
+
+    def __post_init__(self):
+        problems = []
+        if self.hidden_act not in HIDDEN_ACTS:
+            problems.append(
+                f"hidden_act={self.hidden_act!r} is not supported; use one of {HIDDEN_ACTS} "
+                "('gelu' is the exact erf form, 'gelu_new' the tanh approximation)"
+            )
+        if self.attention not in ATTENTION_IMPLS:
+            problems.append(f"attention={self.attention!r}; choose one of {ATTENTION_IMPLS}")
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "intermediate_size", "max_position_embeddings", "type_vocab_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                problems.append(f"{name}={getattr(self, name)!r} must be a positive integer")
+        if not problems and self.hidden_size % self.num_attention_heads != 0:
+            problems.append(
+                f"hidden_size={self.hidden_size} does not divide by "
+                f"num_attention_heads={self.num_attention_heads}"
+            )
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                problems.append(f"{name}={getattr(self, name)} must be in [0, 1)")
+        if not 0 <= self.pad_token_id < self.vocab_size:
+            problems.append(f"pad_token_id={self.pad_token_id} is outside the vocabulary")
+        if problems:
+            raise ConfigError("invalid BertConfig: " + "; ".join(problems))
+
+    @property
+    def head_size(self):
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_dict(cls, d, source="config"):
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        # Older checkpoints spell the activation "gelu" but some tools wrote "gelu_python" for the
+        # same exact erf function; accept that one alias because it is the same math.
+        if kwargs.get("hidden_act") == "gelu_python":
+            kwargs["hidden_act"] = "gelu"
+        try:
+            return cls(**kwargs)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_json(cls, path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+        return cls.from_dict(d, source=str(path))
+
+    def to_hf_dict(self):
+        d = {k: v for k, v in asdict(self).items() if k != "attention"}
+        # What transformers needs to pick the class and fill the fields we do not model.
+        d.update(model_type="bert", architectures=["BertForMaskedLM"],
+                 position_embedding_type="absolute", initializer_range=0.02)
+        return d
+
+    def save_json(self, path):
+        from minibert.io import atomic_write_text
+        atomic_write_text(path, json.dumps(self.to_hf_dict(), indent=2) + "\n")

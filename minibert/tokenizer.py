@@ -1,0 +1,128 @@
+"""A thin layer over Hugging Face `tokenizers`: BERT's WordPiece, batched, padded, as LongTensors.
+
+It loads `tokenizer.json` when the checkpoint has one, else builds BERT's pipeline from
+`vocab.txt` (BertNormalizer: clean text, split CJK characters, strip accents, lowercase; then
+BertPreTokenizer on whitespace and punctuation; then WordPiece with `##` continuations). Either way
+the ids equal `transformers.BertTokenizerFast` (tests/test_tokenizer.py).
+
+Truncation is longest-first: for a pair, tokens are taken from the longer side until it fits.
+Padding is dynamic: to the longest sequence in the batch, never to a fixed length.
+"""
+
+import json
+import os
+
+import torch
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, normalizers, pre_tokenizers, processors
+from tokenizers.models import WordPiece
+
+SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+class Tokenizer:
+    def __init__(self, tok: HFTokenizer, source="tokenizer"):
+        self.tok = tok
+        self.source = source
+        # A published tokenizer.json may carry its own padding/truncation (MiniLM's truncates at
+        # 128). We decide both per call, so clear them.
+        self.tok.no_padding()
+        self.tok.no_truncation()
+        ids = {s: tok.token_to_id(s) for s in SPECIALS}
+        missing = [s for s, i in ids.items() if i is None]
+        if missing:
+            raise ValueError(f"{source}: vocabulary lacks BERT's special tokens {missing}")
+        self.pad_id, self.unk_id = ids["[PAD]"], ids["[UNK]"]
+        self.cls_id, self.sep_id, self.mask_id = ids["[CLS]"], ids["[SEP]"], ids["[MASK]"]
+        self.special_ids = sorted(ids.values())
+
+    @classmethod
+    def from_dir(cls, path):
+        tj, vt = os.path.join(path, "tokenizer.json"), os.path.join(path, "vocab.txt")
+        if os.path.exists(tj):
+            return cls(HFTokenizer.from_file(tj), source=tj)
+        if os.path.exists(vt):
+            lower = True
+            tc = os.path.join(path, "tokenizer_config.json")
+            if os.path.exists(tc):
+                with open(tc, encoding="utf-8") as f:
+                    lower = json.load(f).get("do_lower_case", True)
+            return cls(build_wordpiece(read_vocab(vt), lowercase=lower), source=vt)
+        raise FileNotFoundError(f"{path}: neither tokenizer.json nor vocab.txt")
+
+    @property
+    def vocab_size(self):
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def encodings(self, texts, pairs=None, max_length=512):
+        """The raw `tokenizers.Encoding`s, for callers that need offsets or word ids."""
+        if isinstance(texts, str):
+            raise TypeError("encode_batch takes a list of texts, not one string")
+        if pairs is not None and len(pairs) != len(texts):
+            raise ValueError(f"{len(texts)} texts but {len(pairs)} pairs")
+        self.tok.enable_truncation(max_length=max_length, strategy="longest_first")
+        try:
+            inputs = list(texts) if pairs is None else list(zip(texts, pairs))
+            return self.tok.encode_batch(inputs)
+        finally:
+            self.tok.no_truncation()
+
+    def encode_batch(self, texts, pairs=None, max_length=512, return_offsets=False):
+        """texts (and optional pairs) -> dict of LongTensors (B, T), padded to the longest."""
+        encs = self.encodings(texts, pairs, max_length)
+        return self.collate(encs, return_offsets)
+
+    def collate(self, encs, return_offsets=False):
+        B, T = len(encs), max(len(e.ids) for e in encs)
+        input_ids = torch.full((B, T), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((B, T), dtype=torch.long)
+        token_type_ids = torch.zeros((B, T), dtype=torch.long)
+        for i, e in enumerate(encs):
+            n = len(e.ids)
+            input_ids[i, :n] = torch.tensor(e.ids)
+            attention_mask[i, :n] = 1
+            token_type_ids[i, :n] = torch.tensor(e.type_ids)
+        out = {"input_ids": input_ids, "attention_mask": attention_mask,
+               "token_type_ids": token_type_ids}
+        if return_offsets:  # character (start, end) of each token in its text; (0, 0) for specials
+            offsets = torch.zeros((B, T, 2), dtype=torch.long)
+            for i, e in enumerate(encs):
+                if e.offsets:
+                    offsets[i, :len(e.offsets)] = torch.tensor(e.offsets)
+            out["offsets"] = offsets
+        return out
+
+    def decode(self, ids):
+        return self.tok.decode(list(ids))
+
+    def id_to_token(self, i):
+        return self.tok.id_to_token(i)
+
+    def save(self, out_dir):
+        from minibert.io import atomic_write_text
+        os.makedirs(out_dir, exist_ok=True)
+        atomic_write_text(os.path.join(out_dir, "tokenizer.json"), self.tok.to_str())
+        vocab = sorted(self.tok.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
+        atomic_write_text(os.path.join(out_dir, "vocab.txt"), "".join(t + "\n" for t, _ in vocab))
+        atomic_write_text(os.path.join(out_dir, "tokenizer_config.json"), json.dumps(
+            {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": 512},
+            indent=2) + "\n")
+
+
+def read_vocab(path):
+    with open(path, encoding="utf-8") as f:
+        return {line.rstrip("\n"): i for i, line in enumerate(f)}
+
+
+def build_wordpiece(vocab, lowercase=True):
+    """BERT's tokenization pipeline around a WordPiece vocabulary ({token: id})."""
+    tok = HFTokenizer(WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                                strip_accents=None, lowercase=lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    cls_id, sep_id = vocab["[CLS]"], vocab["[SEP]"]
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+    tok.decoder = decoders.WordPiece(prefix="##")
+    return tok

@@ -1,0 +1,68 @@
+"""argparse flags built from a config dataclass, so that a flag exists for every field, with its
+type and default, and the resolved config is the dataclass itself.
+
+`--some-field` maps to `some_field`; booleans get `--x/--no-x`; `Optional[...]` fields accept the
+word `none`; list fields (`list[float]`) take a comma-separated value. The help text is the
+comment of the field, given through `field(metadata={"help": ...})`.
+"""
+
+import argparse
+import dataclasses
+import sys
+import typing
+
+
+def _parse_list(inner):
+    def parse(s):
+        return [inner(x) for x in s.split(",") if x != ""]
+    parse.__name__ = f"comma-separated {inner.__name__} list"
+    return parse
+
+
+def _converter(tp):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union and type(None) in args:  # Optional[X]
+        inner = _converter(next(a for a in args if a is not type(None)))
+
+        def parse(s):
+            return None if s.lower() == "none" else inner(s)
+        parse.__name__ = getattr(inner, "__name__", "value")
+        return parse
+    if origin is list:
+        return _parse_list(args[0])
+    return tp
+
+
+def add_dataclass_flags(parser, cls, skip=()):
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        help_ = f.metadata.get("help", "")
+        choices = f.metadata.get("choices")
+        tp = hints[f.name]
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if tp is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=default, help=help_)
+        else:
+            parser.add_argument(flag, dest=f.name, type=_converter(tp), default=default,
+                                choices=choices, required=required,
+                                help=f"{help_} (default: {default})")
+
+
+def dataclass_from_args(cls, ns):
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in vars(ns).items() if k in names})
+
+
+def print_config(cfg, title, file=sys.stderr):
+    """The resolved config, one field a line, on stderr (stdout is for a command's data)."""
+    print(f"{title}:", file=file)
+    for f in dataclasses.fields(cfg):
+        print(f"  {f.name:28s} {getattr(cfg, f.name)!r}", file=file)
+    file.flush()
