@@ -158,12 +158,13 @@ def load_state_into(model, ckpt_dir, with_head, allow_missing_head=False):
                                 for n in absent)
             continue
         parts = [tensors[n] for n in names]
-        for n, t in zip(names, parts):
-            want = _part_shape(own[ours], len(names))
-            if tuple(t.shape) != want:
-                problems.append(f"wrong shape: {n} expected {want}, found {tuple(t.shape)}")
+        want = _part_shape(own[ours], len(names))
+        wrong = [(n, t) for n, t in zip(names, parts) if tuple(t.shape) != want]
+        problems.extend(f"wrong shape: {n} expected {want}, found {tuple(t.shape)}"
+                        for n, t in wrong)
         used.update(names)
-        state[ours] = torch.cat(parts, 0) if len(parts) > 1 else parts[0]
+        if not wrong:  # parts of different shapes would not even concatenate
+            state[ours] = torch.cat(parts, 0) if len(parts) > 1 else parts[0]
     for n in sorted(set(tensors) - used):
         problems.append(f"unexpected: {n} {tuple(tensors[n].shape)}")
     if problems:

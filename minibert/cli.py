@@ -12,6 +12,9 @@ import sys
 # (module, what it adds). Each module has register(subparsers).
 COMMANDS = [
     "minibert.commands",  # weights import, embed, fill-mask
+    "train.datasets",  # data get
+    "train.finetune",  # finetune
+    "train.predict",  # predict
 ]
 
 

@@ -9,6 +9,7 @@ comment of the field, given through `field(metadata={"help": ...})`.
 import argparse
 import dataclasses
 import sys
+import types
 import typing
 
 
@@ -22,7 +23,7 @@ def _parse_list(inner):
 def _converter(tp):
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    if origin is typing.Union and type(None) in args:  # Optional[X]
+    if origin in (typing.Union, types.UnionType) and type(None) in args:  # X | None
         inner = _converter(next(a for a in args if a is not type(None)))
 
         def parse(s):

@@ -1,0 +1,183 @@
+"""FlashAttention-2 for minibert: the autograd wrapper and the public functions.
+
+Dao 2023, "FlashAttention-2" (https://arxiv.org/abs/2307.08691); the Triton kernels and the plain
+reference live in flash_kernels.py, whose docstring explains the algorithm.
+
+- flash_attention(q, k, v, key_padding_mask=None, softmax_scale=None, dropout_p=0.0, seed=None)
+  q, k, v (B, nh, T, hs), key_padding_mask (B, T) bool, True at real tokens -> (B, nh, T, hs)
+- flash_attention_varlen(q, k, v, cu_seqlens, max_seqlen, softmax_scale=None, dropout_p=0.0,
+                         seed=None)
+  packed q, k, v (total, nh, hs), cu_seqlens int32 (B+1,) -> (total, nh, hs)
+- dropout_keep_mask(seed, B, nh, T, dropout_p, device): the dropout mask the kernels use, for tests.
+
+Padded query rows give 0, and padded keys/values (and padded query rows) get exactly 0 gradient.
+The mask is inspected on the host (one sync per call): a prefix mask (real tokens, then padding)
+becomes per-sequence lengths and no tile past a length is visited; any other mask is read per key
+tile, and tiles past the last real token are still skipped.
+
+Limits: self-attention (one length and one mask for q and k), no causal mask or bias; head size
+16, 32, 64 or 128; fp16 / bf16 / fp32 on a CUDA GPU, or on the CPU under TRITON_INTERPRET=1.
+With seed=None a dropout seed is drawn from torch's default generator, so torch.manual_seed
+makes a run repeatable; the same seed always gives the same mask for the same T.
+"""
+
+import math
+import os
+
+import torch
+import triton
+
+from minibert.kernels.flash_kernels import (_bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_preprocess,
+                                            _fwd_kernel, _keep_mask_kernel)
+
+def _interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _tiles(hs):
+    """(forward BLOCK_M, forward BLOCK_N, backward block, num_warps), fixed per head size."""
+    if _interpreting():
+        return 64, 64, 64, 4  # the interpreter pays per program and per op: few, large tiles
+    # Forward: 128 queries share each k/v tile loaded. Backward: two fp32 (64, hs) accumulators.
+    return 128, 64, 64, (4 if hs <= 64 else 8)
+
+
+def _precision(x):
+    """fp32 inputs get true fp32 products (not tf32, Triton's default on GPUs): fp32 means fp32."""
+    return "ieee" if x.dtype == torch.float32 else "tf32"
+
+
+def _strides(x, is_varlen):
+    """(batch, head, token) strides of (B, nh, T, hs), or of packed (total, nh, hs) (batch: 0)."""
+    return (0, x.stride(1), x.stride(0)) if is_varlen else (x.stride(0), x.stride(1), x.stride(2))
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, seq, mask, T_max, sm_scale, dropout_p, seed):
+        is_varlen = q.dim() == 3  # packed (total, nh, hs); else padded (B, nh, T, hs)
+        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+        B = seq.numel() - 1 if is_varlen else seq.numel()
+        nh, hs = q.shape[-2] if is_varlen else q.shape[1], q.shape[-1]
+        o = torch.zeros(q.shape, dtype=q.dtype, device=q.device)  # rows never visited stay 0
+        lse = torch.empty((B, nh, T_max), dtype=torch.float32, device=q.device)
+        BM, BN, _, warps = _tiles(hs)
+        if o.numel() > 0 and T_max > 0:
+            _fwd_kernel[(triton.cdiv(T_max, BM), B * nh)](
+                q, k, v, o, lse, seq, seq if mask is None else mask,
+                *_strides(q, is_varlen), *_strides(k, is_varlen), *_strides(v, is_varlen),
+                *_strides(o, is_varlen), nh, T_max, sm_scale, dropout_p, seed,
+                HS=hs, BLOCK_M=BM, BLOCK_N=BN, IS_VARLEN=is_varlen, HAS_MASK=mask is not None,
+                HAS_DROPOUT=dropout_p > 0.0, PREC=_precision(q), num_warps=warps)
+        ctx.save_for_backward(q, k, v, o, lse, seq, mask)
+        ctx.args = (B, nh, hs, T_max, sm_scale, dropout_p, seed, is_varlen)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, seq, mask = ctx.saved_tensors
+        B, nh, hs, T_max, sm_scale, dropout_p, seed, is_varlen = ctx.args
+        do = do.contiguous()  # now in o's layout, which dq, dk, dv share
+        dq, dk, dv = (torch.zeros(o.shape, dtype=x.dtype, device=o.device) for x in (q, k, v))
+        if o.numel() == 0 or T_max == 0:
+            return dq, dk, dv, None, None, None, None, None, None
+        delta = torch.empty_like(lse)  # (B, nh, T_max)
+        _, _, BLK, warps = _tiles(hs)
+        so = _strides(o, is_varlen)
+        _bwd_preprocess[(triton.cdiv(T_max, BLK), B * nh)](
+            o, do, delta, seq, *so, nh, T_max, HS=hs, BLOCK_M=BLK, IS_VARLEN=is_varlen)
+        common = (*_strides(q, is_varlen), *_strides(k, is_varlen), *_strides(v, is_varlen), *so,
+                  nh, T_max, sm_scale, dropout_p, seed)
+        flags = dict(HS=hs, BLOCK_M=BLK, BLOCK_N=BLK, IS_VARLEN=is_varlen,
+                     HAS_MASK=mask is not None, HAS_DROPOUT=dropout_p > 0.0, PREC=_precision(q),
+                     num_warps=warps)
+        mask_arg = seq if mask is None else mask
+        _bwd_dkdv_kernel[(triton.cdiv(T_max, BLK), B * nh)](
+            q, k, v, do, dk, dv, lse, delta, seq, mask_arg, *common, **flags)
+        _bwd_dq_kernel[(triton.cdiv(T_max, BLK), B * nh)](
+            q, k, v, do, dq, lse, delta, seq, mask_arg, *common, **flags)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def _check_inputs(q, k, v, layout, dropout_p):
+    if not (q.shape == k.shape == v.shape and q.dim() == len(layout.split(","))):
+        raise ValueError(f"q, k, v must share one shape {layout}; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if not q.dtype == k.dtype == v.dtype or q.dtype not in (torch.float16, torch.bfloat16,
+                                                            torch.float32):
+        raise ValueError("q, k, v must all be float16, bfloat16 or float32; got "
+                         f"{q.dtype}, {k.dtype}, {v.dtype}")
+    hs = q.size(-1)
+    if hs not in (16, 32, 64, 128):
+        raise ValueError(f"head size {hs} is not supported by the Triton kernel: it must be a "
+                         "power of two from 16 to 128 (it is a compile-time tile width)")
+    if not q.device == k.device == v.device:
+        raise ValueError(f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
+    if q.device.type != "cuda" and not _interpreting():
+        raise RuntimeError(f"Triton kernels run on CUDA tensors; got {q.device}. On a CPU, set "
+                           "TRITON_INTERPRET=1 before importing triton, for its (slow) interpreter")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p={dropout_p} must be in [0, 1)")
+
+
+def _resolve(softmax_scale, dropout_p, seed, hs):
+    """The scale 1/sqrt(hs) by default, and a seed from torch's RNG when none is given (so that
+    torch.manual_seed makes runs repeatable); the seed is saved for the backward."""
+    scale = 1.0 / math.sqrt(hs) if softmax_scale is None else float(softmax_scale)
+    if dropout_p == 0.0:
+        return scale, 0
+    if seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+    return scale, int(seed)
+
+
+def flash_attention(q, k, v, key_padding_mask=None, softmax_scale=None, dropout_p=0.0, seed=None):
+    """softmax(scale q k^T) v for q, k, v (B, nh, T, hs); key_padding_mask (B, T) bool, True at
+    real tokens (None: no padding). Returns (B, nh, T, hs), zero at padded query rows."""
+    _check_inputs(q, k, v, "(B, nh, T, hs)", dropout_p)
+    B, nh, T, hs = q.shape
+    if key_padding_mask is None:
+        seq, mask = torch.full((B,), T, dtype=torch.int32, device=q.device), None
+    else:
+        if key_padding_mask.shape != (B, T) or key_padding_mask.dtype != torch.bool:
+            raise ValueError(f"key_padding_mask must be bool of shape (B, T) = {(B, T)}; got "
+                             f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+        m = key_padding_mask.to(q.device)
+        lengths = m.sum(1, dtype=torch.int32)  # (B,)
+        pos = torch.arange(T, device=q.device)  # (T,)
+        if torch.equal(m, pos[None, :] < lengths[:, None]):  # a prefix mask: lengths say it all
+            seq, mask = lengths, None
+        else:  # a general mask: visit up to the last real token, and read the mask there
+            seq = torch.where(m, pos + 1, 0).amax(1).to(torch.int32)  # (B,) last real + 1
+            mask = m.to(torch.int8).contiguous()  # (B, T)
+    scale, seed = _resolve(softmax_scale, dropout_p, seed, hs)
+    return _FlashAttention.apply(q, k, v, seq, mask, T, scale, float(dropout_p), seed)
+
+
+def flash_attention_varlen(q, k, v, cu_seqlens, max_seqlen, softmax_scale=None, dropout_p=0.0,
+                           seed=None):
+    """The same over packed sequences: q, k, v (total, nh, hs), sequence b being rows
+    cu_seqlens[b]:cu_seqlens[b+1] (cu_seqlens int32 (B+1,), starting at 0); max_seqlen >= the
+    longest sequence (it also sets the dropout offsets). Returns (total, nh, hs)."""
+    _check_inputs(q, k, v, "(total, nh, hs)", dropout_p)
+    if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.device != q.device:
+        raise ValueError(f"cu_seqlens must be int32 (B+1,) on {q.device}; got {cu_seqlens.dtype} "
+                         f"{tuple(cu_seqlens.shape)} on {cu_seqlens.device}")
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]  # one host sync below: a wrong bound would read
+    if int(cu_seqlens[-1]) != q.size(0) or (lengths.numel() and int(lengths.max()) > max_seqlen):
+        raise ValueError(f"cu_seqlens must end at total={q.size(0)} and no sequence may exceed "
+                         f"max_seqlen={max_seqlen}; got cu_seqlens={cu_seqlens.tolist()}")
+    scale, seed = _resolve(softmax_scale, dropout_p, seed, q.size(-1))
+    return _FlashAttention.apply(q, k, v, cu_seqlens, None, int(max_seqlen), scale,
+                                 float(dropout_p), seed)
+
+
+def dropout_keep_mask(seed, B, nh, T, dropout_p, device):
+    """The keep mask (B, nh, T, T) bool that the kernels draw for this seed: True = link kept.
+    For flash_attention_varlen, sequence b's mask is [b, :, :n_b, :n_b] with T = max_seqlen."""
+    out = torch.empty((B, nh, T, T), dtype=torch.int8, device=device)
+    BLOCK = 64
+    if out.numel() > 0:
+        _keep_mask_kernel[(triton.cdiv(T, BLOCK), triton.cdiv(T, BLOCK), B * nh)](
+            out, T, float(dropout_p), int(seed), BLOCK=BLOCK)
+    return out.bool()

@@ -1,0 +1,143 @@
+"""The model commands: `minibert embed`, `minibert fill-mask` and `minibert weights import`.
+
+`embed` is compared with sentence-transformers running the published all-MiniLM-L6-v2 directory
+(its modules.json says: BertModel, mean pooling, L2 normalisation; max_seq_length 256, which is
+also embed's default --max-length). `fill-mask` is compared with transformers' BertForMaskedLM.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+from conftest import ATOL_FP32, randomize_
+from safetensors.torch import load_file, save_file
+
+import minibert
+from minibert.cli import main
+
+TEXTS = [
+    "A man is playing a guitar.",
+    "The new movie is awesome, I loved every minute of it!",
+    "Résumé: 3 years at Café Déjà Vu (2019-2022).",
+    " ".join(["This sentence is repeated to pass the 256-token limit."] * 40),  # truncated
+    "ok",
+]
+
+
+def _stdout_json_lines(capsys, argv):
+    capsys.readouterr()
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def test_embed_matches_sentence_transformers(minilm_dir, minilm_original_dir, capsys):
+    from sentence_transformers import SentenceTransformer
+
+    # --batch-size 2: several batches, each padded differently.
+    argv = ["embed", minilm_dir, "--batch-size", "2"]
+    for t in TEXTS:
+        argv += ["--text", t]
+    (vectors,) = _stdout_json_lines(capsys, argv)
+    st = SentenceTransformer(minilm_original_dir, device="cpu")
+    assert st.max_seq_length == 256
+    ref = st.encode(TEXTS, normalize_embeddings=True, convert_to_tensor=True)  # (B, 384)
+    torch.testing.assert_close(torch.tensor(vectors), ref.cpu(), atol=ATOL_FP32, rtol=0)
+
+
+def test_embed_subprocess_stdout_is_pure_json(minilm_dir, capsys):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "minibert.cli", "embed", minilm_dir,
+                        "--text", "Hello world.", "--text", "A second, longer sentence."],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    vectors = json.loads(r.stdout)  # the whole of stdout is one JSON document
+    assert len(vectors) == 2 and all(len(v) == 384 for v in vectors)
+    assert torch.linalg.vector_norm(torch.tensor(vectors), dim=-1).sub(1).abs().max() < 1e-6
+    assert "minibert:" in r.stderr  # logs went to stderr
+    # Same numbers as running the command in this process.
+    (inproc,) = _stdout_json_lines(capsys, ["embed", minilm_dir, "--text", "Hello world.",
+                                            "--text", "A second, longer sentence."])
+    assert inproc == vectors
+
+
+@pytest.fixture(scope="module")
+def tiny_mlm_dir(minilm_original_dir, tmp_path_factory):
+    """A tiny random BertForMaskedLM with MiniLM's 30522-token tokenizer, made by transformers.
+
+    Weights are randomised at scale O(1) (conftest.randomize_) so the predicted distributions are
+    peaked and the top tokens are well separated, not all ~1/V."""
+    d = tmp_path_factory.mktemp("tiny_mlm")
+    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=64,
+                                  max_position_embeddings=64)
+    hf = randomize_(transformers.BertForMaskedLM(cfg), seed=2).eval()
+    hf.save_pretrained(d, safe_serialization=True)
+    for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(os.path.join(minilm_original_dir, f), d)
+    return str(d), hf
+
+
+def test_fill_mask_prints_one_json_line_per_text(tiny_mlm_dir, minilm_hf_tokenizer, capsys):
+    d, hf = tiny_mlm_dir
+    texts = ["The capital of France is [MASK].", "[MASK] and [MASK] went up the hill."]
+    lines = _stdout_json_lines(capsys, ["fill-mask", d, *texts, "--top-k", "3"])
+    assert [line["text"] for line in lines] == texts
+    for text, line in zip(texts, lines):
+        enc = minilm_hf_tokenizer(text, return_tensors="pt")
+        with torch.no_grad():
+            logits = hf(**enc).logits[0]  # (T, V)
+        where = (enc["input_ids"][0] == minilm_hf_tokenizer.mask_token_id).nonzero().flatten()
+        top = logits[where].softmax(-1).topk(3)  # (n_masks, 3)
+        assert len(line["masks"]) == len(where) == text.count("[MASK]")
+        for got, probs, ids in zip(line["masks"], top.values, top.indices):
+            assert [g["token"] for g in got] == minilm_hf_tokenizer.convert_ids_to_tokens(ids)
+            # probabilities are printed rounded to 4 decimals
+            for g, p in zip(got, probs.tolist()):
+                assert abs(g["prob"] - p) <= 0.5e-4 + ATOL_FP32
+        assert got[0]["prob"] > 0.01  # a peaked distribution, so the ranking means something
+
+
+def test_fill_mask_without_mask_is_an_error(tiny_mlm_dir):
+    with pytest.raises(SystemExit, match=r"no \[MASK\]"):
+        main(["fill-mask", tiny_mlm_dir[0], "no mask here"])
+
+
+def test_weights_import_of_a_directory(tiny_mlm_dir, tmp_path, capsys):
+    """`weights import DIR DEST` re-spells an old-style checkpoint (no `bert.` prefix,
+    LayerNorm.gamma/beta, position_ids) into canonical names and writes a manifest."""
+    d, hf = tiny_mlm_dir
+    src = tmp_path / "old_style"
+    src.mkdir()
+    for f in ("config.json", "tokenizer.json", "vocab.txt"):
+        shutil.copy(os.path.join(d, f), src)
+    sd = {k.removeprefix("bert.").replace("LayerNorm.weight", "LayerNorm.gamma")
+          .replace("LayerNorm.bias", "LayerNorm.beta"): v
+          for k, v in load_file(os.path.join(d, "model.safetensors")).items()}
+    sd["embeddings.position_ids"] = torch.arange(64)[None]
+    save_file(sd, src / "model.safetensors")
+
+    main(["weights", "import", str(src), str(tmp_path / "dest")])
+    dest = tmp_path / "dest"
+    keys = set(load_file(dest / "model.safetensors"))
+    assert {k for k in keys if not k.startswith(("bert.", "cls.predictions."))} == set()
+    assert not any("gamma" in k or "beta" in k or "position_ids" in k for k in keys)
+    assert {k for k in keys if k.startswith("cls.predictions.")} == {
+        "cls.predictions.bias", "cls.predictions.transform.dense.weight",
+        "cls.predictions.transform.dense.bias", "cls.predictions.transform.LayerNorm.weight",
+        "cls.predictions.transform.LayerNorm.bias"}
+    manifest = json.loads((dest / "manifest.json").read_text())
+    assert manifest["source"] == {"directory": str(src)}
+    for name, digest in manifest["files"].items():
+        assert hashlib.sha256((dest / name).read_bytes()).hexdigest() == digest, name
+
+    ids = torch.tensor([[101, 1996, 3007, 103, 102]])
+    with torch.no_grad():
+        torch.testing.assert_close(minibert.load_mlm(dest)(ids), hf(ids).logits,
+                                   atol=ATOL_FP32, rtol=0)

@@ -1,0 +1,214 @@
+"""`minibert finetune`: build everything from a FinetuneConfig, then run the Trainer.
+
+Reads top to bottom: device and seed -> data -> model and head -> freezing and parameter groups
+-> optimizer and schedule -> trainer -> final test evaluation with the best checkpoint.
+The run directory layout is described in train/rundir.py; `--resume RUN` continues a killed run
+from its `state/` with the config saved in `RUN/config.json`.
+"""
+
+import dataclasses
+import functools
+import json
+import os
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+from minibert.checkpoint import load_model, save_model
+from minibert.config import BertConfig
+from minibert.io import atomic_save_safetensors, atomic_write_json
+from minibert.model import BertEncoder
+from minibert.tokenizer import Tokenizer
+from train import classification as clf
+from train.data import DataError, build_label_map, label_key, read_examples
+from train.finetune_config import FinetuneConfig
+from train.flags import add_dataclass_flags, dataclass_from_args, print_config
+from train.optim import AdamW
+from train.params import (GradualUnfreezer, LrPolicy, frozen_units, param_groups, print_groups,
+                          set_trainable, units_top_down)
+from train.rundir import RunDir
+from train.schedules import LambdaSchedule, WarmupThenPlateau, lr_multiplier
+from train.trainer import Diverged, LoopSettings, Trainer
+
+
+def pick_device(name):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def build_model(cfg: FinetuneConfig, n_labels):
+    """The backbone from the checkpoint (or its config alone for --init random) plus a new head."""
+    overrides = {"attention": cfg.attention}
+    if cfg.hidden_dropout is not None:
+        overrides["hidden_dropout_prob"] = cfg.hidden_dropout
+    if cfg.attention_dropout is not None:
+        overrides["attention_probs_dropout_prob"] = cfg.attention_dropout
+    if cfg.init == "pretrained":
+        bert = load_model(cfg.model, **overrides)
+    else:
+        mc = BertConfig.from_json(os.path.join(cfg.model, "config.json"))
+        bert = BertEncoder(dataclasses.replace(mc, **overrides))
+        print("init: random weights (BERT's N(0, 0.02) initialisation), same architecture",
+              file=sys.stderr)
+    drop = cfg.classifier_dropout if cfg.classifier_dropout is not None else \
+        bert.config.hidden_dropout_prob
+    head = clf.ClassificationHead(bert.config.hidden_size, n_labels, cfg.pooling, drop)
+    return clf.TaskModel(bert, head)
+
+
+def load_data(cfg, tok):
+    train_ex, _ = read_examples(cfg.train, cfg.text_field, cfg.pair_field, cfg.label_field,
+                                cfg.skip_bad_rows)
+    label_map = build_label_map(train_ex)
+
+    def known(label):
+        return None if label_key(label) in label_map else \
+            f"label {label!r} does not occur in the training data {cfg.train}"
+
+    def encoded(examples, shuffle, bs):
+        return clf.EncodedDataset(examples, tok, cfg.max_length, label_map, bs, cfg.seed,
+                                  cfg.group_by_length and shuffle, shuffle)
+
+    data = {"train": encoded(train_ex, True, cfg.batch_size)}
+    for split in ("dev", "test"):
+        path = getattr(cfg, split)
+        if path:
+            ex, _ = read_examples(path, cfg.text_field, cfg.pair_field, cfg.label_field,
+                                  cfg.skip_bad_rows, check_target=known)
+            data[split] = encoded(ex, False, cfg.eval_batch_size)
+    return data, label_map
+
+
+def build_schedule(cfg, optimizer, total_steps):
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else \
+        round(cfg.warmup_ratio * total_steps)
+    print(f"schedule: {cfg.schedule}, {warmup} warm-up steps of {total_steps}", file=sys.stderr)
+    if cfg.schedule == "plateau":
+        return WarmupThenPlateau(optimizer, warmup, mode="max" if cfg.metric != "loss" else "min",
+                                 factor=cfg.plateau_factor, patience=cfg.plateau_patience,
+                                 cooldown=cfg.plateau_cooldown, threshold=cfg.plateau_threshold,
+                                 min_lr=cfg.plateau_min_lr)
+    fn = functools.partial(lr_multiplier, kind=cfg.schedule, warmup_steps=warmup,
+                           total_steps=total_steps)
+    return LambdaSchedule(optimizer, fn)
+
+
+def save_task_model(model, tok, cfg, label_map, out_dir):
+    """best/: the backbone in Hugging Face layout, the head, and what prediction needs."""
+    save_model(model.bert, out_dir, tok)
+    atomic_save_safetensors(os.path.join(out_dir, "head.safetensors"), model.head.state_dict())
+    atomic_write_json(os.path.join(out_dir, "task.json"), {
+        "task": cfg.task, "labels": list(label_map), "pooling": cfg.pooling,
+        "max_length": cfg.max_length, "text_field": cfg.text_field, "pair_field": cfg.pair_field})
+
+
+def load_task_model(best_dir, device):
+    with open(os.path.join(best_dir, "task.json")) as f:
+        task = json.load(f)
+    bert = load_model(best_dir)
+    head = clf.ClassificationHead(bert.config.hidden_size, len(task["labels"]), task["pooling"], 0.0)
+    head.load_state_dict(load_file(os.path.join(best_dir, "head.safetensors")))
+    return clf.TaskModel(bert, head).to(device).eval(), task
+
+
+def run_finetune(cfg: FinetuneConfig, resume=False):
+    device = pick_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    run = RunDir(cfg.out)
+    print_config(cfg, "finetune config")
+    print(f"device: {device}, torch threads: {torch.get_num_threads()}", file=sys.stderr)
+    if not resume:
+        run.write_json("config.json", dataclasses.asdict(cfg))
+
+    tok = Tokenizer.from_dir(cfg.model)
+    data, label_map = load_data(cfg, tok)
+    print(f"labels: {label_map}", file=sys.stderr)
+    model = build_model(cfg, len(label_map)).to(device)
+
+    # Freezing and parameter groups. A frozen parameter has requires_grad=False: no gradient is
+    # computed for it and, not being in any param group, it gets no optimizer state.
+    n_layers = model.bert.config.num_hidden_layers
+    frozen = frozen_units(n_layers, cfg.freeze_embeddings, cfg.freeze_layers, cfg.freeze_backbone)
+    policy = LrPolicy(cfg.lr, cfg.lr_head, cfg.layer_lr_decay, cfg.lr_embeddings, cfg.lr_encoder,
+                      cfg.weight_decay)
+    unfreezer = None
+    if cfg.unfreeze_every is not None:
+        unfreezer = GradualUnfreezer(model, policy, cfg.unfreeze_every, cfg.unfreeze_unit,
+                                     cfg.stage_lrs, always_frozen=frozen)
+        trainable = {"head"}
+        scale = unfreezer.lr_scale(0)
+    else:
+        trainable = set(units_top_down(n_layers)) - frozen
+        scale = 1.0
+    set_trainable(model, trainable)
+    if cfg.pooling == "mean":
+        model.bert.pooler.requires_grad_(False)  # unused by mean pooling: nothing to train
+    groups = param_groups(model, trainable, policy, scale)
+    if not groups:
+        raise SystemExit("minibert finetune: every parameter is frozen; nothing would train. "
+                         "Drop a --freeze-* flag.")
+    print_groups(groups, model)
+    optimizer = AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                      eps=cfg.adam_eps, weight_decay=cfg.weight_decay, foreach=True)
+
+    settings = LoopSettings(cfg.epochs, cfg.max_steps, cfg.grad_accum, cfg.clip_grad_norm,
+                            cfg.eval_every, cfg.log_every, cfg.metric, cfg.metric_mode,
+                            cfg.early_stopping_patience, cfg.save_every)
+    steps_per_epoch = -(-len(data["train"].batches(0)) // cfg.grad_accum)
+    total = cfg.max_steps or cfg.epochs * steps_per_epoch
+    schedule = build_schedule(cfg, optimizer, total)
+    evaluate = (lambda m: clf.evaluate(m, data["dev"], device)) if "dev" in data else \
+        (lambda m: {"loss": float("nan"), cfg.metric: float("nan")})
+    trainer = Trainer(model, optimizer, schedule, data["train"], evaluate, run, settings, device,
+                      unfreezer=unfreezer,
+                      save_best=lambda d: save_task_model(model, tok, cfg, label_map, d))
+    if resume:
+        trainer.load_state()
+    try:
+        summary = trainer.fit()
+    except Diverged as e:
+        raise SystemExit(f"minibert finetune: {e}") from None
+
+    # Final evaluation with the best checkpoint, not the last weights.
+    best_dir = run.find_dir("best")
+    results = {"best_step": summary["best_step"], "train_seconds": summary["train_seconds"],
+               "examples_per_second": summary["examples_per_second"]}
+    if best_dir:
+        best, _ = load_task_model(best_dir, device)
+        for split in ("dev", "test"):
+            if split in data:
+                m = clf.evaluate(best, data[split], device)
+                results[split] = {k: v for k, v in m.items()}
+                print(f"{split} (best checkpoint, step {summary['best_step']}): " + ", ".join(
+                    f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float)),
+                    file=sys.stderr)
+    run.write_json("results.json", results)
+    print(f"results: {run.file('results.json')}", file=sys.stderr)
+    return results
+
+
+def cmd_finetune(args):
+    if args.resume:
+        with open(os.path.join(args.resume, "config.json")) as f:
+            cfg = FinetuneConfig(**json.load(f))
+        return run_finetune(cfg, resume=True) and 0
+    missing = [f for f in ("model", "train") if getattr(args, f) is None]
+    if missing:
+        raise SystemExit(f"minibert finetune: --{missing[0]} is required")
+    try:
+        cfg = dataclass_from_args(FinetuneConfig, args)
+        run_finetune(cfg)
+    except (DataError, ValueError) as e:
+        raise SystemExit(f"minibert finetune: {e}") from None
+
+
+def register(sub):
+    p = sub.add_parser("finetune", help="fine-tune a checkpoint on a labelled dataset")
+    add_dataclass_flags(p, FinetuneConfig)
+    p.add_argument("--resume", metavar="RUN", default=None,
+                   help="continue the killed run in RUN with its saved config and state")
+    p.set_defaults(func=cmd_finetune)

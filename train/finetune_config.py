@@ -1,0 +1,101 @@
+"""The fine-tuning config: every flag of `minibert finetune`, each default with its reason.
+
+The defaults are BERT's fine-tuning recipe (Devlin et al. 2019, appendix A.3: lr in 2e-5..5e-5,
+batch 16/32, 2-4 epochs, linear warm-up over 10% then linear decay, weight decay 0.01) plus what
+the field learned since (Mosbach et al. 2021: bias-corrected AdamW and warm-up make fine-tuning
+stable; Sun et al. 2019: a higher lr for the new head, layer-wise decay).
+"""
+
+from dataclasses import dataclass, field
+
+
+def _f(default, help_, **kw):
+    return field(default=default, metadata={"help": help_, **kw})
+
+
+TASKS = ("classification",)
+
+
+@dataclass
+class FinetuneConfig:
+    # what to train on
+    model: str = _f(None, "checkpoint directory (Hugging Face layout), e.g. weights/minilm-l6")
+    task: str = _f("classification", "task type", choices=TASKS)
+    train: str = _f(None, "training data (.jsonl, .csv or .tsv)")
+    dev: str | None = _f(None, "dev data: evaluation, early stopping, best checkpoint")
+    test: str | None = _f(None, "test data, evaluated once with the best checkpoint")
+    out: str = _f("runs/finetune", "run directory")
+    text_field: str = _f("text", "field holding the text")
+    pair_field: str | None = _f(None, "field holding the second text of a pair")
+    label_field: str = _f("label", "field holding the label")
+    skip_bad_rows: bool = _f(False, "skip (and count) bad rows instead of stopping at the first")
+    max_length: int = _f(128, "tokens per example after truncation (longest-first for pairs)")
+    init: str = _f("pretrained", "'random' trains the same architecture from scratch, to show "
+                   "what pretraining is worth", choices=("pretrained", "random"))
+    # the head
+    pooling: str = _f("mean", "sentence vector: 'cls' is BERT's pooler on [CLS]; 'mean' averages "
+                      "tokens, as MiniLM was trained (its pooler never was)",
+                      choices=("cls", "mean"))
+    # optimisation
+    epochs: int = _f(3, "passes over the training data (BERT: 2-4)")
+    max_steps: int | None = _f(None, "stop after this many optimizer steps (overrides epochs)")
+    batch_size: int = _f(32, "examples per micro-batch")
+    grad_accum: int = _f(1, "micro-batches per optimizer step: a bigger batch in the same memory")
+    eval_batch_size: int = _f(128, "examples per evaluation batch (no gradients: can be larger)")
+    lr: float = _f(5e-5, "base learning rate: the top block's (BERT: 2e-5..5e-5)")
+    lr_head: float | None = _f(1e-3, "learning rate of the new head; a random layer needs a "
+                               "larger step than pretrained ones")
+    layer_lr_decay: float = _f(1.0, "each block below the top gets this times the lr above it; "
+                               "embeddings last (0.8-0.95 is common; 1 turns it off)")
+    lr_embeddings: float | None = _f(None, "explicit lr for the embeddings (overrides decay)")
+    lr_encoder: float | None = _f(None, "explicit lr for every block (overrides decay)")
+    weight_decay: float = _f(0.01, "decoupled weight decay; never on biases or LayerNorm")
+    adam_beta1: float = _f(0.9, "AdamW beta1")
+    adam_beta2: float = _f(0.999, "AdamW beta2")
+    adam_eps: float = _f(1e-8, "AdamW epsilon")
+    schedule: str = _f("linear", "lr after warm-up: decay to 0 linearly or by cosine, constant, "
+                       "or reduce on plateau of the dev metric",
+                       choices=("linear", "cosine", "constant", "plateau"))
+    warmup_ratio: float = _f(0.1, "warm-up as a fraction of all steps (BERT: 10%)")
+    warmup_steps: int | None = _f(None, "warm-up in steps (overrides warmup-ratio)")
+    plateau_factor: float = _f(0.5, "plateau: multiply the lr by this when the metric stalls")
+    plateau_patience: int = _f(1, "plateau: evaluations without improvement before a cut")
+    plateau_cooldown: int = _f(0, "plateau: evaluations to wait after a cut")
+    plateau_threshold: float = _f(1e-4, "plateau: relative change that counts as improvement")
+    plateau_min_lr: float = _f(0.0, "plateau: lower bound of the lr")
+    clip_grad_norm: float | None = _f(1.0, "clip the global gradient norm to this ('none': off)")
+    seed: int = _f(42, "seeds weights of the head, dropout and data order")
+    hidden_dropout: float | None = _f(None, "override the checkpoint's hidden dropout (BERT 0.1)")
+    attention_dropout: float | None = _f(None, "override the checkpoint's attention dropout")
+    classifier_dropout: float | None = _f(None, "dropout before the head (default: hidden dropout)")
+    # freezing
+    freeze_embeddings: bool = _f(False, "do not train the embeddings")
+    freeze_layers: int = _f(0, "do not train the bottom N blocks")
+    freeze_backbone: bool = _f(False, "train the head only (a linear probe on frozen features)")
+    unfreeze_every: float | None = _f(None, "gradual unfreezing: stage 0 trains the head, then "
+                                      "one more block from the top every this many units")
+    unfreeze_unit: str = _f("epoch", "unit of --unfreeze-every", choices=("epoch", "step"))
+    stage_lrs: list[float] | None = _f(None, "base lr of each unfreezing stage, comma-separated, "
+                                       "e.g. 1e-3,1e-4 (the last repeats)")
+    # evaluation and bookkeeping
+    eval_every: int | None = _f(100, "evaluate on dev every N steps (and at each epoch end)")
+    log_every: int = _f(20, "log train loss, lr, speed and memory every N steps")
+    metric: str = _f("accuracy", "dev metric for early stopping and the best checkpoint")
+    early_stopping_patience: int | None = _f(None, "stop after N evaluations without a better "
+                                             "dev metric ('none': never)")
+    save_every: int | None = _f(None, "also save resume state every N steps (always at evals)")
+    group_by_length: bool = _f(True, "batch examples of similar length: less padding, faster")
+    attention: str = _f("sdpa", "attention implementation",
+                        choices=("eager", "sdpa", "triton", "triton-varlen"))
+    device: str = _f("auto", "cpu, cuda, or auto")
+    threads: int | None = _f(None, "CPU threads for torch (default: torch's choice)")
+
+    def __post_init__(self):
+        if self.freeze_backbone and self.unfreeze_every is not None:
+            raise ValueError("--freeze-backbone and --unfreeze-every contradict each other")
+        if self.grad_accum < 1 or self.batch_size < 1:
+            raise ValueError("--batch-size and --grad-accum must be at least 1")
+
+    @property
+    def metric_mode(self):
+        return "min" if self.metric == "loss" else "max"

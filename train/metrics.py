@@ -1,0 +1,38 @@
+"""Classification metrics, written out: accuracy, precision, recall, F1 and the confusion matrix.
+
+Binary tasks report precision/recall/F1 of the positive class (label index 1) as `precision`,
+`recall`, `f1`, and also the macro averages (`macro_f1` ...) that multi-class tasks use. Checked
+against hand-computed examples in tests/test_metrics.py.
+"""
+
+
+def confusion_matrix(gold, pred, n):
+    """cm[g][p] = number of examples of class g predicted as p."""
+    cm = [[0] * n for _ in range(n)]
+    for g, p in zip(gold, pred):
+        cm[g][p] += 1
+    return cm
+
+
+def _prf(cm, c):
+    tp = cm[c][c]
+    fp = sum(cm[g][c] for g in range(len(cm))) - tp
+    fn = sum(cm[c]) - tp
+    p = tp / (tp + fp) if tp + fp else 0.0
+    r = tp / (tp + fn) if tp + fn else 0.0
+    f = 2 * p * r / (p + r) if p + r else 0.0
+    return p, r, f
+
+
+def classification_metrics(gold, pred, n_classes):
+    cm = confusion_matrix(gold, pred, n_classes)
+    acc = sum(cm[c][c] for c in range(n_classes)) / max(len(gold), 1)
+    per_class = [_prf(cm, c) for c in range(n_classes)]
+    macro = [sum(x[i] for x in per_class) / n_classes for i in range(3)]
+    out = {"accuracy": acc, "macro_precision": macro[0], "macro_recall": macro[1],
+           "macro_f1": macro[2], "confusion_matrix": cm}
+    if n_classes == 2:
+        out["precision"], out["recall"], out["f1"] = per_class[1]
+    else:
+        out["precision"], out["recall"], out["f1"] = macro
+    return out

@@ -1,0 +1,236 @@
+"""The training loop. Like minGPT's trainer it knows nothing about BERT: it sees
+
+- a model whose `model(batch)` returns a dict with a scalar `loss` (mean over the batch's items);
+- data with `batches(epoch)` (lists of example indices, a pure function of the epoch) and
+  `collate(indices)` (a dict of tensors);
+- `evaluate(model)`, returning dev metrics that include `loss`;
+- a schedule from train/schedules.py, stepped after each update; a `WarmupThenPlateau` also
+  sees each evaluation's metric;
+- optional hooks: `unfreezer.update(schedule, step, epoch)` and `save_best(dir)`.
+
+It adds: gradient accumulation weighted so that `batch x accum` equals one big batch, gradient
+clipping, evaluation every N steps and at each epoch end, early stopping, keeping the best
+checkpoint, a divergence guard, metrics.jsonl, and exact resume from `state/`.
+"""
+
+import math
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from minibert.io import atomic_save_safetensors, atomic_torch_save, atomic_write_json
+from train.progress import Progress
+from train.schedules import WarmupThenPlateau
+
+
+@dataclass
+class LoopSettings:
+    epochs: int
+    max_steps: int | None
+    grad_accum: int
+    clip_grad_norm: float | None
+    eval_every: int | None
+    log_every: int
+    metric: str
+    metric_mode: str  # "max" or "min"
+    early_stopping_patience: int | None
+    save_every: int | None
+
+
+class Diverged(RuntimeError):
+    pass
+
+
+def memory_stats(device):
+    """Peak resident memory of the process and, on CUDA, peak allocated/reserved (MB)."""
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+    out = {"rss_peak_mb": round(rss_kb / 1024, 1)}
+    if device.type == "cuda":
+        out["cuda_peak_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+        out["cuda_peak_reserved_mb"] = round(torch.cuda.max_memory_reserved(device) / 2**20, 1)
+    return out
+
+
+class Trainer:
+    def __init__(self, model, optimizer, schedule, data, evaluate, run, settings, device,
+                 unfreezer=None, save_best=None):
+        self.model, self.opt, self.schedule, self.data = model, optimizer, schedule, data
+        self.evaluate, self.run, self.s, self.device = evaluate, run, settings, device
+        self.unfreezer, self.save_best = unfreezer, save_best
+        self.micro_per_epoch = len(data.batches(0))
+        self.steps_per_epoch = math.ceil(self.micro_per_epoch / settings.grad_accum)
+        self.total_steps = settings.max_steps or settings.epochs * self.steps_per_epoch
+        # Everything below is saved in state/ and restored on resume.
+        self.step, self.epoch, self.micro = 0, 0, 0  # optimizer steps; epoch; micro-batch in epoch
+        self.best, self.best_step, self.bad_evals = None, None, 0
+        self.seconds, self.examples_seen = 0.0, 0
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self):
+        s = self.s
+        print(f"training: {self.total_steps} steps ({self.steps_per_epoch} per epoch, "
+              f"accumulating {s.grad_accum} micro-batches)", file=sys.stderr)
+        bar = Progress(self.total_steps, "train")
+        bar.n = self.step
+        t_start, t_log, ex_log, loss_sum, loss_n = time.time() - self.seconds, time.time(), 0, 0.0, 0
+        stop = False
+        self._update_stage()
+        while self.step < self.total_steps and not stop:
+            order = self.data.batches(self.epoch)
+            while self.micro < len(order) and self.step < self.total_steps:
+                group = order[self.micro:self.micro + s.grad_accum]
+                n_group = sum(len(b) for b in group)
+                self.model.train()
+                for idx in group:  # accumulate: each micro-batch weighted by its share
+                    batch = {k: v.to(self.device) for k, v in self.data.collate(idx).items()}
+                    loss = self.model(batch)["loss"]
+                    if not torch.isfinite(loss):
+                        self._diverged(loss)
+                    (loss * (len(idx) / n_group)).backward()
+                    loss_sum += loss.item() * len(idx)
+                    loss_n += len(idx)
+                if s.clip_grad_norm:
+                    params = [p for g in self.opt.param_groups for p in g["params"]]
+                    torch.nn.utils.clip_grad_norm_(params, s.clip_grad_norm)
+                self.opt.step()
+                self.opt.zero_grad(set_to_none=True)
+                self.schedule.step()
+                self.step += 1
+                self.micro += len(group)
+                self.examples_seen += n_group
+                ex_log += n_group
+                end_of_epoch = self.micro >= len(order)
+                if self.step % s.log_every == 0 or self.step == self.total_steps:
+                    now = time.time()
+                    self.seconds = now - t_start
+                    eps = ex_log / max(now - t_log, 1e-9)
+                    self.run.log({"event": "train", "step": self.step, "epoch": self._epoch_f(),
+                                  "train_loss": loss_sum / max(loss_n, 1), "lr": self._lrs(),
+                                  "examples_per_second": round(eps, 1), "time": self.seconds,
+                                  "memory": memory_stats(self.device)})
+                    bar.update(self.step, loss=loss_sum / max(loss_n, 1),
+                               lr=self.opt.param_groups[0]["lr"], ex_s=round(eps, 1),
+                               rss_mb=memory_stats(self.device)["rss_peak_mb"])
+                    t_log, ex_log, loss_sum, loss_n = now, 0, 0.0, 0
+                if end_of_epoch:
+                    self.epoch += 1
+                    self.micro = 0
+                    self._update_stage()
+                if (s.eval_every and self.step % s.eval_every == 0) or end_of_epoch \
+                        or self.step == self.total_steps:
+                    self.seconds = time.time() - t_start
+                    stop = self._eval()
+                    self.save_state()
+                elif s.save_every and self.step % s.save_every == 0:
+                    self.seconds = time.time() - t_start
+                    self.save_state()
+                if stop or end_of_epoch:
+                    break
+        bar.close()
+        self.seconds = time.time() - t_start
+        return {"best_step": self.best_step, "best_" + s.metric: self.best,
+                "train_seconds": round(self.seconds, 1),
+                "examples_per_second": round(self.examples_seen / max(self.seconds, 1e-9), 1),
+                "stopped_early": stop}
+
+    def _epoch_f(self):
+        return round(self.epoch + self.micro / max(self.micro_per_epoch, 1), 4)
+
+    def _lrs(self):
+        return {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.opt.param_groups)}
+
+    def _update_stage(self):
+        if self.unfreezer is not None:
+            self.unfreezer.update(self.schedule, self.step, self.epoch)
+
+    def _eval(self):
+        """Evaluate, log, keep the best model, step the plateau schedule; True to stop early."""
+        s = self.s
+        metrics = self.evaluate(self.model)
+        value = metrics[s.metric]
+        improved = self.best is None or (value > self.best if s.metric_mode == "max"
+                                         else value < self.best)
+        if improved:
+            self.best, self.best_step, self.bad_evals = value, self.step, 0
+            if self.save_best is not None:
+                self.run.save_dir("best", self.save_best)
+        else:
+            self.bad_evals += 1
+        if isinstance(self.schedule, WarmupThenPlateau):
+            self.schedule.evaluate(value)
+        self.run.log({"event": "eval", "step": self.step, "epoch": self._epoch_f(),
+                      "dev": metrics, "lr": self._lrs(), "best_step": self.best_step,
+                      "time": self.seconds, "memory": memory_stats(self.device)})
+        print(f"eval step {self.step}: " + ", ".join(
+            f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+            + (" (best)" if improved else f" (best {self.best:.4f} at step {self.best_step})"),
+            file=sys.stderr)
+        patience = s.early_stopping_patience
+        if patience is not None and self.bad_evals >= patience:
+            print(f"early stopping: no better dev {s.metric} for {patience} evaluations; "
+                  f"best was {self.best:.4f} at step {self.best_step}", file=sys.stderr)
+            return True
+        return False
+
+    def _diverged(self, loss):
+        lr = self.opt.param_groups[0]["lr"]
+        msg = (f"training diverged: loss is {loss.item()} at step {self.step} (lr {lr:.2e}). "
+               "The likely cause is a learning rate that is too high; lower --lr, or add warm-up "
+               "or gradient clipping. ")
+        best = self.run.find_dir("best")
+        msg += (f"The last good model is kept in {best} (step {self.best_step})."
+                if best else "No checkpoint had been saved yet.")
+        self.run.log({"event": "diverged", "step": self.step, "lr": self._lrs(),
+                      "loss": str(loss.item())})
+        raise Diverged(msg)
+
+    # ------------------------------------------------------------------ resume
+    def save_state(self):
+        def write(d):
+            model_state = {k: v for k, v in self.model.state_dict().items()}
+            # tied weights appear twice in state_dict; safetensors wants each storage once
+            seen, unique = {}, {}
+            for k, v in model_state.items():
+                key = (v.data_ptr(), v.shape)
+                if key not in seen:
+                    seen[key] = k
+                    unique[k] = v
+            atomic_save_safetensors(os.path.join(d, "model.safetensors"), unique)
+            atomic_torch_save(os.path.join(d, "optimizer.pt"), self.opt.state_dict())
+            rng = {"torch": torch.get_rng_state()}
+            if self.device.type == "cuda":
+                rng["cuda"] = torch.cuda.get_rng_state(self.device)
+            atomic_torch_save(os.path.join(d, "rng.pt"), rng)
+            atomic_write_json(os.path.join(d, "trainer.json"), {
+                "step": self.step, "epoch": self.epoch, "micro": self.micro, "best": self.best,
+                "best_step": self.best_step, "bad_evals": self.bad_evals,
+                "seconds": self.seconds, "examples_seen": self.examples_seen,
+                "n_events": len(self.run.events), "schedule": self.schedule.state_dict()})
+        self.run.save_dir("state", write)
+
+    def load_state(self):
+        import json
+
+        from safetensors.torch import load_file
+        d = self.run.find_dir("state")
+        if d is None:
+            raise FileNotFoundError(f"{self.run.path}: no state/ to resume from")
+        with open(os.path.join(d, "trainer.json")) as f:
+            t = json.load(f)
+        self.step, self.epoch, self.micro = t["step"], t["epoch"], t["micro"]
+        self.best, self.best_step, self.bad_evals = t["best"], t["best_step"], t["bad_evals"]
+        self.seconds, self.examples_seen = t["seconds"], t["examples_seen"]
+        self.schedule.load_state_dict(t["schedule"])
+        self.model.load_state_dict(load_file(os.path.join(d, "model.safetensors")), strict=False)
+        self._update_stage()  # rebuild the param groups of the saved stage before loading them
+        self.opt.load_state_dict(torch.load(os.path.join(d, "optimizer.pt"), weights_only=True))
+        rng = torch.load(os.path.join(d, "rng.pt"), weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        self.run.load_events(t["n_events"])
+        print(f"resumed from {d}: step {self.step}, epoch {self._epoch_f()}", file=sys.stderr)
