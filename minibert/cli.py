@@ -15,6 +15,8 @@ COMMANDS = [
     "train.datasets",  # data get
     "train.finetune",  # finetune
     "train.predict",  # predict
+    "train.tokenizer_train",  # tokenizer train
+    "train.pretrain",  # pretrain
 ]
 
 

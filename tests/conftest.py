@@ -13,6 +13,7 @@ Two directories are prepared from it and cached under `<cache>/test-fixtures/`:
 Tolerances used by several test files are written here once, with their reason.
 """
 
+import glob
 import hashlib
 import os
 import shutil
@@ -110,8 +111,11 @@ def minilm_dir(minilm_wheel):
 
     key = _source_hash(minibert.checkpoint, minibert.config, minibert.io, minibert.tokenizer,
                        minibert.weights)
-    return _build_once(f"minilm-imported-{key}",
-                       lambda tmp: import_weights(MINILM_PACKAGE, tmp))
+    d = _build_once(f"minilm-imported-{key}", lambda tmp: import_weights(MINILM_PACKAGE, tmp))
+    for old in glob.glob(os.path.join(os.path.dirname(d), "minilm-imported-*")):
+        if old != d:  # made by older sources: 90 MB each, never read again
+            shutil.rmtree(old, ignore_errors=True)
+    return d
 
 
 @pytest.fixture(scope="session")

@@ -39,6 +39,7 @@ class LoopSettings:
     metric_mode: str  # "max" or "min"
     early_stopping_patience: int | None
     save_every: int | None
+    max_minutes: float | None = None  # wall-time budget: stop, then evaluate and save as usual
 
 
 class Diverged(RuntimeError):
@@ -76,17 +77,21 @@ class Trainer:
               f"accumulating {s.grad_accum} micro-batches)", file=sys.stderr)
         bar = Progress(self.total_steps, "train")
         bar.n = self.step
-        t_start, t_log, ex_log, loss_sum, loss_n = time.time() - self.seconds, time.time(), 0, 0.0, 0
+        t_start, t_log = time.time() - self.seconds, time.time()
+        ex_log, tok_log, loss_sum, loss_n = 0, 0, 0.0, 0
         stop = False
         self._update_stage()
         while self.step < self.total_steps and not stop:
             order = self.data.batches(self.epoch)
             while self.micro < len(order) and self.step < self.total_steps:
+                self._update_stage()  # gradual unfreezing may add groups before this update
                 group = order[self.micro:self.micro + s.grad_accum]
                 n_group = sum(len(b) for b in group)
                 self.model.train()
                 for idx in group:  # accumulate: each micro-batch weighted by its share
                     batch = {k: v.to(self.device) for k, v in self.data.collate(idx).items()}
+                    if "attention_mask" in batch:  # real tokens, for tokens/s
+                        tok_log += int(batch["attention_mask"].sum())
                     loss = self.model(batch)["loss"]
                     if not torch.isfinite(loss):
                         self._diverged(loss)
@@ -104,18 +109,26 @@ class Trainer:
                 self.examples_seen += n_group
                 ex_log += n_group
                 end_of_epoch = self.micro >= len(order)
+                out_of_time = s.max_minutes is not None and \
+                    time.time() - t_start >= 60 * s.max_minutes
+                if out_of_time:
+                    print(f"time budget of {s.max_minutes} minutes reached at step {self.step}",
+                          file=sys.stderr)
+                    self.total_steps = self.step  # ends the loop; eval and save as at a normal end
                 if self.step % s.log_every == 0 or self.step == self.total_steps:
                     now = time.time()
                     self.seconds = now - t_start
                     eps = ex_log / max(now - t_log, 1e-9)
                     self.run.log({"event": "train", "step": self.step, "epoch": self._epoch_f(),
                                   "train_loss": loss_sum / max(loss_n, 1), "lr": self._lrs(),
-                                  "examples_per_second": round(eps, 1), "time": self.seconds,
+                                  "examples_per_second": round(eps, 1),
+                                  "tokens_per_second": round(tok_log / max(now - t_log, 1e-9), 1),
+                                  "time": self.seconds,
                                   "memory": memory_stats(self.device)})
                     bar.update(self.step, loss=loss_sum / max(loss_n, 1),
                                lr=self.opt.param_groups[0]["lr"], ex_s=round(eps, 1),
                                rss_mb=memory_stats(self.device)["rss_peak_mb"])
-                    t_log, ex_log, loss_sum, loss_n = now, 0, 0.0, 0
+                    t_log, ex_log, tok_log, loss_sum, loss_n = now, 0, 0, 0.0, 0
                 if end_of_epoch:
                     self.epoch += 1
                     self.micro = 0
@@ -132,7 +145,7 @@ class Trainer:
                     break
         bar.close()
         self.seconds = time.time() - t_start
-        return {"best_step": self.best_step, "best_" + s.metric: self.best,
+        return {"best_step": self.best_step, "best_" + s.metric: self.best, "steps": self.step,
                 "train_seconds": round(self.seconds, 1),
                 "examples_per_second": round(self.examples_seen / max(self.seconds, 1e-9), 1),
                 "stopped_early": stop}

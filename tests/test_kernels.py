@@ -1,0 +1,308 @@
+"""minibert/kernels: FlashAttention-2 in Triton, held to the eager reference.
+
+Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set below before triton
+is imported), in fp32, on small shapes: T = 1, 17, 97, 130 so that ragged last tiles (64 wide)
+are exercised. With CUDA the same tests run on the GPU, and so do the bf16 / fp16 tests at the
+end, which use FlashAttention's own rule: error against an fp32 reference at most twice what eager
+attention in the same dtype makes.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported, or it is ignored
+import triton  # noqa: E402,F401  (imported here on purpose: after the line above)
+
+from minibert.config import BertConfig  # noqa: E402
+from minibert.kernels import (attention_reference, check_triton_usable, dropout_keep_mask,  # noqa: E402
+                              flash_attention, flash_attention_varlen)
+from minibert.model import BertEncoder, attention_eager  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# fp32 everywhere, so kernel and reference differ only in summation order (64-wide tiles, the
+# online softmax's rescaling): a few ulp, ~1e-6 on these values. Any masking, scaling or dropout
+# bug moves results by 1e-2 or more, far outside this.
+FP32_TOL = dict(atol=1e-5, rtol=1e-4)
+
+
+def make_qkv(B, nh, T, hs, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, nh, T, hs, generator=g).to(DEVICE, dtype).requires_grad_()
+            for _ in range(3)]
+
+
+def right_padding(lengths, T):  # (B, T) bool, True at the first lengths[b] positions
+    return torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]
+
+
+def eager(q, k, v, mask):
+    """minibert.model.attention_eager with padded query rows zeroed, as the kernel defines them."""
+    y = attention_eager(q, k, v, mask)
+    return y if mask is None else y * mask[:, None, :, None]
+
+
+def out_and_grads(fn, qkv, do):
+    out = fn(*qkv)
+    return out, torch.autograd.grad(out, qkv, do)
+
+
+def check_against_eager(qkv, mask, tol=FP32_TOL):
+    """Forward and (dq, dk, dv) against eager; exact zeros where padding must give zero."""
+    do = torch.randn_like(qkv[0])
+    mask_d = None if mask is None else mask.to(DEVICE)
+    out, grads = out_and_grads(lambda q, k, v: flash_attention(q, k, v, mask_d), qkv, do)
+    ref, ref_grads = out_and_grads(lambda q, k, v: eager(q, k, v, mask_d), qkv, do)
+    torch.testing.assert_close(out, ref, **tol)
+    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
+        torch.testing.assert_close(g, r, **tol, msg=lambda m: f"{name}: {m}")
+    if mask is not None:
+        pad = ~mask_d  # (B, T)
+        assert (out.transpose(1, 2)[pad] == 0).all(), "padded query rows must give 0"
+        for name, g in zip(("dq", "dk", "dv"), grads):
+            assert (g.transpose(1, 2)[pad] == 0).all(), f"{name} must be exactly 0 at padding"
+
+
+# -----------------------------------------------------------------------------------------------
+# fp32 against the eager reference (interpreter on CPU, or the GPU)
+
+
+@pytest.mark.parametrize("hs", [32, 64])
+@pytest.mark.parametrize("T", [1, 17, 97, 130])
+def test_right_padding_matches_eager(T, hs):
+    g = torch.Generator().manual_seed(T * hs)
+    lengths = [T, int(torch.randint(1, T + 1, (1,), generator=g))]  # one full, one padded row
+    check_against_eager(make_qkv(2, 2, T, hs, seed=T), right_padding(lengths, T))
+
+
+def test_no_mask_matches_eager():
+    check_against_eager(make_qkv(2, 2, 130, 64, seed=1), None)
+
+
+@pytest.mark.parametrize("T, hs", [(97, 32), (130, 64)])
+def test_general_mask_matches_eager(T, hs):
+    # Holes in the middle and padding at the end: not a prefix mask, so the kernel reads the mask.
+    g = torch.Generator().manual_seed(T)
+    mask = torch.rand(2, T, generator=g) < 0.6
+    mask[:, 0] = True
+    mask[0, T - 20:] = False
+    check_against_eager(make_qkv(2, 2, T, hs, seed=2), mask)
+
+
+def test_sequence_without_real_tokens_gives_zeros():
+    check_against_eager(make_qkv(2, 2, 17, 32, seed=3), right_padding([0, 5], 17))
+
+
+def test_varlen_matches_padded():
+    T, lengths = 97, [97, 40, 1]
+    mask = right_padding(lengths, T).to(DEVICE)
+    q, k, v = make_qkv(3, 2, T, 32, seed=4)
+    do = torch.randn_like(q) * mask[:, None, :, None]  # padded rows carry no gradient
+    cu_seqlens = torch.tensor([0, 97, 137, 138], dtype=torch.int32, device=DEVICE)
+
+    def packed(x):  # (B, nh, T, hs) -> (total, nh, hs), real tokens only
+        return x.transpose(1, 2)[mask]
+
+    for p in (0.0, 0.2):  # with dropout too: same seed and T -> the same links are dropped
+        out, grads = out_and_grads(
+            lambda q, k, v: flash_attention(q, k, v, mask, dropout_p=p, seed=11), (q, k, v), do)
+        out_v, grads_v = out_and_grads(
+            lambda q, k, v: flash_attention_varlen(packed(q), packed(k), packed(v), cu_seqlens,
+                                                   max_seqlen=T, dropout_p=p, seed=11),
+            (q, k, v), packed(do))
+        torch.testing.assert_close(out_v, packed(out), **FP32_TOL)
+        for g_v, g in zip(grads_v, grads):
+            torch.testing.assert_close(g_v, g, **FP32_TOL)
+        if p == 0.0:
+            torch.testing.assert_close(out_v, packed(eager(q, k, v, mask)), **FP32_TOL)
+
+
+def test_rejects_unsupported_inputs():
+    q, k, v = make_qkv(1, 1, 8, 48)
+    with pytest.raises(ValueError, match="power of two"):
+        flash_attention(q, k, v)
+    q, k, v = make_qkv(1, 1, 8, 32)
+    with pytest.raises(ValueError, match="bool"):
+        flash_attention(q, k, v, torch.ones(1, 8, dtype=torch.long, device=DEVICE))
+    cu_seqlens = torch.tensor([0, 8], dtype=torch.int32, device=DEVICE)
+    q, k, v = (x[0].transpose(0, 1) for x in (q, k, v))  # packed (total=8, nh=1, hs=32)
+    flash_attention_varlen(q, k, v, cu_seqlens, max_seqlen=8)
+    with pytest.raises(ValueError, match="max_seqlen"):
+        flash_attention_varlen(q, k, v, cu_seqlens, max_seqlen=4)
+
+
+# -----------------------------------------------------------------------------------------------
+# Dropout: the kernel's mask, its statistics, and forward/backward using the same one
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_mask_statistics(p):
+    B, nh, T = 2, 4, 128  # 131072 links
+    keep = dropout_keep_mask(1234, B, nh, T, p, DEVICE).float()
+    n = keep.numel()
+    sigma = (p * (1 - p) / n) ** 0.5
+    assert abs(keep.mean().item() - (1 - p)) < 5 * sigma
+    # Different heads and batch rows draw independent masks: they agree as often as chance says.
+    agree = (keep[0, 0] == keep[1, 3]).float().mean().item()
+    chance = p * p + (1 - p) * (1 - p)
+    assert abs(agree - chance) < 5 * (chance * (1 - chance) / (T * T)) ** 0.5
+    assert not torch.equal(keep, dropout_keep_mask(1235, B, nh, T, p, DEVICE).float())
+
+
+def test_dropout_forward_and_backward_use_the_kernels_mask():
+    T, p, seed = 97, 0.3, 7
+    mask = right_padding([97, 50], T).to(DEVICE)
+    qkv = make_qkv(2, 2, T, 32, seed=5)
+    do = torch.randn_like(qkv[0])
+    keep = dropout_keep_mask(seed, 2, 2, T, p, DEVICE)  # (B, nh, T, T)
+    out, grads = out_and_grads(
+        lambda q, k, v: flash_attention(q, k, v, mask, dropout_p=p, seed=seed), qkv, do)
+    ref, ref_grads = out_and_grads(
+        lambda q, k, v: attention_reference(q, k, v, mask, keep, p), qkv, do)
+    torch.testing.assert_close(out, ref, **FP32_TOL)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, **FP32_TOL)
+    assert (out - eager(*qkv, mask)).abs().max() > 0.1  # dropout really changed something
+
+
+def test_dropout_seed_is_reproducible():
+    qkv = [x.detach() for x in make_qkv(1, 2, 17, 32, seed=6)]
+    out = {s: flash_attention(*qkv, dropout_p=0.5, seed=s) for s in (1, 2)}
+    assert torch.equal(out[1], flash_attention(*qkv, dropout_p=0.5, seed=1))
+    assert not torch.equal(out[1], out[2])
+    torch.manual_seed(0)  # seed=None draws from torch's generator
+    a, b = flash_attention(*qkv, dropout_p=0.5), flash_attention(*qkv, dropout_p=0.5)
+    torch.manual_seed(0)
+    assert torch.equal(a, flash_attention(*qkv, dropout_p=0.5)) and not torch.equal(a, b)
+
+
+# -----------------------------------------------------------------------------------------------
+# The model: attention="triton" and "triton-varlen" against "eager"
+
+TINY = dict(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=128, max_position_embeddings=64, hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0)
+
+
+@pytest.mark.parametrize("attention", ["triton", "triton-varlen"])
+def test_model_matches_eager(attention):
+    torch.manual_seed(0)
+    ref = BertEncoder(BertConfig(**TINY, attention="eager")).to(DEVICE)
+    model = BertEncoder(BertConfig(**TINY, attention=attention)).to(DEVICE)
+    model.load_state_dict(ref.state_dict())
+    ids = torch.randint(1, 100, (2, 33), device=DEVICE)
+    am = right_padding([33, 20], 33).long().to(DEVICE)
+    w = torch.randn(2, 33, 64, device=DEVICE) * am[..., None]  # a loss on real positions only
+    y_ref, y = ref(ids, am), model(ids, am)
+    torch.testing.assert_close(y * am[..., None], y_ref * am[..., None], **FP32_TOL)
+    if attention == "triton-varlen":
+        assert (y[1, 20:] == 0).all(), "re-padding puts zeros at padded positions"
+    (y_ref * w).sum().backward()
+    (y * w).sum().backward()
+    for (name, p_ref), p in zip(ref.named_parameters(), model.parameters()):
+        if p_ref.grad is not None:
+            torch.testing.assert_close(p.grad, p_ref.grad, **FP32_TOL, msg=lambda m: f"{name}: {m}")
+
+
+def test_model_attention_dropout_follows_torch_seed():
+    model = BertEncoder(BertConfig(**{**TINY, "attention_probs_dropout_prob": 0.1},
+                                   attention="triton-varlen")).to(DEVICE).train()
+    ids = torch.randint(1, 100, (2, 17), device=DEVICE)
+    am = right_padding([17, 9], 17).long().to(DEVICE)
+    torch.manual_seed(3)
+    a = model(ids, am)
+    torch.manual_seed(3)
+    assert torch.equal(a, model(ids, am))
+    assert not torch.equal(a, model(ids, am))
+
+
+def test_check_triton_usable_fails_clearly(monkeypatch):
+    cfg = BertConfig(**TINY, attention="triton")
+    check_triton_usable(cfg)  # fine here, with attention dropout too
+    check_triton_usable(BertConfig(**{**TINY, "attention_probs_dropout_prob": 0.1},
+                                   attention="triton"))
+    with pytest.raises(ValueError, match="power of two"):
+        check_triton_usable(BertConfig(**{**TINY, "hidden_size": 48}, attention="triton"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="CUDA GPU.*TRITON_INTERPRET=1"):
+        check_triton_usable(cfg)
+    monkeypatch.setitem(__import__("sys").modules, "triton", None)  # as if not installed
+    with pytest.raises(ImportError, match="pip install triton"):
+        check_triton_usable(cfg)
+
+
+# -----------------------------------------------------------------------------------------------
+# bf16 / fp16 on a GPU: error vs fp32 <= 2x eager's own error in that dtype (FlashAttention's rule)
+
+ABS_FLOOR = 1e-5  # so that a case where eager happens to be exact does not demand exactness
+
+
+def assert_within_2x_eager(fn, qkv_lp, mask, do):
+    qkv32 = [x.detach().float().requires_grad_() for x in qkv_lp]
+    ref, ref_grads = out_and_grads(lambda q, k, v: eager(q, k, v, mask), qkv32, do.float())
+    pt, pt_grads = out_and_grads(lambda q, k, v: eager(q, k, v, mask), qkv_lp, do)
+    out, grads = out_and_grads(fn, qkv_lp, do)
+    for name, o, p, r in zip(("out", "dq", "dk", "dv"), (out, *grads), (pt, *pt_grads),
+                             (ref, *ref_grads)):
+        err, err_pt = (o.float() - r).abs().max().item(), (p.float() - r).abs().max().item()
+        assert err <= 2 * err_pt + ABS_FLOOR, f"{name}: error {err:.2e} > 2 x eager's {err_pt:.2e}"
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hs", [32, 64, 128])
+@pytest.mark.parametrize("T", [97, 257, 512])
+@pytest.mark.parametrize("general_mask", [False, True])
+def test_low_precision_within_2x_eager(T, hs, dtype, general_mask):
+    g = torch.Generator().manual_seed(T + hs)
+    lengths = torch.randint(1, T + 1, (4,), generator=g).tolist()
+    mask = right_padding(lengths, T)
+    if general_mask:
+        mask &= torch.rand(4, T, generator=g) < 0.8
+        mask[:, 0] = True
+    mask = mask.cuda()
+    qkv = make_qkv(4, 4, T, hs, dtype=dtype, seed=T)
+    do = torch.randn_like(qkv[0])
+    assert_within_2x_eager(lambda q, k, v: flash_attention(q, k, v, mask), qkv, mask, do)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_varlen_within_2x_eager(dtype):
+    T, lengths = 512, [512, 300, 77, 1]
+    mask = right_padding(lengths, T).cuda()
+    cu_seqlens = torch.tensor([0, 512, 812, 889, 890], dtype=torch.int32, device="cuda")
+    qkv = make_qkv(4, 4, T, 64, dtype=dtype, seed=9)
+    do = torch.randn_like(qkv[0]) * mask[:, None, :, None]
+
+    def varlen_padded(q, k, v):  # pack, run, scatter back into (B, nh, T, hs)
+        def packed(x):
+            return x.transpose(1, 2)[mask]
+        y = flash_attention_varlen(packed(q), packed(k), packed(v), cu_seqlens, max_seqlen=T)
+        out = y.new_zeros(4, T, *y.shape[1:])
+        out[mask] = y
+        return out.transpose(1, 2)
+    assert_within_2x_eager(varlen_padded, qkv, mask, do)
+
+
+@needs_cuda
+def test_low_precision_dropout_within_2x_eager():
+    T, p, seed = 257, 0.1, 5
+    mask = right_padding([257, 100], T).cuda()
+    qkv = make_qkv(2, 4, T, 64, dtype=torch.bfloat16, seed=10)
+    do = torch.randn_like(qkv[0])
+    keep = dropout_keep_mask(seed, 2, 4, T, p, "cuda")
+    qkv32 = [x.detach().float().requires_grad_() for x in qkv]
+    ref, ref_grads = out_and_grads(lambda q, k, v: attention_reference(q, k, v, mask, keep, p),
+                                   qkv32, do.float())
+    pt, pt_grads = out_and_grads(lambda q, k, v: attention_reference(q, k, v, mask, keep, p),
+                                 qkv, do)
+    out, grads = out_and_grads(
+        lambda q, k, v: flash_attention(q, k, v, mask, dropout_p=p, seed=seed), qkv, do)
+    for o, pp, r in zip((out, *grads), (pt, *pt_grads), (ref, *ref_grads)):
+        assert (o.float() - r).abs().max() <= 2 * (pp.float() - r).abs().max() + ABS_FLOOR

@@ -1,0 +1,252 @@
+"""`minibert pretrain`: masked-language-model pretraining, from scratch or continued.
+
+Reads top to bottom: device and seed -> tokenizer (given, the checkpoint's, or trained on the
+corpus) -> token cache and packing (train/mlm_data.py) -> model (a size from
+train/pretrain_config.py, or --init-from a checkpoint) -> AdamW and warm-up + decay -> the generic
+Trainer (train/trainer.py) -> results with the best checkpoint.
+
+The objective is BERT's masked LM without next-sentence prediction (RoBERTa showed NSP does not
+help), with dynamic masking and sparse prediction (train/masking.py). `RUN/best/` is a Hugging
+Face `BertForMaskedLM` checkpoint, so `transformers`, `minibert finetune` and `minibert fill-mask`
+read it as is.
+
+Limits: one device; bf16 autocast only on CUDA; model FLOPs utilisation counts 6 N per token for
+the matmuls (N = non-embedding parameters, plus the decoder at masked positions only) and leaves
+out attention's T^2 term, as the PaLM paper's simple form does, so it slightly understates.
+"""
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import sys
+from contextlib import nullcontext
+
+import torch
+import torch.nn as nn
+
+from minibert.checkpoint import load_model, save_model
+from minibert.model import BertForMLM
+from minibert.tokenizer import Tokenizer
+from train.finetune import pick_device
+from train.flags import add_dataclass_flags, dataclass_from_args, print_config
+from train.masking import Masker, mlm_loss_sparse
+from train.mlm_data import BatchIndices, MLMData, load_corpus
+from train.optim import AdamW
+from train.pretrain_config import PretrainConfig, model_config
+from train.rundir import RunDir, read_jsonl
+from train.schedules import LambdaSchedule, lr_multiplier
+from train.tokenizer_train import train_tokenizer
+from train.trainer import Diverged, LoopSettings, Trainer
+
+# Dense bf16 peak of the GPUs we expect, TFLOP/s (vendor datasheets, without sparsity).
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}
+
+
+class MLMObjective(nn.Module):
+    """What the trainer calls: `objective(batch)` -> {"loss"}, the masked-LM loss of a batch.
+
+    It wraps a BertForMLM and knows nothing of the trainer; `autocast` is the dtype of the
+    forward pass (None: fp32), so the trainer stays unaware of precision too.
+    """
+
+    def __init__(self, mlm: BertForMLM, autocast=None):
+        super().__init__()
+        self.mlm, self.autocast = mlm, autocast
+
+    def forward(self, batch):
+        ctx = torch.autocast(batch["input_ids"].device.type, dtype=self.autocast) \
+            if self.autocast is not None else nullcontext()
+        with ctx:
+            loss, correct, n = mlm_loss_sparse(self.mlm, batch["input_ids"],
+                                               batch["attention_mask"], batch["labels"])
+        return {"loss": loss, "correct": correct, "n_predicted": n}
+
+
+@torch.no_grad()
+def evaluate(objective, batches, device):
+    """Masked-LM loss (mean over every masked token), perplexity and accuracy on fixed batches."""
+    objective.eval()
+    loss_sum, correct, n = 0.0, 0, 0
+    for b in batches:
+        out = objective({k: v.to(device) for k, v in b.items()})
+        loss_sum += out["loss"].item() * out["n_predicted"]
+        correct += int(out["correct"])
+        n += out["n_predicted"]
+    loss = loss_sum / max(n, 1)
+    return {"loss": loss, "mlm_loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+            "mlm_accuracy": correct / max(n, 1), "n_predicted": n}
+
+
+def fixed_eval_batches(data: MLMData, max_sequences, batch_size):
+    """Valid batches masked once (the data's seed, 'epoch' -1): every evaluation of the run sees
+    the same masked positions and replacements, so its numbers compare across steps."""
+    n = min(len(data), max_sequences)
+    return [data.collate(BatchIndices(range(i, min(i + batch_size, n)), -1, b))
+            for b, i in enumerate(range(0, n, batch_size))]
+
+
+def get_tokenizer(cfg: PretrainConfig, run: RunDir):
+    if cfg.init_from:
+        return Tokenizer.from_dir(cfg.init_from)
+    if cfg.tokenizer:
+        return Tokenizer.from_dir(cfg.tokenizer)
+    d = run.file("tokenizer")
+    if not os.path.exists(os.path.join(d, "tokenizer.json")):
+        print(f"training a {cfg.vocab_size}-token WordPiece tokenizer on the corpus -> {d}",
+              file=sys.stderr)
+        train_tokenizer(cfg.corpus, cfg.vocab_size).save(d)
+    return Tokenizer.from_dir(d)  # read back, so a resumed run uses the same file
+
+
+def build_model(cfg: PretrainConfig, tok):
+    if cfg.init_from:
+        # a checkpoint without an MLM head (MiniLM) gets a fresh one; load_model reports it
+        mlm = load_model(cfg.init_from, with_head=True, allow_missing_head=True,
+                         attention=cfg.attention, hidden_dropout_prob=cfg.dropout,
+                         attention_probs_dropout_prob=cfg.dropout)
+        if mlm.config.vocab_size != tok.vocab_size:
+            raise ValueError(f"{cfg.init_from}: config vocab_size {mlm.config.vocab_size} but "
+                             f"its tokenizer has {tok.vocab_size} tokens")
+        return mlm
+    mc = model_config(cfg.config, tok.vocab_size, cfg.max_len, cfg.attention, tok.pad_id)
+    mc = dataclasses.replace(mc, hidden_dropout_prob=cfg.dropout,
+                             attention_probs_dropout_prob=cfg.dropout)
+    return BertForMLM(mc)  # BERT's init: N(0, 0.02), zero biases, unit LayerNorm, tied decoder
+
+
+def param_groups(model, weight_decay):
+    """Decay on matrices only; biases, LayerNorm and other 1-D params get none (as in
+    train/params.py). named_parameters() lists the tied decoder weight once."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    return [{"params": decay, "name": "decay", "weight_decay": weight_decay},
+            {"params": no_decay, "name": "no_decay", "weight_decay": 0.0}]
+
+
+def flops_per_token(mlm: BertForMLM, mask_prob):
+    """6 N: 2 for the forward multiply-add and 4 for the backward, per matmul weight per token."""
+    c = mlm.config
+    emb = sum(p.numel() for p in mlm.bert.embeddings.parameters())  # lookups: no matmul
+    n_dense = sum(p.numel() for p in mlm.parameters()) - emb  # decoder weight is counted in emb
+    return 6 * (n_dense + mask_prob * c.vocab_size * c.hidden_size)
+
+
+def run_pretrain(cfg: PretrainConfig, resume=False):
+    device = pick_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    run = RunDir(cfg.out)
+    print_config(cfg, "pretrain config")
+    if not resume:
+        run.write_json("config.json", dataclasses.asdict(cfg))
+    amp = None
+    if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"):
+        amp = torch.bfloat16
+    print(f"device: {device}, torch threads: {torch.get_num_threads()}, "
+          f"precision: {'bf16 autocast' if amp else 'fp32'}", file=sys.stderr)
+
+    tok = get_tokenizer(cfg, run)
+    print(f"tokenizer: {tok.source} ({tok.vocab_size} tokens)", file=sys.stderr)
+    vocab = [tok.id_to_token(i) for i in range(tok.vocab_size)]
+    masker = Masker(vocab, tok.special_ids, tok.mask_id, cfg.mask_prob, cfg.whole_word_mask)
+    train = MLMData(load_corpus(cfg.corpus, tok, cfg.max_len, cfg.cache_dir), cfg.batch_size,
+                    cfg.seed, masker, tok.pad_id)
+    print(f"train: {len(train):,} packed sequences of {cfg.max_len}", file=sys.stderr)
+    eval_batches = []
+    if cfg.valid:
+        valid = MLMData(load_corpus([cfg.valid], tok, cfg.max_len, cfg.cache_dir),
+                        cfg.eval_batch_size, cfg.seed, masker, tok.pad_id, shuffle=False)
+        eval_batches = fixed_eval_batches(valid, cfg.eval_max_sequences, cfg.eval_batch_size)
+
+    mlm = build_model(cfg, tok)
+    n_params = sum(p.numel() for p in mlm.parameters())
+    c = mlm.config
+    print(f"model: {c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.num_attention_heads} "
+          f"heads, vocab {c.vocab_size}: {n_params:,} parameters", file=sys.stderr)
+    objective = MLMObjective(mlm, amp).to(device)
+    optimizer = AdamW(param_groups(objective, cfg.weight_decay), lr=cfg.lr,
+                      betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, foreach=None)
+    print(f"optimizer: AdamW, foreach={optimizer.foreach}", file=sys.stderr)
+
+    steps_per_epoch = -(-len(train.batches(0)) // cfg.grad_accum)
+    total = cfg.max_steps or cfg.epochs * steps_per_epoch
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_ratio * total)
+    print(f"schedule: {warmup} warm-up steps, then {cfg.schedule} decay to step {total}",
+          file=sys.stderr)
+    schedule = LambdaSchedule(optimizer, functools.partial(
+        lr_multiplier, kind=cfg.schedule, warmup_steps=warmup, total_steps=total))
+
+    settings = LoopSettings(cfg.epochs, cfg.max_steps, cfg.grad_accum, cfg.clip_grad_norm,
+                            cfg.eval_every, cfg.log_every, "loss", "min", None, cfg.save_every,
+                            max_minutes=cfg.max_minutes)
+    if eval_batches:
+        evaluate_fn = functools.partial(evaluate, batches=eval_batches, device=device)
+    else:  # no --valid: keep the last model as "best", since a NaN loss never improves
+        evaluate_fn = lambda m: {"loss": -float(schedule.last_step)}  # noqa: E731
+    trainer = Trainer(objective, optimizer, schedule, train, evaluate_fn, run, settings, device,
+                      save_best=lambda d: save_model(mlm, d, tok))
+    if resume:
+        trainer.load_state()
+    try:
+        summary = trainer.fit()
+    except Diverged as e:
+        raise SystemExit(f"minibert pretrain: {e}") from None
+
+    # throughput: the mean of the trainer's logged intervals (each a wall-clock window)
+    speeds = [e["tokens_per_second"] for e in run.events
+              if e.get("event") == "train" and "tokens_per_second" in e]
+    tps = sum(speeds) / len(speeds) if speeds else 0.0
+    results = {"steps": summary["steps"], "best_step": summary["best_step"],
+               "train_seconds": summary["train_seconds"], "tokens_per_second": round(tps, 1)}
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = cfg.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+        if peak:
+            results["mfu"] = round(flops_per_token(mlm, cfg.mask_prob) * tps / (peak * 1e12), 4)
+            print(f"model FLOPs utilisation: {100 * results['mfu']:.1f}% of {peak} TFLOP/s "
+                  f"({name})", file=sys.stderr)
+        else:
+            print(f"model FLOPs utilisation: unknown peak for {name}; pass --peak-tflops",
+                  file=sys.stderr)
+    best_dir = run.find_dir("best")
+    if best_dir and eval_batches:
+        # re-read what was written: the numbers describe the checkpoint a user will load
+        best = MLMObjective(load_model(best_dir, with_head=True, attention=cfg.attention), amp)
+        m = evaluate(best.to(device), eval_batches, device)
+        results["valid"] = {k: m[k] for k in ("mlm_loss", "perplexity", "mlm_accuracy")}
+        print(f"valid (best checkpoint, step {summary['best_step']}): " + ", ".join(
+            f"{k} {v:.4f}" for k, v in results["valid"].items()), file=sys.stderr)
+    print(f"tokens/s: {tps:,.0f}, train seconds: {summary['train_seconds']}", file=sys.stderr)
+    run.write_json("results.json", results)
+    print(f"results: {run.file('results.json')}; checkpoint: {best_dir}", file=sys.stderr)
+    return results
+
+
+def cmd_pretrain(args):
+    if args.resume:
+        with open(os.path.join(args.resume, "config.json")) as f:
+            cfg = PretrainConfig(**json.load(f))
+        run_pretrain(cfg, resume=True)
+        return 0
+    if not args.corpus:
+        raise SystemExit("minibert pretrain: --corpus is required")
+    try:
+        cfg = dataclass_from_args(PretrainConfig, args)
+        if not cfg.config and not cfg.init_from:
+            raise ValueError("give --config (tiny, mini, small, medium, base or a config.json) "
+                             "or --init-from a checkpoint")
+        run_pretrain(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"minibert pretrain: {e}") from None
+
+
+def register(sub):
+    p = sub.add_parser("pretrain", help="masked-language-model pretraining on your own text")
+    add_dataclass_flags(p, PretrainConfig, skip=("corpus",))
+    p.add_argument("--corpus", nargs="+", default=None, help="text files, one document a line")
+    p.add_argument("--resume", metavar="RUN", default=None,
+                   help="continue the killed run in RUN with its saved config and state")
+    p.set_defaults(func=cmd_pretrain)
