@@ -17,6 +17,7 @@ COMMANDS = [
     "train.predict",  # predict
     "train.tokenizer_train",  # tokenizer train
     "train.pretrain",  # pretrain
+    "train.diagnose",  # diagnose
 ]
 
 

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.tiny import make_checkpoint, make_sentiment
+from train.classification import ClassificationTask
 from train.data import DataError, read_examples
 from train.finetune import build_model, run_finetune
 from train.finetune_config import FinetuneConfig
@@ -44,7 +45,7 @@ def test_frozen_parameters_stay_bit_identical(setup, tmp_path):
     run_finetune(cfg_for(setup, tmp_path / "r", freeze_embeddings=True, freeze_layers=1,
                          lr=1e-2, lr_head=1e-2))
     torch.manual_seed(0)
-    before = build_model(cfg_for(setup, tmp_path / "unused"), 2).state_dict()
+    before = build_model(cfg_for(setup, tmp_path / "unused"), _task()).state_dict()
     after = state_weights(tmp_path / "r")
     for name, t in after.items():
         if name.startswith("head."):
@@ -60,7 +61,7 @@ def test_frozen_parameters_stay_bit_identical(setup, tmp_path):
 
 
 def test_layerwise_learning_rates_follow_the_formula(setup):
-    model = build_model(cfg_for(setup, "unused"), 2)
+    model = build_model(cfg_for(setup, "unused"), _task())
     L = model.bert.config.num_hidden_layers
     policy = LrPolicy(lr=1e-4, lr_head=1e-3, layer_lr_decay=0.5)
     groups = {g["name"]: g for g in param_groups(model, set(units_top_down(L)), policy)}
@@ -176,3 +177,7 @@ def test_learns_and_predicts(setup, tmp_path):
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     assert [row["label"] for row in rows] == ["1", "0"]
     assert abs(sum(rows[0]["probabilities"].values()) - 1) < 1e-4
+
+
+def _task():
+    return ClassificationTask({"labels": ["0", "1"], "pooling": "mean"})

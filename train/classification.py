@@ -5,18 +5,18 @@ vector), dropout, then a linear layer to the labels. `pooling="mean"` instead av
 tokens' vectors, which suits checkpoints trained for sentence embeddings (MiniLM from
 sentence-transformers was trained with mean pooling; its pooler was never trained).
 
-This file holds the head, the tokenized dataset, evaluation and prediction for the task.
+The label map comes from the training data (sorted, numeric labels numerically) and is saved in
+best/task.json, so predictions name the same labels.
 """
-
-import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from minibert.model import mean_pool
-from train.data import batch_order, label_key
+from train.data import Example, batch_order, build_label_map, label_key, read_examples
 from train.metrics import classification_metrics
+from train.task import run_batches
 
 
 class ClassificationHead(nn.Module):
@@ -28,43 +28,31 @@ class ClassificationHead(nn.Module):
         nn.init.normal_(self.out.weight, std=0.02)  # BERT's initialisation
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, bert, hidden, attention_mask):  # (B, T, C) -> (B, n_labels)
-        x = bert.pool(hidden) if self.pooling == "cls" else mean_pool(hidden, attention_mask)
-        return self.out(self.drop(x))
-
-
-class TaskModel(nn.Module):
-    """A backbone (`bert`) and a task head; `model(batch)` returns the loss and the logits."""
-
-    def __init__(self, bert, head):
-        super().__init__()
-        self.bert, self.head = bert, head
-
-    def logits(self, batch):
-        h = self.bert(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-        return self.head(self.bert, h, batch["attention_mask"])  # (B, n_labels)
-
-    def forward(self, batch):
-        logits = self.logits(batch)
-        return {"loss": F.cross_entropy(logits, batch["labels"]), "logits": logits}
+    def forward(self, bert, batch):
+        mask = batch["attention_mask"]
+        h = bert(batch["input_ids"], mask, batch["token_type_ids"])  # (B, T, C)
+        x = bert.pool(h) if self.pooling == "cls" else mean_pool(h, mask)  # (B, C)
+        logits = self.out(self.drop(x))  # (B, n_labels)
+        out = {"logits": logits}
+        if "labels" in batch:
+            out["loss"] = F.cross_entropy(logits, batch["labels"])
+        return out
 
 
 class EncodedDataset:
     """Examples tokenized once; batches padded to their own longest sequence."""
 
-    def __init__(self, examples, tokenizer, max_length, label_map, batch_size, seed,
-                 group_by_length=False, shuffle=True):
+    def __init__(self, examples, tokenizer, max_length, targets, batch_size, seed=0,
+                 group_by_length=False, shuffle=False):
         texts = [e.text for e in examples]
         pairs = [e.pair for e in examples] if examples[0].pair is not None else None
+        self.examples = examples
         self.encodings = tokenizer.encodings(texts, pairs, max_length)
-        self.labels = [label_map[label_key(e.target)] for e in examples] if label_map else None
+        self.targets = targets  # one number per example, or None for unlabelled inputs
         self.tokenizer = tokenizer
         self.batch_size, self.seed = batch_size, seed
         self.group_by_length, self.shuffle = group_by_length, shuffle
         self.lengths = [len(e.ids) for e in self.encodings]
-
-    def __len__(self):
-        return len(self.encodings)
 
     def batches(self, epoch):
         return batch_order(self.lengths, self.batch_size, self.seed, epoch,
@@ -72,32 +60,81 @@ class EncodedDataset:
 
     def collate(self, idx):
         batch = self.tokenizer.collate([self.encodings[i] for i in idx])
-        if self.labels is not None:
-            batch["labels"] = torch.tensor([self.labels[i] for i in idx])
+        if self.targets is not None:
+            batch["labels"] = torch.tensor([self.targets[i] for i in idx])
         return batch
 
 
-@torch.no_grad()
-def predict_logits(model, dataset, device):
-    """Logits for every example, in dataset order (batches sorted by length for speed)."""
-    model.eval()
-    order = sorted(range(len(dataset)), key=lambda i: dataset.lengths[i])
-    out = [None] * len(dataset)
-    for s in range(0, len(order), dataset.batch_size):
-        idx = order[s:s + dataset.batch_size]
-        batch = {k: v.to(device) for k, v in dataset.collate(idx).items()}
-        logits = model.logits(batch).float().cpu()
-        for i, row in zip(idx, logits):
-            out[i] = row
-    return torch.stack(out)  # (N, n_labels)
+def encode_splits(cfg, tok, read, to_target):
+    """Read train/dev/test with `read(path, split)`, encode targets with `to_target`."""
+    data = {}
+    for split in ("train", "dev", "test"):
+        path = getattr(cfg, split)
+        if path:
+            ex = read(path, split)
+            train = split == "train"
+            data[split] = EncodedDataset(
+                ex, tok, cfg.max_length, [to_target(e.target) for e in ex],
+                cfg.batch_size if train else cfg.eval_batch_size, cfg.seed,
+                cfg.group_by_length and train, shuffle=train)
+    return data
 
 
-def evaluate(model, dataset, device):
-    logits = predict_logits(model, dataset, device)
-    gold = torch.tensor(dataset.labels)
-    loss = F.cross_entropy(logits, gold).item()
-    m = classification_metrics(gold.tolist(), logits.argmax(-1).tolist(), logits.size(1))
-    m["loss"] = loss
-    if not math.isfinite(loss):
-        m["loss"] = float("inf")
-    return m
+class ClassificationTask:
+    name = "classification"
+    default_metric = "accuracy"
+
+    def __init__(self, meta):
+        self.meta = meta
+        self.labels = meta["labels"]
+        self.index = {lab: i for i, lab in enumerate(self.labels)}
+
+    @classmethod
+    def from_data(cls, cfg, tok):
+        fields = (cfg.text_field, cfg.pair_field, cfg.label_field)
+        train_ex, _ = read_examples(cfg.train, *fields, cfg.skip_bad_rows)
+        label_map = build_label_map(train_ex)
+
+        def known(label):
+            return None if label_key(label) in label_map else \
+                f"label {label!r} does not occur in the training data {cfg.train}"
+
+        def read(path, split):
+            if split == "train":
+                return train_ex
+            return read_examples(path, *fields, cfg.skip_bad_rows, check_target=known)[0]
+
+        task = cls({"task": cls.name, "labels": list(label_map), "pooling": cfg.pooling,
+                    "max_length": cfg.max_length, "text_field": cfg.text_field,
+                    "pair_field": cfg.pair_field})
+        return task, encode_splits(cfg, tok, read, lambda t: task.index[label_key(t)])
+
+    def build_head(self, hidden_size, dropout):
+        return ClassificationHead(hidden_size, len(self.labels), self.meta["pooling"], dropout)
+
+    def evaluate(self, model, ds, device):
+        logits = torch.stack(run_batches(model, ds, device,
+                                         lambda out, idx: out["logits"].float().cpu()))
+        gold = torch.tensor(ds.targets)
+        m = classification_metrics(gold.tolist(), logits.argmax(-1).tolist(), len(self.labels))
+        m["loss"] = F.cross_entropy(logits, gold).item()
+        return m
+
+    def read_inputs(self, texts, path, tok, batch_size):
+        if texts:
+            examples = [Example(t, None, None, f"--text {i + 1}") for i, t in enumerate(texts)]
+        else:
+            examples, _ = read_examples(path, self.meta["text_field"], self.meta["pair_field"], None)
+        return EncodedDataset(examples, tok, self.meta["max_length"], None, batch_size)
+
+    def predict(self, model, ds, device):
+        probs = run_batches(model, ds, device,
+                            lambda out, idx: out["logits"].float().softmax(-1).cpu())
+        rows = []
+        for ex, p in zip(ds.examples, probs):
+            row = {"text": ex.text, "label": self.labels[int(p.argmax())],
+                   "probabilities": {lab: round(float(q), 5) for lab, q in zip(self.labels, p)}}
+            if ex.pair is not None:
+                row["pair"] = ex.pair
+            rows.append(row)
+        return rows

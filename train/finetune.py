@@ -20,8 +20,8 @@ from minibert.config import BertConfig
 from minibert.io import atomic_save_safetensors, atomic_write_json
 from minibert.model import BertEncoder
 from minibert.tokenizer import Tokenizer
-from train import classification as clf
-from train.data import DataError, build_label_map, label_key, read_examples
+from train.classification import ClassificationTask
+from train.data import DataError
 from train.finetune_config import FinetuneConfig
 from train.flags import add_dataclass_flags, dataclass_from_args, print_config
 from train.optim import AdamW
@@ -29,7 +29,11 @@ from train.params import (GradualUnfreezer, LrPolicy, frozen_units, param_groups
                           set_trainable, units_top_down)
 from train.rundir import RunDir
 from train.schedules import LambdaSchedule, WarmupThenPlateau, lr_multiplier
+from train.task import TaskModel
 from train.trainer import Diverged, LoopSettings, Trainer
+
+# --task NAME -> the class that knows its head, data and metrics (train/task.py).
+TASKS = {t.name: t for t in [ClassificationTask]}
 
 
 def pick_device(name):
@@ -38,7 +42,7 @@ def pick_device(name):
     return torch.device(name)
 
 
-def build_model(cfg: FinetuneConfig, n_labels):
+def build_model(cfg: FinetuneConfig, task):
     """The backbone from the checkpoint (or its config alone for --init random) plus a new head."""
     overrides = {"attention": cfg.attention}
     if cfg.hidden_dropout is not None:
@@ -54,31 +58,7 @@ def build_model(cfg: FinetuneConfig, n_labels):
               file=sys.stderr)
     drop = cfg.classifier_dropout if cfg.classifier_dropout is not None else \
         bert.config.hidden_dropout_prob
-    head = clf.ClassificationHead(bert.config.hidden_size, n_labels, cfg.pooling, drop)
-    return clf.TaskModel(bert, head)
-
-
-def load_data(cfg, tok):
-    train_ex, _ = read_examples(cfg.train, cfg.text_field, cfg.pair_field, cfg.label_field,
-                                cfg.skip_bad_rows)
-    label_map = build_label_map(train_ex)
-
-    def known(label):
-        return None if label_key(label) in label_map else \
-            f"label {label!r} does not occur in the training data {cfg.train}"
-
-    def encoded(examples, shuffle, bs):
-        return clf.EncodedDataset(examples, tok, cfg.max_length, label_map, bs, cfg.seed,
-                                  cfg.group_by_length and shuffle, shuffle)
-
-    data = {"train": encoded(train_ex, True, cfg.batch_size)}
-    for split in ("dev", "test"):
-        path = getattr(cfg, split)
-        if path:
-            ex, _ = read_examples(path, cfg.text_field, cfg.pair_field, cfg.label_field,
-                                  cfg.skip_bad_rows, check_target=known)
-            data[split] = encoded(ex, False, cfg.eval_batch_size)
-    return data, label_map
+    return TaskModel(bert, task.build_head(bert.config.hidden_size, drop))
 
 
 def build_schedule(cfg, optimizer, total_steps):
@@ -95,22 +75,21 @@ def build_schedule(cfg, optimizer, total_steps):
     return LambdaSchedule(optimizer, fn)
 
 
-def save_task_model(model, tok, cfg, label_map, out_dir):
-    """best/: the backbone in Hugging Face layout, the head, and what prediction needs."""
+def save_task_model(model, tok, task, out_dir):
+    """best/: the backbone in Hugging Face layout, the head, and task.json (what predict needs)."""
     save_model(model.bert, out_dir, tok)
     atomic_save_safetensors(os.path.join(out_dir, "head.safetensors"), model.head.state_dict())
-    atomic_write_json(os.path.join(out_dir, "task.json"), {
-        "task": cfg.task, "labels": list(label_map), "pooling": cfg.pooling,
-        "max_length": cfg.max_length, "text_field": cfg.text_field, "pair_field": cfg.pair_field})
+    atomic_write_json(os.path.join(out_dir, "task.json"), task.meta)
 
 
 def load_task_model(best_dir, device):
     with open(os.path.join(best_dir, "task.json")) as f:
-        task = json.load(f)
+        meta = json.load(f)
+    task = TASKS[meta["task"]](meta)
     bert = load_model(best_dir)
-    head = clf.ClassificationHead(bert.config.hidden_size, len(task["labels"]), task["pooling"], 0.0)
+    head = task.build_head(bert.config.hidden_size, 0.0)
     head.load_state_dict(load_file(os.path.join(best_dir, "head.safetensors")))
-    return clf.TaskModel(bert, head).to(device).eval(), task
+    return TaskModel(bert, head).to(device).eval(), task
 
 
 def run_finetune(cfg: FinetuneConfig, resume=False):
@@ -125,9 +104,9 @@ def run_finetune(cfg: FinetuneConfig, resume=False):
         run.write_json("config.json", dataclasses.asdict(cfg))
 
     tok = Tokenizer.from_dir(cfg.model)
-    data, label_map = load_data(cfg, tok)
-    print(f"labels: {label_map}", file=sys.stderr)
-    model = build_model(cfg, len(label_map)).to(device)
+    task, data = TASKS[cfg.task].from_data(cfg, tok)
+    print(f"task: {json.dumps(task.meta)}", file=sys.stderr)
+    model = build_model(cfg, task).to(device)
 
     # Freezing and parameter groups. A frozen parameter has requires_grad=False: no gradient is
     # computed for it and, not being in any param group, it gets no optimizer state.
@@ -161,11 +140,11 @@ def run_finetune(cfg: FinetuneConfig, resume=False):
     steps_per_epoch = -(-len(data["train"].batches(0)) // cfg.grad_accum)
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     schedule = build_schedule(cfg, optimizer, total)
-    evaluate = (lambda m: clf.evaluate(m, data["dev"], device)) if "dev" in data else \
+    evaluate = (lambda m: task.evaluate(m, data["dev"], device)) if "dev" in data else \
         (lambda m: {"loss": float("nan"), cfg.metric: float("nan")})
     trainer = Trainer(model, optimizer, schedule, data["train"], evaluate, run, settings, device,
                       unfreezer=unfreezer,
-                      save_best=lambda d: save_task_model(model, tok, cfg, label_map, d))
+                      save_best=lambda d: save_task_model(model, tok, task, d))
     if resume:
         trainer.load_state()
     try:
@@ -181,7 +160,7 @@ def run_finetune(cfg: FinetuneConfig, resume=False):
         best, _ = load_task_model(best_dir, device)
         for split in ("dev", "test"):
             if split in data:
-                m = clf.evaluate(best, data[split], device)
+                m = task.evaluate(best, data[split], device)
                 results[split] = {k: v for k, v in m.items()}
                 print(f"{split} (best checkpoint, step {summary['best_step']}): " + ", ".join(
                     f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float)),

@@ -138,8 +138,10 @@ class BatchIndices(list):
 
 
 def _seed(*numbers):
-    """One 63-bit seed from several integers, well mixed (nearby tuples give unrelated seeds)."""
-    return int(np.random.SeedSequence(list(numbers)).generate_state(2, np.uint64)[0] >> 1)
+    """One 63-bit seed from several integers, well mixed (nearby tuples give unrelated seeds).
+    SeedSequence takes non-negative entries only; n -> 2|n| (+1 if negative) keeps them distinct."""
+    entropy = [2 * n if n >= 0 else -2 * n - 1 for n in numbers]
+    return int(np.random.SeedSequence(entropy).generate_state(2, np.uint64)[0] >> 1)
 
 
 class MLMData:

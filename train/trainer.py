@@ -10,7 +10,8 @@
 
 It adds: gradient accumulation weighted so that `batch x accum` equals one big batch, gradient
 clipping, evaluation every N steps and at each epoch end, early stopping, keeping the best
-checkpoint, a divergence guard, metrics.jsonl, and exact resume from `state/`.
+checkpoint, a divergence guard, a clean stop on out-of-memory, metrics.jsonl, and exact resume
+from `state/`.
 """
 
 import math
@@ -46,6 +47,10 @@ class Diverged(RuntimeError):
     pass
 
 
+class OutOfMemory(RuntimeError):
+    pass
+
+
 def memory_stats(device):
     """Peak resident memory of the process and, on CUDA, peak allocated/reserved (MB)."""
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
@@ -72,6 +77,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self):
+        # Out of memory mid-run (a long batch, a fragmented cache) stops like a divergence:
+        # best/ and state/ of the last evaluation stay, and the message says what to change.
+        try:
+            return self._fit()
+        except (torch.cuda.OutOfMemoryError, MemoryError) as e:
+            self._out_of_memory(e)
+
+    def _fit(self):
         s = self.s
         print(f"training: {self.total_steps} steps ({self.steps_per_epoch} per epoch, "
               f"accumulating {s.grad_accum} micro-batches)", file=sys.stderr)
@@ -200,6 +213,22 @@ class Trainer:
         self.run.log({"event": "diverged", "step": self.step, "lr": self._lrs(),
                       "loss": str(loss.item())})
         raise Diverged(msg)
+
+    def _out_of_memory(self, err):
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # the failed step's blocks; lets the log below allocate
+        first_line = (str(err).splitlines() or [""])[0][:300]
+        self.run.log({"event": "oom", "step": self.step, "error": first_line,
+                      "memory": memory_stats(self.device)})
+        best, state = self.run.find_dir("best"), self.run.find_dir("state")
+        msg = (f"out of memory in step {self.step + 1} ({type(err).__name__}). Use smaller "
+               f"micro-batches with gradient accumulation: halve --batch-size and double "
+               f"--grad-accum (now {self.s.grad_accum}), or set --effective-batch-size to keep "
+               "the batch the optimizer sees. ")
+        msg += f"Kept: best model in {best} (step {self.best_step}). " if best else \
+            "No best model had been saved yet. "
+        msg += f"Resume state in {state}." if state else ""
+        raise OutOfMemory(msg) from None
 
     # ------------------------------------------------------------------ resume
     def save_state(self):

@@ -30,6 +30,7 @@ import triton
 from minibert.kernels.flash_kernels import (_bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_preprocess,
                                             _fwd_kernel, _keep_mask_kernel)
 
+
 def _interpreting():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -58,7 +59,7 @@ class _FlashAttention(torch.autograd.Function):
         is_varlen = q.dim() == 3  # packed (total, nh, hs); else padded (B, nh, T, hs)
         q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
         B = seq.numel() - 1 if is_varlen else seq.numel()
-        nh, hs = q.shape[-2] if is_varlen else q.shape[1], q.shape[-1]
+        nh, hs = q.shape[1], q.shape[-1]  # dim 1 is the head in both layouts
         o = torch.zeros(q.shape, dtype=q.dtype, device=q.device)  # rows never visited stay 0
         lse = torch.empty((B, nh, T_max), dtype=torch.float32, device=q.device)
         BM, BN, _, warps = _tiles(hs)
@@ -160,13 +161,18 @@ def flash_attention_varlen(q, k, v, cu_seqlens, max_seqlen, softmax_scale=None, 
     cu_seqlens[b]:cu_seqlens[b+1] (cu_seqlens int32 (B+1,), starting at 0); max_seqlen >= the
     longest sequence (it also sets the dropout offsets). Returns (total, nh, hs)."""
     _check_inputs(q, k, v, "(total, nh, hs)", dropout_p)
-    if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.device != q.device:
+    if (cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1
+            or cu_seqlens.device != q.device):
         raise ValueError(f"cu_seqlens must be int32 (B+1,) on {q.device}; got {cu_seqlens.dtype} "
                          f"{tuple(cu_seqlens.shape)} on {cu_seqlens.device}")
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]  # one host sync below: a wrong bound would read
-    if int(cu_seqlens[-1]) != q.size(0) or (lengths.numel() and int(lengths.max()) > max_seqlen):
-        raise ValueError(f"cu_seqlens must end at total={q.size(0)} and no sequence may exceed "
-                         f"max_seqlen={max_seqlen}; got cu_seqlens={cu_seqlens.tolist()}")
+    # Checked on the host (one sync): a max_seqlen below the longest sequence would silently skip
+    # its last rows, and cu_seqlens not ending at total would read past q.
+    cu = cu_seqlens.tolist()
+    lengths = [end - start for start, end in zip(cu, cu[1:])]
+    if cu[0] != 0 or cu[-1] != q.size(0) or min(lengths, default=0) < 0 or max(
+            lengths, default=0) > max_seqlen:
+        raise ValueError(f"cu_seqlens must rise from 0 to total={q.size(0)}, no sequence longer "
+                         f"than max_seqlen={max_seqlen}; got cu_seqlens={cu}")
     scale, seed = _resolve(softmax_scale, dropout_p, seed, q.size(-1))
     return _FlashAttention.apply(q, k, v, cu_seqlens, None, int(max_seqlen), scale,
                                  float(dropout_p), seed)

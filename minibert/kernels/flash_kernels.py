@@ -138,7 +138,7 @@ def _fwd_kernel(Q, K, V, O, LSE, SEQ, MASK,
         k = _load_tile(K, b, h, start, cols, col_ok, skb, skh, skt, HS)
         v = _load_tile(V, b, h, start, cols, col_ok, svb, svh, svt, HS)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # (BM, BN), log2 units
-        s = s
+        s = tl.where(col_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A general mask can hide every key of a tile from a row: keep the max finite then, so that
         # exp2(-inf - -inf) never makes a NaN (those p are exactly 0 either way).

@@ -1,0 +1,45 @@
+"""What a fine-tuning task is: a head on the shared backbone, its data, its metrics.
+
+A task is a class with these members (classification.py is the worked example):
+
+    name, default_metric              e.g. "classification", "accuracy"
+    __init__(meta)                    meta: a JSON-able dict saved as best/task.json; it holds
+                                      everything needed to rebuild the head and read inputs
+    from_data(cfg, tokenizer)         classmethod -> (task, {"train": ds, "dev": ds, "test": ds}):
+                                      reads the files, builds meta (e.g. the label map from train)
+    build_head(hidden_size, dropout)  -> nn.Module with forward(bert, batch) -> {"loss", ...}
+    evaluate(model, ds, device)       -> metrics dict, always with "loss"
+    read_inputs(texts, path, tok)     -> a dataset of unlabelled inputs, for `minibert predict`
+    predict(model, ds, device)        -> list of JSON-able rows, one per input
+
+A dataset has `batches(epoch)`, `collate(indices)` and `lengths`, as train/trainer.py expects.
+"""
+
+import torch
+import torch.nn as nn
+
+
+class TaskModel(nn.Module):
+    """The backbone (`bert`) and one task head; `model(batch)` is the head's loss dict."""
+
+    def __init__(self, bert, head):
+        super().__init__()
+        self.bert, self.head = bert, head
+
+    def forward(self, batch):
+        return self.head(self.bert, batch)
+
+
+@torch.no_grad()
+def run_batches(model, dataset, device, fn):
+    """fn(outputs, indices) for every batch of `dataset` in length order (least padding), in eval
+    mode; returns the per-example results of fn re-ordered to dataset order."""
+    model.eval()
+    order = sorted(range(len(dataset.lengths)), key=lambda i: dataset.lengths[i])
+    out = [None] * len(order)
+    for s in range(0, len(order), dataset.batch_size):
+        idx = order[s:s + dataset.batch_size]
+        batch = {k: v.to(device) for k, v in dataset.collate(idx).items()}
+        for i, r in zip(idx, fn(model(batch), idx)):
+            out[i] = r
+    return out
