@@ -18,6 +18,10 @@ COMMANDS = [
     "train.tokenizer_train",  # tokenizer train
     "train.pretrain",  # pretrain
     "train.diagnose",  # diagnose
+    "train.memory",  # memory
+    "train.sweep",  # sweep
+    "train.plot",  # plot
+    "train.report",  # report
 ]
 
 

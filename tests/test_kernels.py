@@ -17,8 +17,9 @@ if not torch.cuda.is_available():
 import triton  # noqa: E402,F401  (imported here on purpose: after the line above)
 
 from minibert.config import BertConfig  # noqa: E402
-from minibert.kernels import (attention_reference, check_triton_usable, dropout_keep_mask,  # noqa: E402
-                              flash_attention, flash_attention_varlen)
+from minibert.kernels import (  # noqa: E402
+    attention_reference, check_triton_usable, dropout_keep_mask, flash_attention,
+    flash_attention_varlen)
 from minibert.model import BertEncoder, attention_eager  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

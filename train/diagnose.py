@@ -92,7 +92,8 @@ class Curves:
         return a > b if self.mode == "max" else a < b
 
 
-def _read_json(path):
+def read_json(path):
+    """The JSON file at `path`, or None when there is none (a run may lack best/ or config)."""
     if not os.path.exists(path):
         return None
     with open(path, encoding="utf-8") as f:
@@ -103,16 +104,16 @@ def load_curves(run, n_labels=None):
     events = read_jsonl(os.path.join(run, "metrics.jsonl"))
     if not events:
         raise FileNotFoundError(f"{run}: no metrics.jsonl events to diagnose")
-    config = _read_json(os.path.join(run, "config.json")) or {}
+    config = read_json(os.path.join(run, "config.json")) or {}
     train = [e for e in events if e["event"] == "train"]
     evals = [e for e in events if e["event"] == "eval"]
     dev_keys = evals[0]["dev"] if evals else {}
     metric = config.get("metric") if config.get("metric") in dev_keys else next(
         (k for k in ("accuracy", "mlm_accuracy", "loss") if k in dev_keys), "loss")
     cm = next((e["dev"]["confusion_matrix"] for e in evals if "confusion_matrix" in e["dev"]), None)
-    task = _read_json(os.path.join(run, "best", "task.json"))
+    task = read_json(os.path.join(run, "best", "task.json"))
     if n_labels is None:  # the labels the head was built for, else the confusion matrix size
-        n_labels = len(task["labels"]) if task else (len(cm) if cm else None)
+        n_labels = len(task["labels"]) if task and "labels" in task else (len(cm) if cm else None)
     rows = [sum(r) for r in cm] if cm else None
     groups = list(train[0]["lr"]) if train else []
     return Curves(
@@ -130,6 +131,11 @@ def load_curves(run, n_labels=None):
 # ------------------------------------------------------------------------------ curve helpers
 def _mean(xs):
     return sum(xs) / len(xs)
+
+
+def _late(xs):
+    """Mean of the end of a curve: its last LATE_FRACTION (at least one point)."""
+    return _mean(xs[-max(1, round(LATE_FRACTION * len(xs))):])
 
 
 def _smooth(xs):
@@ -164,6 +170,11 @@ def _best_eval(c):
     return best
 
 
+def _dev_vs_chance(c):
+    return f"last dev {c.metric} {c.dev_metric[-1]:.4f}" + (
+        f" vs always-the-majority-label {c.majority:.4f}" if c.majority else "")
+
+
 def _at_chance_on_dev(c):
     if c.majority is None or c.metric != "accuracy" or not c.dev_metric:
         return None
@@ -184,7 +195,7 @@ def rule_nonfinite(c):
         b = _best_eval(c)
         ev.append(f"best dev {c.metric} {c.dev_metric[b]:.4f} at step {c.eval_steps[b]} "
                   "(kept in best/)")
-    advice = ["lower the learning rate (3-10x)", "use a longer warm-up (--warmup-ratio 0.1 or more)"]
+    advice = ["lower the learning rate (3-10x)", "use a longer warm-up (--warmup-ratio 0.1+)"]
     if not c.config.get("clip_grad_norm"):
         advice.append("clip gradients (--clip-grad-norm 1.0)")
     return Finding("diverging", f"the loss became non-finite at step {d['step']}", ev, advice)
@@ -196,7 +207,7 @@ def rule_forgetting(c):
         return None
     w = _warmup_end(c)
     after = c.train_loss[w:] or c.train_loss[-1:]
-    late = _mean(after[-max(1, round(LATE_FRACTION * len(after))):])
+    late = _late(after)
     if late < NEAR_CHANCE * c.chance_loss:
         return None
     lowest = min(c.train_loss)
@@ -210,8 +221,7 @@ def rule_forgetting(c):
           f"lowest train log {lowest:.4f} at step {c.train_steps[c.train_loss.index(lowest)]}",
           f"backbone peak lr {lr:.2e} (BERT's recipe: 2e-5..5e-5)"]
     if c.dev_metric:
-        ev.append(f"last dev {c.metric} {c.dev_metric[-1]:.4f}"
-                  + (f" vs always-the-majority-label {c.majority:.4f}" if c.majority else ""))
+        ev.append(_dev_vs_chance(c))
     return Finding("diverging", f"the loss {how} chance level after warm-up: catastrophic "
                    "forgetting", ev,
                    [f"lower the learning rate of the backbone (--lr 2e-5..5e-5; it was {lr:.0e})",
@@ -239,7 +249,7 @@ def rule_underfitting(c):
     if len(c.train_loss) < 3:
         return None
     half = c.train_loss[len(c.train_loss) // 2:]
-    late = _mean(c.train_loss[-max(1, round(LATE_FRACTION * len(c.train_loss))):])
+    late = _late(c.train_loss)
     gain = (half[0] - late) / max(abs(half[0]), 1e-12)
     ev, why = [], None
     if c.chance_loss is not None:
@@ -255,8 +265,7 @@ def rule_underfitting(c):
         return None
     ev.append(f"train loss improved {gain:.1%} over the second half of the run")
     if c.dev_metric:
-        ev.append(f"last dev {c.metric} {c.dev_metric[-1]:.4f}"
-                  + (f" vs always-the-majority-label {c.majority:.4f}" if c.majority else ""))
+        ev.append(_dev_vs_chance(c))
     cfg, advice = c.config, ["train longer (more --epochs or --max-steps)"]
     if cfg.get("freeze_backbone") or cfg.get("freeze_layers") or cfg.get("freeze_embeddings"):
         advice.append("unfreeze more layers (drop --freeze-backbone, lower --freeze-layers)")
@@ -279,8 +288,7 @@ def rule_overfitting(c):
     # the train loss logged at or just before the dev minimum, and at the end
     j = max([k for k, s in enumerate(c.train_steps) if s <= step] or [0])
     tr_then = c.train_loss[j] if c.train_loss else float("nan")
-    tr_end = _mean(c.train_loss[-max(1, round(LATE_FRACTION * len(c.train_loss))):]) \
-        if c.train_loss else float("nan")
+    tr_end = _late(c.train_loss) if c.train_loss else float("nan")
     if not tr_end < tr_then:
         return None  # dev loss up with train loss up too: not overfitting (see rule_rising)
     b = _best_eval(c)

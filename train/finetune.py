@@ -22,18 +22,24 @@ from minibert.model import BertEncoder
 from minibert.tokenizer import Tokenizer
 from train.classification import ClassificationTask
 from train.data import DataError
-from train.finetune_config import FinetuneConfig
+from train.diagnose import write_diagnosis
+from train.finetune_config import FinetuneConfig, batch_size_arg
 from train.flags import add_dataclass_flags, dataclass_from_args, print_config
+from train.memory import auto_batch_size, plan_accumulation
+from train.multitask import MultiTask
 from train.optim import AdamW
 from train.params import (GradualUnfreezer, LrPolicy, frozen_units, param_groups, print_groups,
                           set_trainable, units_top_down)
+from train.qa import QATask
+from train.regression import RegressionTask
 from train.rundir import RunDir
 from train.schedules import LambdaSchedule, WarmupThenPlateau, lr_multiplier
+from train.tagging import TokenTask
 from train.task import TaskModel
-from train.trainer import Diverged, LoopSettings, Trainer
+from train.trainer import Diverged, LoopSettings, OutOfMemory, Trainer
 
 # --task NAME -> the class that knows its head, data and metrics (train/task.py).
-TASKS = {t.name: t for t in [ClassificationTask]}
+TASKS = {t.name: t for t in [ClassificationTask, RegressionTask, TokenTask, QATask, MultiTask]}
 
 
 def pick_device(name):
@@ -66,7 +72,7 @@ def build_schedule(cfg, optimizer, total_steps):
         round(cfg.warmup_ratio * total_steps)
     print(f"schedule: {cfg.schedule}, {warmup} warm-up steps of {total_steps}", file=sys.stderr)
     if cfg.schedule == "plateau":
-        return WarmupThenPlateau(optimizer, warmup, mode="max" if cfg.metric != "loss" else "min",
+        return WarmupThenPlateau(optimizer, warmup, mode=cfg.metric_mode,
                                  factor=cfg.plateau_factor, patience=cfg.plateau_patience,
                                  cooldown=cfg.plateau_cooldown, threshold=cfg.plateau_threshold,
                                  min_lr=cfg.plateau_min_lr)
@@ -92,8 +98,30 @@ def load_task_model(best_dir, device):
     return TaskModel(bert, head).to(device).eval(), task
 
 
+def plan_batches(cfg, model, optimizer, train_data, device):
+    """Resolve --batch-size auto and --effective-batch-size into micro-batch x accumulation."""
+    batch = cfg.batch_size
+    if batch == "auto":  # probe with the longest training examples: the worst case
+        longest = sorted(range(len(train_data.lengths)), key=lambda i: -train_data.lengths[i])
+        batch = auto_batch_size(model, optimizer, lambda n: train_data.collate(longest[:n]),
+                                device, limit=len(longest))
+    accum = cfg.grad_accum
+    if cfg.effective_batch_size is not None:
+        batch, accum = plan_accumulation(cfg.effective_batch_size, batch)
+    if (batch, accum) == (cfg.batch_size, cfg.grad_accum):
+        return cfg
+    train_data.batch_size = batch  # the dataset was built with the flag's value
+    print(f"batching: micro-batch {batch} x {accum} accumulated = {batch * accum} examples per "
+          "optimizer step", file=sys.stderr)
+    return dataclasses.replace(cfg, batch_size=batch, grad_accum=accum)
+
+
 def run_finetune(cfg: FinetuneConfig, resume=False):
     device = pick_device(cfg.device)
+    if cfg.batch_size == "auto" and device.type != "cuda":
+        raise SystemExit("minibert finetune: --batch-size auto measures GPU memory and needs a "
+                         "CUDA device; on CPU give --batch-size N (`minibert memory` estimates "
+                         "the memory of a batch)")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -126,6 +154,8 @@ def run_finetune(cfg: FinetuneConfig, resume=False):
     set_trainable(model, trainable)
     if cfg.pooling == "mean":
         model.bert.pooler.requires_grad_(False)  # unused by mean pooling: nothing to train
+    for name in cfg.freeze_head or []:  # multitask: a head that keeps its weights bit for bit
+        task.freeze_head(model.head, name)
     groups = param_groups(model, trainable, policy, scale)
     if not groups:
         raise SystemExit("minibert finetune: every parameter is frozen; nothing would train. "
@@ -133,6 +163,9 @@ def run_finetune(cfg: FinetuneConfig, resume=False):
     print_groups(groups, model)
     optimizer = AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                       eps=cfg.adam_eps, weight_decay=cfg.weight_decay, foreach=True)
+    cfg = plan_batches(cfg, model, optimizer, data["train"], device)
+    if not resume:
+        run.write_json("config.json", dataclasses.asdict(cfg))  # resolved: --resume reuses it
 
     settings = LoopSettings(cfg.epochs, cfg.max_steps, cfg.grad_accum, cfg.clip_grad_norm,
                             cfg.eval_every, cfg.log_every, cfg.metric, cfg.metric_mode,
@@ -150,6 +183,9 @@ def run_finetune(cfg: FinetuneConfig, resume=False):
     try:
         summary = trainer.fit()
     except Diverged as e:
+        write_diagnosis(run.path)
+        raise SystemExit(f"minibert finetune: {e}") from None
+    except OutOfMemory as e:
         raise SystemExit(f"minibert finetune: {e}") from None
 
     # Final evaluation with the best checkpoint, not the last weights.
@@ -167,6 +203,7 @@ def run_finetune(cfg: FinetuneConfig, resume=False):
                     file=sys.stderr)
     run.write_json("results.json", results)
     print(f"results: {run.file('results.json')}", file=sys.stderr)
+    write_diagnosis(run.path)  # to stderr and RUN/diagnosis.json
     return results
 
 
@@ -175,7 +212,9 @@ def cmd_finetune(args):
         with open(os.path.join(args.resume, "config.json")) as f:
             cfg = FinetuneConfig(**json.load(f))
         return run_finetune(cfg, resume=True) and 0
-    missing = [f for f in ("model", "train") if getattr(args, f) is None]
+    # multitask reads its data from --tasks/--tasks-file, not --train
+    needed = ("model",) if args.task == "multitask" else ("model", "train")
+    missing = [f for f in needed if getattr(args, f) is None]
     if missing:
         raise SystemExit(f"minibert finetune: --{missing[0]} is required")
     try:
@@ -187,7 +226,11 @@ def cmd_finetune(args):
 
 def register(sub):
     p = sub.add_parser("finetune", help="fine-tune a checkpoint on a labelled dataset")
-    add_dataclass_flags(p, FinetuneConfig)
+    add_dataclass_flags(p, FinetuneConfig, skip=("batch_size",))
+    p.add_argument("--batch-size", dest="batch_size", type=batch_size_arg,
+                   default=FinetuneConfig.batch_size,
+                   help="examples per micro-batch, or 'auto' (CUDA only): the largest that fits "
+                        f"in GPU memory, less 10%% (default: {FinetuneConfig.batch_size})")
     p.add_argument("--resume", metavar="RUN", default=None,
                    help="continue the killed run in RUN with its saved config and state")
     p.set_defaults(func=cmd_finetune)

@@ -13,7 +13,12 @@ def _f(default, help_, **kw):
     return field(default=default, metadata={"help": help_, **kw})
 
 
-TASKS = ("classification",)
+TASKS = ("classification", "regression", "tokens", "qa", "multitask")
+# --metric's default, per task: each is "higher is better" (multitask: the mean of its heads').
+DEFAULT_METRIC = {"classification": "accuracy", "regression": "pearson", "tokens": "f1",
+                  "qa": "f1", "multitask": "combined"}
+# metrics where lower is better; a multitask metric "head/mse" is judged by its last part
+LOWER_IS_BETTER = ("loss", "mse", "rmse")
 
 
 @dataclass
@@ -28,6 +33,21 @@ class FinetuneConfig:
     text_field: str = _f("text", "field holding the text")
     pair_field: str | None = _f(None, "field holding the second text of a pair")
     label_field: str = _f("label", "field holding the label")
+    target_field: str = _f("score", "regression: field holding the real-valued target")
+    standardize_targets: bool = _f(False, "regression: train on (y - mean) / std of the train "
+                                   "targets; predictions are mapped back")
+    crf: bool = _f(False, "tokens: a linear-chain CRF over the words' tag scores")
+    bio_constraints: bool = _f(False, "tokens with --crf: forbid O->I-X, B-X->I-Y, start->I-X")
+    doc_stride: int = _f(128, "qa: tokens shared by consecutive windows of a long context")
+    max_answer_len: int = _f(30, "qa: longest answer span, in tokens")
+    tasks: list[str] | None = _f(None, "multitask: comma-separated specs "
+                                 "NAME:TYPE:PATH_WITH_{split}[:key=value...] (train/multitask.py)")
+    tasks_file: str | None = _f(None, "multitask: a JSON list of {name, type, path, options...}")
+    sampling: str = _f("proportional", "multitask: which task the next batch comes from",
+                       choices=("proportional", "round-robin", "temperature"))
+    sampling_temperature: float = _f(2.0, "multitask, --sampling temperature: p_i ~ n_i^(1/T)")
+    freeze_head: list[str] | None = _f(None, "multitask: names of heads not to train "
+                                       "(comma-separated)")
     skip_bad_rows: bool = _f(False, "skip (and count) bad rows instead of stopping at the first")
     max_length: int = _f(128, "tokens per example after truncation (longest-first for pairs)")
     init: str = _f("pretrained", "'random' trains the same architecture from scratch, to show "
@@ -39,8 +59,12 @@ class FinetuneConfig:
     # optimisation
     epochs: int = _f(3, "passes over the training data (BERT: 2-4)")
     max_steps: int | None = _f(None, "stop after this many optimizer steps (overrides epochs)")
-    batch_size: int = _f(32, "examples per micro-batch")
+    # int, or "auto": the largest that fits in GPU memory, less 10% (train/memory.py; CUDA only)
+    batch_size: int | str = _f(32, "examples per micro-batch, or 'auto' (CUDA only)")
     grad_accum: int = _f(1, "micro-batches per optimizer step: a bigger batch in the same memory")
+    effective_batch_size: int | None = _f(None, "examples per optimizer step: sets --grad-accum "
+                                          "(and lowers --batch-size to the largest divisor of N "
+                                          "that is not above it)")
     eval_batch_size: int = _f(128, "examples per evaluation batch (no gradients: can be larger)")
     lr: float = _f(5e-5, "base learning rate: the top block's (BERT: 2e-5..5e-5)")
     lr_head: float | None = _f(1e-3, "learning rate of the new head; a random layer needs a "
@@ -80,7 +104,8 @@ class FinetuneConfig:
     # evaluation and bookkeeping
     eval_every: int | None = _f(100, "evaluate on dev every N steps (and at each epoch end)")
     log_every: int = _f(20, "log train loss, lr, speed and memory every N steps")
-    metric: str = _f("accuracy", "dev metric for early stopping and the best checkpoint")
+    metric: str | None = _f(None, "dev metric for early stopping and the best checkpoint "
+                            "(default: the task's, see DEFAULT_METRIC)")
     early_stopping_patience: int | None = _f(None, "stop after N evaluations without a better "
                                              "dev metric ('none': never)")
     save_every: int | None = _f(None, "also save resume state every N steps (always at evals)")
@@ -91,11 +116,37 @@ class FinetuneConfig:
     threads: int | None = _f(None, "CPU threads for torch (default: torch's choice)")
 
     def __post_init__(self):
+        if self.metric is None:
+            self.metric = DEFAULT_METRIC[self.task]
+        if self.freeze_head and self.task != "multitask":
+            raise ValueError("--freeze-head names heads of --task multitask")
+        if self.freeze_head and self.unfreeze_every is not None:
+            raise ValueError("--freeze-head and --unfreeze-every contradict each other")
         if self.freeze_backbone and self.unfreeze_every is not None:
             raise ValueError("--freeze-backbone and --unfreeze-every contradict each other")
-        if self.grad_accum < 1 or self.batch_size < 1:
-            raise ValueError("--batch-size and --grad-accum must be at least 1")
+        if self.batch_size != "auto" and not (isinstance(self.batch_size, int)
+                                               and self.batch_size >= 1):
+            raise ValueError(f"--batch-size must be a positive integer or 'auto', "
+                             f"not {self.batch_size!r}")
+        if self.grad_accum < 1:
+            raise ValueError("--grad-accum must be at least 1")
+        if self.effective_batch_size is not None:
+            if self.effective_batch_size < 1:
+                raise ValueError("--effective-batch-size must be at least 1")
+            # a resolved config (RUN/config.json) holds all three, consistent; a user who gives
+            # --grad-accum too must give a consistent one
+            if self.grad_accum != 1 and self.batch_size != "auto" and \
+                    self.batch_size * self.grad_accum != self.effective_batch_size:
+                raise ValueError(f"--batch-size {self.batch_size} x --grad-accum "
+                                 f"{self.grad_accum} != --effective-batch-size "
+                                 f"{self.effective_batch_size}; give --grad-accum or "
+                                 "--effective-batch-size, not both")
 
     @property
     def metric_mode(self):
-        return "min" if self.metric == "loss" else "max"
+        return "min" if self.metric.split("/")[-1] in LOWER_IS_BETTER else "max"
+
+
+def batch_size_arg(s):
+    """argparse type of --batch-size: a positive integer or the word 'auto'."""
+    return "auto" if s == "auto" else int(s)

@@ -122,6 +122,7 @@ class PretrainConfig:
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("--batch-size and --grad-accum must be at least 1")
         if self.init_from and self.config:
-            raise ValueError("--init-from takes the architecture from its checkpoint; drop --config")
+            raise ValueError("--init-from takes the architecture from its checkpoint; "
+                             "drop --config")
         if self.init_from and self.tokenizer:
             raise ValueError("--init-from uses the checkpoint's own tokenizer; drop --tokenizer")

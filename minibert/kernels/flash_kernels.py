@@ -28,8 +28,9 @@ token are still skipped. Either way padded query rows give zero output and padde
 get exactly zero gradient (their probabilities are exactly 0).
 
 Dropout (as BERT fine-tuning uses, p = 0.1) happens inside the kernel: Philox random numbers
-from (seed, offset), offset = ((b nh + h) T + i) T + j for query i and key j, so the backward
-regenerates the same mask without storing it. `dropout_keep_mask` returns that mask for tests.
+from (seed, offset), offset = ((b nh + h) T + i) T + j for query i and key j (T: the padded
+length, or max_seqlen when packed), so the backward regenerates the same mask without storing
+it. `dropout_keep_mask` returns that mask for tests.
 
 Limits: self-attention only (q, k, v of equal length, one mask for both); no causal mask, no
 attention bias; head size a power of two from 16 to 128 (it is a compile-time block width);
@@ -50,7 +51,11 @@ LOG2E = tl.constexpr(1.4426950408889634)
 def attention_reference(q, k, v, key_padding_mask=None, keep=None, dropout_p=0.0,
                         softmax_scale=None):
     """The plain math, (B, nh, T, hs) -> (B, nh, T, hs), with an *explicit* dropout keep mask
-    (B, nh, T, T) and zeros at padded query rows, as the kernel defines them. O(T^2) memory."""
+    (B, nh, T, T) and zeros at padded query rows, as the kernel defines them.
+
+    Memory traffic: the (B, nh, T, T) scores are written by the matmul, read and written by the
+    mask, the softmax and the dropout, and read by the second matmul; the kernel writes only
+    (B, nh, T, hs) and the (B, nh, T) log-sum-exp."""
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.size(-1))
     att = (q @ k.transpose(-2, -1)) * scale  # (B, nh, T, T)
     if key_padding_mask is not None:

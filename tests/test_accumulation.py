@@ -1,0 +1,194 @@
+"""The trainer's batch handling and its guards, on a tiny BERT classifier driven directly:
+
+- gradient accumulation: micro-batches weighted by their share equal one big batch;
+- the divergence guard: the first non-finite loss stops the run, names step and lr, and the
+  best checkpoint saved before it still loads;
+- out of memory mid-run: a clean stop with advice, the checkpoint kept;
+- batch planning: --effective-batch-size, the search behind --batch-size auto (the search
+  itself; the CUDA probe cannot run here) and its clear error on CPU.
+"""
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from minibert.config import BertConfig
+from minibert.model import BertEncoder
+from train.classification import ClassificationHead
+from train.finetune import run_finetune
+from train.finetune_config import FinetuneConfig
+from train.memory import largest_fitting, plan_accumulation
+from train.rundir import RunDir, read_jsonl
+from train.schedules import LambdaSchedule
+from train.task import TaskModel
+from train.trainer import Diverged, LoopSettings, OutOfMemory, Trainer
+
+N = 8  # training examples
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=32,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return TaskModel(BertEncoder(cfg), ClassificationHead(16, 2, "mean", 0.0))
+
+
+class Data:
+    """N examples of different lengths, in a fixed order, cut into batches of `batch_size`."""
+
+    def __init__(self, batch_size):
+        g = torch.Generator().manual_seed(1)
+        self.lengths = [3 + i for i in range(N)]
+        self.ids = [torch.randint(1, 50, (n,), generator=g) for n in self.lengths]
+        self.labels = [i % 2 for i in range(N)]
+        self.batch_size = batch_size
+
+    def batches(self, epoch):
+        return [list(range(s, min(s + self.batch_size, N))) for s in range(0, N, self.batch_size)]
+
+    def collate(self, idx):
+        T = max(self.lengths[i] for i in idx)  # padded to the micro-batch's own longest
+        ids = torch.zeros(len(idx), T, dtype=torch.long)
+        mask = torch.zeros(len(idx), T, dtype=torch.long)
+        for r, i in enumerate(idx):
+            ids[r, :self.lengths[i]] = self.ids[i]
+            mask[r, :self.lengths[i]] = 1
+        return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids),
+                "labels": torch.tensor([self.labels[i] for i in idx])}
+
+
+def make_trainer(model, data, run_dir, opt, max_steps, grad_accum=1, eval_every=None, keep=None):
+    """A Trainer whose best/ holds `keep`'s weights (default: the model's)."""
+    keep = keep if keep is not None else model
+    settings = LoopSettings(epochs=100, max_steps=max_steps, grad_accum=grad_accum,
+                            clip_grad_norm=None, eval_every=eval_every, log_every=1,
+                            metric="loss", metric_mode="min", early_stopping_patience=None,
+                            save_every=None)
+    schedule = LambdaSchedule(opt, lambda step: 1.0)
+
+    def save_best(d):
+        save_file({k: v.contiguous() for k, v in keep.state_dict().items()},
+                  os.path.join(d, "model.safetensors"))
+
+    run = RunDir(str(run_dir))
+    # a dev loss that improves at every eval, so that each eval saves best/
+    evaluate = lambda m: {"loss": 1.0 / (1 + len(run.events))}  # noqa: E731
+    return Trainer(model, opt, schedule, data, evaluate, run, settings, torch.device("cpu"),
+                   save_best=save_best)
+
+
+def weights_after_one_step(tmp_path, batch_size, accum):
+    model = tiny_model()
+    # Plain SGD (lr 1): the weight change *is* the gradient. AdamW's first step is close to
+    # lr * sign(g) and would hide a wrong scale (summing micro-batch losses instead of
+    # averaging them gives the same signs).
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    make_trainer(model, Data(batch_size), tmp_path / f"b{batch_size}a{accum}", opt, max_steps=1,
+                 grad_accum=accum).fit()
+    return {k: v - before[k] for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("batch_size,accum", [(2, 4), (3, 3)])  # (3, 3): micro-batches 3, 3, 2
+def test_accumulation_equals_one_big_batch(tmp_path, batch_size, accum):
+    big = weights_after_one_step(tmp_path, 8, 1)
+    small = weights_after_one_step(tmp_path, batch_size, accum)
+    assert sum(d.abs().sum() for d in big.values()) > 1e-2  # the step did change the weights
+    # fp32: the same sums in a different order (and different padding, masked out), ~1e-7
+    for k in big:
+        torch.testing.assert_close(small[k], big[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+class NaNAt(torch.nn.Module):
+    """Wraps a model; its loss becomes NaN from the `k`-th forward call on."""
+
+    def __init__(self, model, k, error=None):
+        super().__init__()
+        self.model, self.k, self.calls, self.error = model, k, 0, error
+
+    def forward(self, batch):
+        self.calls += 1
+        out = self.model(batch)
+        if self.calls >= self.k:
+            if self.error is not None:
+                raise self.error
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+
+def test_divergence_guard_keeps_the_best_checkpoint(tmp_path):
+    model = NaNAt(tiny_model(), k=6)  # one forward per step: NaN after 5 good steps
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = make_trainer(model, Data(4), tmp_path / "run", opt, max_steps=10, eval_every=2,
+                           keep=model.model)
+    with pytest.raises(Diverged, match=r"loss is nan at step 5 \(lr 1.00e-01\).*lower --lr"):
+        trainer.fit()
+    events = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert events[-1]["event"] == "diverged" and events[-1]["step"] == 5
+    # best/ holds the weights of the eval at step 4, and they load into a fresh model
+    best = load_file(tmp_path / "run" / "best" / "model.safetensors")
+    fresh = tiny_model(seed=123)
+    fresh.load_state_dict(best)
+    assert all(torch.isfinite(v).all() for v in best.values())
+
+
+def test_absurd_learning_rate_stops_with_the_message(tmp_path):
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=1e30)
+    with pytest.raises(Diverged, match="training diverged: loss is (nan|inf)"):
+        make_trainer(model, Data(4), tmp_path / "run", opt, max_steps=50, eval_every=1).fit()
+    assert os.path.isdir(tmp_path / "run" / "best")
+
+
+@pytest.mark.parametrize("error", [torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to "
+                                                               "allocate 2.00 GiB"), MemoryError()])
+def test_out_of_memory_stops_cleanly(tmp_path, error):
+    model = NaNAt(tiny_model(), k=6, error=error)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = make_trainer(model, Data(4), tmp_path / "run", opt, max_steps=10, eval_every=2,
+                           keep=model.model)
+    with pytest.raises(OutOfMemory, match=r"out of memory in step 6.*--grad-accum.*"
+                                          r"--effective-batch-size.*best model in .*step 4"):
+        trainer.fit()
+    assert read_jsonl(tmp_path / "run" / "metrics.jsonl")[-1]["event"] == "oom"
+    assert os.path.isdir(tmp_path / "run" / "state")
+    tiny_model().load_state_dict(load_file(tmp_path / "run" / "best" / "model.safetensors"))
+
+
+def test_plan_accumulation():
+    assert plan_accumulation(64, 32) == (32, 2)
+    assert plan_accumulation(32, 32) == (32, 1)
+    assert plan_accumulation(48, 32) == (24, 2)  # largest divisor of 48 not above 32
+    assert plan_accumulation(7, 4) == (1, 7)  # a prime: only micro-batches of 1 divide it
+    assert plan_accumulation(8, 100) == (8, 1)
+
+
+@pytest.mark.parametrize("threshold", [1, 2, 37, 64, 100, 1000])
+def test_largest_fitting_finds_the_threshold(threshold):
+    calls = []
+
+    def fits(n):
+        calls.append(n)
+        return n <= threshold
+
+    assert largest_fitting(fits, limit=100) == min(threshold, 100)
+    assert len(calls) <= 2 * 7 + 1  # doubling then bisection: O(log limit) real steps
+    assert largest_fitting(lambda n: False, limit=100) == 0
+
+
+def test_effective_batch_size_config_checks():
+    with pytest.raises(ValueError, match="not both"):
+        FinetuneConfig(model="m", train="t", batch_size=16, grad_accum=3, effective_batch_size=32)
+    FinetuneConfig(model="m", train="t", batch_size=16, grad_accum=2, effective_batch_size=32)
+    with pytest.raises(ValueError, match="positive integer or 'auto'"):
+        FinetuneConfig(model="m", train="t", batch_size="big")
+
+
+def test_batch_size_auto_needs_cuda(tmp_path):
+    cfg = FinetuneConfig(model="m", train="t", batch_size="auto", device="cpu",
+                         out=str(tmp_path / "run"))
+    with pytest.raises(SystemExit, match="needs a CUDA device"):
+        run_finetune(cfg)

@@ -1,0 +1,197 @@
+"""The run diagnosis (train/diagnose.py) on synthetic learning curves, one per verdict.
+
+Each curve is written as a RUN/metrics.jsonl in the trainer's event format, with the shapes the
+rules are meant to catch (and, for healthy, shapes they must not): a curve drawn by hand is the
+one reference we have for what "overfitting" looks like. Binary task (chance = ln 2 = 0.693),
+1000 dev examples balanced 50/50, 20 train logs and 10 evals over 1000 steps unless stated.
+"""
+
+import json
+import math
+import os
+
+import pytest
+
+from minibert.cli import main
+from train.diagnose import diagnose
+
+STEPS = 1000
+
+
+def linear_lr(peak, warmup=100, total=STEPS):
+    return lambda s: peak * (s / warmup if s < warmup else max(0.0, (total - s) / (total - warmup)))
+
+
+def write_run(path, train_loss, dev_loss, dev_acc, lr=linear_lr(5e-5), head_lr=None,
+              config=None, extra=()):
+    """train_loss/dev_loss/dev_acc: functions of the step (fraction of the run in [0, 1])."""
+    os.makedirs(path, exist_ok=True)
+    events = []
+    head = head_lr or (lambda s: 20 * lr(s))
+    for i in range(1, 21):
+        s = i * STEPS // 20
+        events.append({"event": "train", "step": s, "epoch": s / 500,
+                       "train_loss": train_loss(s / STEPS),
+                       "lr": {"head": head(s), "layer.0": lr(s), "embeddings": lr(s)}})
+        if i % 2 == 0:
+            acc = dev_acc(s / STEPS)
+            ok = round(acc * 500)
+            events.append({"event": "eval", "step": s, "epoch": s / 500,
+                           "dev": {"loss": dev_loss(s / STEPS), "accuracy": acc,
+                                   "confusion_matrix": [[ok, 500 - ok], [500 - ok, ok]]},
+                           "lr": {}, "best_step": None})
+    events += list(extra)
+    with open(os.path.join(path, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(e) + "\n" for e in events)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({"metric": "accuracy", "init": "pretrained", **(config or {})}, f)
+    return path
+
+
+def healthy_run(path):
+    return write_run(path, lambda x: 0.6 * math.exp(-2 * x) + 0.15,
+                     lambda x: 0.45 - 0.1 * x, lambda x: 0.80 + 0.06 * x)
+
+
+def test_healthy(tmp_path):
+    d = diagnose(healthy_run(tmp_path / "run"))
+    assert d["verdict"] == "healthy", d
+    assert d["also"] == []
+    assert "best dev accuracy 0.8600 at step 1000" in d["evidence"][1]
+
+
+def test_overfitting_names_the_eval_and_the_gap(tmp_path):
+    # dev loss bottoms out at x = 0.3 (the 3rd eval, step 300) and climbs 80%, train loss -> 0
+    run = write_run(tmp_path / "run", lambda x: 0.5 * math.exp(-6 * x) + 0.005,
+                    lambda x: 0.45 + 1.2 * (x - 0.3) ** 2 if x > 0.3 else 0.6 - 0.5 * x,
+                    lambda x: 0.78 if x > 0.3 else 0.7 + 0.2 * x)
+    d = diagnose(run)
+    assert d["verdict"] == "overfitting", d
+    assert "step 300" in d["headline"] and "eval 3" in d["headline"]
+    assert "gap" in d["evidence"][1]
+    assert any("early stopping would have stopped there" in a for a in d["advice"])
+    assert any("dropout or weight decay" in a for a in d["advice"])
+
+
+def test_small_dev_loss_rise_with_better_accuracy_is_not_overfitting(tmp_path):
+    # +8% dev loss at the end while accuracy still climbs: common in fine-tuning, not a verdict
+    run = write_run(tmp_path / "run", lambda x: 0.5 - 0.3 * x, lambda x: 0.40 + 0.032 * x,
+                    lambda x: 0.80 + 0.05 * x)
+    assert diagnose(run)["verdict"] == "healthy"
+
+
+def test_underfitting_frozen_backbone(tmp_path):
+    # a linear probe: loss stuck at ~0.55 nats (80% of chance), barely moving
+    run = write_run(tmp_path / "run", lambda x: 0.56 - 0.01 * x, lambda x: 0.56,
+                    lambda x: 0.70, config={"freeze_backbone": True})
+    d = diagnose(run)
+    assert d["verdict"] == "underfitting", d
+    assert d["headline"] == "the train loss is high and flat"
+    assert any("unfreeze more layers" in a for a in d["advice"])
+    assert any("train longer" in a for a in d["advice"])
+
+
+def test_underfitting_at_chance_with_a_small_lr(tmp_path):
+    # random init, sensible lr: no learning, but nothing was forgotten
+    run = write_run(tmp_path / "run", lambda x: 0.693, lambda x: 0.693, lambda x: 0.5,
+                    config={"init": "random"})
+    d = diagnose(run)
+    assert d["verdict"] == "underfitting" and "chance" in d["headline"], d
+
+
+def test_diverging_nonfinite(tmp_path):
+    run = write_run(tmp_path / "run", lambda x: 0.5, lambda x: 0.45, lambda x: 0.8,
+                    extra=[{"event": "diverged", "step": 1003, "lr": {"head": 0.1},
+                            "loss": "nan"}])
+    d = diagnose(run)
+    assert d["verdict"] == "diverging" and "non-finite at step 1003" in d["headline"], d
+    assert any("lower the learning rate" in a for a in d["advice"])
+
+
+def test_forgetting_at_lr_1e3(tmp_path):
+    # lr 1e-3 on the backbone: learns a little in warm-up, then sits at chance (no NaN)
+    run = write_run(tmp_path / "run", lambda x: 0.55 if x < 0.1 else 0.694,
+                    lambda x: 0.693, lambda x: 0.5, lr=linear_lr(1e-3))
+    d = diagnose(run)
+    assert d["verdict"] == "diverging", d
+    assert "catastrophic forgetting" in d["headline"] and "went up to" in d["headline"]
+    assert any("lower the learning rate" in a for a in d["advice"])
+
+
+def test_forgetting_without_a_dip_needs_a_high_lr(tmp_path):
+    # the same flat-at-chance curve: forgetting with lr 1e-3, underfitting with 2e-5
+    flat = (lambda x: 0.694, lambda x: 0.693, lambda x: 0.5)
+    high = diagnose(write_run(tmp_path / "high", *flat, lr=linear_lr(1e-3)))
+    low = diagnose(write_run(tmp_path / "low", *flat, lr=linear_lr(2e-5)))
+    assert high["verdict"] == "diverging" and "stayed at" in high["headline"]
+    assert low["verdict"] == "underfitting"
+
+
+def test_diverging_rising_loss(tmp_path):
+    run = write_run(tmp_path / "run", lambda x: 0.3 + 0.6 * max(0.0, x - 0.4),
+                    lambda x: 0.4, lambda x: 0.8)
+    d = diagnose(run)
+    assert d["verdict"] == "diverging" and d["headline"] == "the train loss is rising", d
+
+
+def test_stalled_when_the_lr_is_tiny(tmp_path):
+    # plateau schedule cut the lr to 1e-8 at step 500; nothing improved afterwards
+    lr = lambda s: 5e-5 if s < 500 else 1e-8  # noqa: E731
+    run = write_run(tmp_path / "run", lambda x: 0.3 - 0.1 * min(x, 0.5),
+                    lambda x: 0.40, lambda x: 0.85 if x >= 0.5 else 0.8 + 0.1 * x, lr=lr,
+                    head_lr=lr)
+    d = diagnose(run)
+    assert d["verdict"] == "stalled", d
+    assert "from step 500" in d["evidence"][0]
+
+
+def test_cli_prints_text_and_json(tmp_path, capsys):
+    run = healthy_run(tmp_path / "run")
+    assert main(["diagnose", str(run)]) == 0
+    assert capsys.readouterr().out.startswith("diagnosis: HEALTHY")
+    assert main(["diagnose", str(run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["verdict"] == "healthy"
+
+
+def test_missing_run_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="no metrics.jsonl"):
+        main(["diagnose", str(tmp_path / "nothing")])
+
+
+# ------------------------------------------------------------------ plot and report read the same
+def test_plot_overlays_runs(tmp_path):
+    pytest.importorskip("matplotlib")
+    a, b = healthy_run(tmp_path / "a"), write_run(tmp_path / "b", lambda x: 0.694,
+                                                  lambda x: 0.693, lambda x: 0.5)
+    out = tmp_path / "curves.png"
+    assert main(["plot", str(a), str(b), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib_says_how_to_install(tmp_path, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    with pytest.raises(SystemExit, match=r"pip install 'minibert\[plot\]'"):
+        main(["plot", str(healthy_run(tmp_path / "a")), "--out", str(tmp_path / "x.png")])
+
+
+def test_lr_groups_with_identical_curves_are_drawn_once():
+    from train.plot import lr_curves
+    train = [{"step": s, "lr": {"head": 1e-3 * s, "head.no_decay": 1e-3 * s, "layer.0": 1e-5}}
+             for s in (1, 2)]
+    assert [c[0] for c in lr_curves(train)] == ["head (+1 groups)", "layer.0"]
+
+
+def test_report_summarises_the_run(tmp_path, capsys):
+    run = healthy_run(tmp_path / "run")
+    with open(run / "config.json", "w") as f:
+        json.dump({"lr": 1e-4, "epochs": 3}, f)  # epochs 3 is the default, lr is not
+    with open(run / "results.json", "w") as f:
+        json.dump({"best_step": 1000, "train_seconds": 120.0, "examples_per_second": 50.0,
+                   "dev": {"accuracy": 0.86, "loss": 0.35}}, f)
+    assert main(["report", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "config (non-default): lr=0.0001\n" in out
+    assert "head: peak lr 1.00e-03" in out
+    assert "dev (best checkpoint): accuracy 0.8600, loss 0.3500" in out
+    assert "diagnosis: HEALTHY" in out and "2.0 min training, 50.0 examples/s" in out

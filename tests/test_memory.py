@@ -1,0 +1,99 @@
+"""The memory estimate of train/memory.py against two things we did not write:
+
+- autograd's own record of what it saves for backward (torch.autograd.graph.saved_tensors_hooks),
+  for the activation formula, op by op in aggregate;
+- the allocations torch's profiler sees during a real training step, for the estimated peak.
+
+The config is small but not tiny (C=128, 2 blocks, T=128, B=8: ~40 MB at the peak, activations
+dominating) so that both are far above rounding, and one step takes well under a second.
+"""
+
+import pytest
+import torch
+
+from minibert.cli import main
+from minibert.config import BertConfig
+from train.memory import activation_bytes, build, estimate, measure
+
+B, T = 8, 128
+
+
+def config(attention, p):
+    return BertConfig(vocab_size=1000, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=512, max_position_embeddings=T, attention=attention,
+                      hidden_dropout_prob=p, attention_probs_dropout_prob=p)
+
+
+def saved_by_autograd(cfg, **freeze):
+    """Bytes of the distinct storages autograd keeps for backward in one forward pass (weights
+    excluded: they exist anyway)."""
+    model, _ = build(cfg, 2, device="cpu", **freeze)
+    model.train()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    batch = {"input_ids": torch.randint(1, cfg.vocab_size, (B, T)),
+             "attention_mask": torch.ones(B, T, dtype=torch.long),
+             "token_type_ids": torch.zeros(B, T, dtype=torch.long),
+             "labels": torch.zeros(B, dtype=torch.long)}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(batch)["loss"]
+    return sum(seen.values())
+
+
+# "sdpa" with dropout on CPU is torch's math fallback (the explicit softmax); without dropout it
+# is the fused kernel that keeps no (T, T) matrix: the four cases cover both formulas.
+@pytest.mark.parametrize("attention,p", [("eager", 0.1), ("eager", 0.0), ("sdpa", 0.1),
+                                         ("sdpa", 0.0)])
+def test_activation_formula_matches_what_autograd_saves(attention, p):
+    cfg = config(attention, p)
+    formula, saved = activation_bytes(cfg, B, T, "cpu"), saved_by_autograd(cfg)
+    # The formula leaves out the LayerNorm statistics and the head's (B, C)-sized tensors,
+    # about 0.3% here; 2% would still catch one missing (B, T, C) tensor (~3% of the total).
+    assert abs(formula - saved) / saved < 0.02, (formula, saved)
+
+
+def test_frozen_blocks_save_no_activations():
+    cfg = config("eager", 0.1)
+    full = saved_by_autograd(cfg)
+    one = saved_by_autograd(cfg, freeze_layers=1, freeze_embeddings=True)
+    formula = activation_bytes(cfg, B, T, "cpu", frozen_layers=1, embeddings_frozen=True)
+    assert abs(formula - one) / one < 0.02 and one < 0.6 * full
+    assert estimate(cfg, B, T, freeze_layers=1, freeze_embeddings=True).activations == formula
+    # a linear probe: only the head's (B, C)-sized tensors, which the formula leaves out
+    assert saved_by_autograd(cfg, freeze_backbone=True) < 0.01 * full
+    assert estimate(cfg, B, T, freeze_backbone=True).activations == 0
+
+
+@pytest.mark.parametrize("attention,p", [("eager", 0.1), ("sdpa", 0.0)])
+def test_estimated_peak_within_25_percent_of_measured(attention, p):
+    cfg = config(attention, p)
+    est, got = estimate(cfg, B, T, device_type="cpu").peak, measure(cfg, B, T, device="cpu")
+    assert got > 20 * 2**20  # far above allocator noise
+    assert abs(est - got) / got < 0.25, (est / 2**20, got / 2**20)
+
+
+def test_frozen_backbone_has_no_gradients_or_optimizer_state_but_the_head():
+    cfg = config("sdpa", 0.1)
+    full = estimate(cfg, B, T)
+    probe = estimate(cfg, B, T, freeze_backbone=True)
+    head = 128 * 2 + 2  # the classifier's weight and bias
+    assert probe.weights == full.weights
+    assert probe.gradients == 4 * head and probe.optimizer == 8 * head
+    assert full.optimizer == 2 * full.gradients
+
+
+def test_cli_prints_estimate_and_measurement(tmp_path, capsys):
+    config("sdpa", 0.1).save_json(str(tmp_path / "config.json"))
+    assert main(["memory", "--model", str(tmp_path), "--batch-size", "2", "--max-len", "32",
+                 "--measure"]) == 0
+    out = capsys.readouterr().out
+    for row in ("weights", "gradients", "optimizer", "activations", "estimated peak",
+                "measured peak", "estimate / measured"):
+        assert row in out

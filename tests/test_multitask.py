@@ -1,0 +1,147 @@
+"""Multi-task: spec parsing, the three sampling rules, per-head metrics and checkpoint, prediction
+from every head, a frozen head that stays bit-identical, and freezing everything as an error."""
+
+import json
+import os
+import random
+from collections import Counter
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from minibert.tokenizer import Tokenizer
+from tests.tiny import FILLER, NEGATIVE, POSITIVE, make_checkpoint
+from train.finetune import TASKS, build_model, run_finetune
+from train.finetune_config import FinetuneConfig
+from train.multitask import MultiDataset, parse_specs
+from train.predict import cmd_predict
+
+
+def make_snippets(path, seed):
+    """rt-snippets' shape: text, label (score > 0) and score; a stronger word, a bigger score."""
+    rng = random.Random(seed)
+    os.makedirs(path, exist_ok=True)
+    for split, n in (("train", 64), ("dev", 32)):
+        with open(os.path.join(path, f"{split}.jsonl"), "w") as f:
+            for _ in range(n):
+                pos = rng.random() < 0.5
+                i = rng.randrange(5)
+                words = rng.sample(FILLER, 3)
+                words.insert(1, (POSITIVE if pos else NEGATIVE)[i])
+                score = (1 if pos else -1) * (1 + i * 0.5)
+                f.write(json.dumps({"text": " ".join(words), "label": int(pos),
+                                    "score": score}) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mt")
+    return str(make_checkpoint(d / "ckpt")), make_snippets(d / "data", 0)
+
+
+def cfg_for(setup, out, **kw):
+    ckpt, data = setup
+    d = dict(model=ckpt, task="multitask", out=str(out), batch_size=8, epochs=3, lr=3e-3,
+             lr_head=1e-2, eval_every=None, log_every=50, threads=1,
+             tasks=[f"polarity:classification:{data}/{{split}}.jsonl:label_field=label",
+                    f"intensity:regression:{data}/{{split}}.jsonl:target_field=score:weight=0.5"
+                    ":standardize_targets=true"])
+    d.update(kw)
+    return FinetuneConfig(**d)
+
+
+def test_specs_parse_and_bad_specs_say_why(setup, tmp_path):
+    specs = parse_specs(cfg_for(setup, "unused"))
+    assert [(s.name, s.type, s.weight) for s in specs] == \
+        [("polarity", "classification", 1.0), ("intensity", "regression", 0.5)]
+    assert specs[1].options == {"target_field": "score", "standardize_targets": True}
+    for bad, why in [(["a:classification"], "NAME:TYPE:PATH"),
+                     (["a:nope:x"], "unknown task type"),
+                     (["a:regression:x:colour=red"], "not a per-task option"),
+                     (["a:regression:x:crf=maybe"], "true or false"),
+                     (["a:regression:x", "a:regression:y"], "unique")]:
+        with pytest.raises(ValueError, match=why):
+            parse_specs(cfg_for(setup, "unused", tasks=bad))
+    f = tmp_path / "tasks.json"
+    f.write_text(json.dumps([{"name": "p", "type": "classification", "path": "x/{split}.jsonl",
+                              "weight": 2, "label_field": "label"}]))
+    (s,) = parse_specs(cfg_for(setup, "unused", tasks=None, tasks_file=str(f)))
+    assert (s.name, s.weight, s.options) == ("p", 2.0, {"label_field": "label"})
+
+
+class Part:
+    def __init__(self, n, bs):
+        self.lengths, self.batch_size = [1] * n, bs
+
+    def batches(self, epoch):
+        order = list(range(len(self.lengths)))
+        random.Random(epoch).shuffle(order)
+        return [order[s:s + self.batch_size] for s in range(0, len(order), self.batch_size)]
+
+
+def task_of(ds, batch):
+    return max(n for n in ds.names if ds.offsets[n] <= batch[0])
+
+
+def test_sampling_rules():
+    parts = {"big": Part(300, 10), "small": Part(30, 10)}  # 30 and 3 batches
+    prop = MultiDataset(parts, "proportional", 1.0, 0).batches(0)
+    assert Counter(task_of(MultiDataset(parts, "proportional", 1.0, 0), b) for b in prop) == \
+        {"big": 30, "small": 3}
+    assert sorted(i for b in prop for i in b) == list(range(330))  # each example once
+    assert prop == MultiDataset(parts, "proportional", 1.0, 0).batches(0)  # pure function
+    rr = MultiDataset(parts, "round-robin", 1.0, 0)
+    assert [task_of(rr, b) for b in rr.batches(0)][:6] == ["big", "small"] * 3
+    # temperature: p_small = 30^(1/T) / (300^(1/T) + 30^(1/T)); T = 1e6 is uniform
+    for T, p_small in ((1.0, 30 / 330), (1e6, 0.5)):
+        ds = MultiDataset(parts, "temperature", T, 0)
+        draws = [task_of(ds, b) for e in range(30) for b in ds.batches(e)]
+        frac = draws.count("small") / len(draws)
+        assert abs(frac - p_small) < 0.05, (T, frac)
+
+
+def head_params(run):
+    return load_file(os.path.join(run, "best", "head.safetensors"))
+
+
+def test_trains_both_heads_and_predicts_with_every_head(setup, tmp_path):
+    res = run_finetune(cfg_for(setup, tmp_path / "r"))
+    dev = res["dev"]
+    assert dev["polarity/accuracy"] > 0.8 and dev["intensity/pearson"] > 0.7, dev
+    assert dev["combined"] == pytest.approx((dev["polarity/accuracy"] +
+                                             dev["intensity/pearson"]) / 2)
+    keys = set(head_params(tmp_path / "r"))
+    assert {"polarity.out.weight", "intensity.out.weight"} <= keys
+    out = tmp_path / "pred.jsonl"
+
+    class Args:
+        run, text, input, output, batch_size, device = \
+            str(tmp_path / "r"), ["the film was superb"], None, str(out), 8, "cpu"
+    cmd_predict(Args)
+    row = json.loads(out.read_text())
+    assert row["polarity"]["label"] == "1" and row["intensity"]["score"] > 0, row
+
+
+def test_frozen_head_stays_bit_identical(setup, tmp_path):
+    cfg = cfg_for(setup, tmp_path / "r", freeze_head=["polarity"], epochs=1)
+    run_finetune(cfg)
+    # the same seed builds the same initial head, as run_finetune did
+    torch.manual_seed(cfg.seed)
+    task, _ = TASKS["multitask"].from_data(cfg, Tokenizer.from_dir(cfg.model))
+    torch.manual_seed(cfg.seed)
+    init = build_model(cfg, task).head.state_dict()
+    after = head_params(tmp_path / "r")
+    for k, v in after.items():
+        same = torch.equal(v, init[k])
+        assert same == k.startswith("polarity."), f"{k}: {'unchanged' if same else 'changed'}"
+
+
+def test_freezing_everything_is_an_error(setup, tmp_path):
+    cfg = cfg_for(setup, tmp_path / "r", freeze_head=["polarity", "intensity"],
+                  freeze_backbone=True)
+    with pytest.raises(SystemExit, match="every parameter is frozen"):
+        run_finetune(cfg)
+    with pytest.raises(ValueError, match="no such head"):
+        run_finetune(cfg_for(setup, tmp_path / "r2", freeze_head=["nope"]))

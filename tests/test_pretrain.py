@@ -1,0 +1,163 @@
+"""`minibert pretrain` end to end on a corpus the test writes: BERT's initialisation, the model
+sizes, a tiny run whose `best/` transformers' BertForMaskedLM reads with the same logits, exact
+resume (including the tied decoder), and continued pretraining from a checkpoint without a head.
+
+Each run is a 2-layer, 128-wide model on a few thousand tokens for a handful of steps: seconds.
+"""
+
+import argparse
+import json
+import os
+import random
+
+import pytest
+import torch
+from conftest import ATOL_FP32
+from safetensors.torch import load_file
+
+from minibert.checkpoint import load_model, save_model
+from minibert.model import BertEncoder, BertForMLM
+from minibert.tokenizer import Tokenizer
+from train.pretrain import run_pretrain
+from train.pretrain_config import SIZES, PretrainConfig, model_config
+
+WORDS = ("the senate voted on a contentious nomination while markets fell sharply and the "
+         "president said that talks with europe went well despite unbelievable weather").split()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    for name, n in (("train.txt", 60), ("valid.txt", 8)):
+        docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 40))) + "."
+                for _ in range(n)]
+        (d / name).write_text("\n".join(docs) + "\n", encoding="utf-8")
+    return d
+
+
+def config(corpus, out, **kw):
+    base = dict(corpus=[str(corpus / "train.txt")], valid=str(corpus / "valid.txt"), out=str(out),
+                config="tiny", vocab_size=200, max_len=32, batch_size=4, max_steps=4,
+                eval_every=2, log_every=1, threads=1, device="cpu", warmup_steps=1,
+                cache_dir=str(corpus / "cache"))
+    return PretrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def tiny_run(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    results = run_pretrain(config(corpus, out))
+    return out, results
+
+
+def test_sizes_are_googles_compact_berts():
+    for name, (layers, hidden) in SIZES.items():
+        c = model_config(name, 1000, 128, "sdpa", 0)
+        assert (c.num_hidden_layers, c.hidden_size) == (layers, hidden)
+        assert c.num_attention_heads == hidden // 64 and c.intermediate_size == 4 * hidden
+    assert (SIZES["mini"], SIZES["base"]) == ((4, 256), (12, 768))
+
+
+def test_berts_initialisation_and_tied_decoder():
+    torch.manual_seed(0)
+    mlm = BertForMLM(model_config("tiny", 1000, 128, "sdpa", 0))
+    # the decoder *is* the word-embedding matrix: one tensor, not a copy that drifts apart
+    assert mlm.head.word_embeddings.weight is mlm.bert.embeddings.word.weight
+    mats = [p for n, p in mlm.named_parameters() if p.ndim == 2 and "word" not in n]
+    w = torch.cat([p.flatten() for p in mats] + [mlm.bert.embeddings.word.weight[1:].flatten()])
+    # the sample std of n normal draws has standard error sigma / sqrt(2 n); allow 5 of them
+    assert abs(w.std().item() - 0.02) < 5 * 0.02 / (2 * w.numel()) ** 0.5
+    assert abs(w.mean().item()) < 5 * 0.02 / w.numel() ** 0.5
+    assert (mlm.bert.embeddings.word.weight[0] == 0).all()  # [PAD]
+    for n, p in mlm.named_parameters():
+        if n.endswith("bias"):
+            assert (p == 0).all(), n
+        if ".ln" in n and n.endswith("weight"):
+            assert (p == 1).all(), n
+
+
+def test_results_and_checkpoint_read_by_transformers(tiny_run):
+    out, results = tiny_run
+    with open(out / "results.json") as f:
+        saved = json.load(f)
+    assert saved == results
+    assert set(saved["valid"]) == {"mlm_loss", "perplexity", "mlm_accuracy"}
+    assert saved["valid"]["perplexity"] == pytest.approx(2.718281828 ** saved["valid"]["mlm_loss"])
+    assert saved["tokens_per_second"] > 0 and saved["train_seconds"] > 0
+    assert saved["steps"] == 4
+
+    from transformers import BertForMaskedLM
+    best = str(out / "best")
+    assert any(k.startswith("cls.predictions.") for k in load_file(f"{best}/model.safetensors"))
+    ref = BertForMaskedLM.from_pretrained(best).eval()
+    ours = load_model(best, with_head=True)
+    tok = Tokenizer.from_dir(best)
+    b = tok.encode_batch(["the senate voted.", "markets fell sharply on a [MASK] day."])
+    with torch.no_grad():
+        want = ref(**b).logits
+        got = ours(b["input_ids"], b["attention_mask"], b["token_type_ids"])
+    real = b["attention_mask"].bool()
+    torch.testing.assert_close(got[real], want[real], atol=ATOL_FP32, rtol=0)
+
+
+def test_best_serves_fill_mask_and_finetune(tiny_run, tmp_path, capsys):
+    out, _ = tiny_run
+    best = str(out / "best")
+    assert isinstance(load_model(best), BertEncoder)  # what `minibert finetune --model` loads
+
+    from minibert.commands import cmd_fill_mask
+    cmd_fill_mask(argparse.Namespace(model=best, text=["the senate [MASK] on it."], top_k=3))
+    line = json.loads(capsys.readouterr().out)
+    assert len(line["masks"]) == 1 and len(line["masks"][0]) == 3
+
+    from train.finetune import run_finetune
+    from train.finetune_config import FinetuneConfig
+    rows = [{"text": " ".join(WORDS[i:i + 6]), "label": i % 2} for i in range(12)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = run_finetune(FinetuneConfig(model=best, train=str(data), dev=str(data),
+                                      out=str(tmp_path / "ft"), max_steps=2, batch_size=4,
+                                      threads=1, device="cpu"))
+    assert 0.0 <= res["dev"]["accuracy"] <= 1.0
+
+
+def test_exact_resume_after_time_budget_with_tied_weights(corpus, tiny_run, tmp_path, capsys):
+    # one tokenizer for both runs: WordPiece training in `tokenizers` breaks ties between equally
+    # frequent merges differently from run to run, so two trained vocabularies may differ (a
+    # resumed run reads its own RUN/tokenizer back, so resume itself is not affected)
+    tok = str(tiny_run[0] / "tokenizer")
+    straight = tmp_path / "straight"
+    run_pretrain(config(corpus, straight, eval_every=None, tokenizer=tok))
+    # max_minutes=0 stops after the first step, evaluates and saves state, as a killed run
+    # would have left it at its last save; the resumed run must then match the straight one
+    cut = tmp_path / "cut"
+    run_pretrain(config(corpus, cut, eval_every=None, max_minutes=0, tokenizer=tok))
+    state = load_file(str(cut / "state" / "model.safetensors"))
+    word = "mlm.bert.embeddings.word.weight"
+    assert word in state and "mlm.head.word_embeddings.weight" not in state  # stored once
+    assert json.load(open(cut / "state" / "trainer.json"))["step"] == 1
+    run_pretrain(config(corpus, cut, eval_every=None, tokenizer=tok), resume=True)
+    assert "resumed from" in capsys.readouterr().err
+    a = load_file(str(straight / "state" / "model.safetensors"))
+    b = load_file(str(cut / "state" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # the tie survives a load: the decoder of the reloaded best/ is the embedding matrix again
+    mlm = load_model(str(cut / "best"), with_head=True)
+    assert mlm.head.word_embeddings.weight is mlm.bert.embeddings.word.weight
+
+
+def test_continued_pretraining_creates_a_missing_head(corpus, tiny_run, tmp_path, capsys):
+    out, _ = tiny_run
+    enc_dir = str(tmp_path / "encoder-only")  # like MiniLM: a BertModel, no cls.predictions.*
+    save_model(load_model(str(out / "best")), enc_dir, Tokenizer.from_dir(str(out / "best")))
+    capsys.readouterr()
+    cfg = config(corpus, tmp_path / "cont", config=None, init_from=enc_dir, max_steps=2)
+    run_pretrain(cfg)
+    assert "no MLM head (cls.predictions.*) in the checkpoint; created fresh" in \
+        capsys.readouterr().err
+    assert os.path.exists(tmp_path / "cont" / "best" / "model.safetensors")
+    with pytest.raises(ValueError, match="drop --config"):
+        config(corpus, tmp_path / "x", init_from=enc_dir)

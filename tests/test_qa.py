@@ -1,0 +1,95 @@
+"""Extractive QA: SQuAD's EM/F1 on hand-worked cases, windows that map answers back to the exact
+characters, and a tiny end-to-end run whose contexts need several windows."""
+
+import json
+import random
+
+import pytest
+
+from tests.tiny import FILLER, NEGATIVE, POSITIVE, make_checkpoint, tiny_tokenizer
+from train.data import DataError
+from train.finetune import load_task_model, run_finetune
+from train.finetune_config import FinetuneConfig
+from train.qa import QADataset, QAExample, read_squad
+from train.squad_eval import exact_match, f1, normalize_answer, squad_scores
+
+
+def test_squad_normalisation_and_scores():
+    assert normalize_answer("The  Cat, sat!") == "cat sat"
+    assert normalize_answer("An apple a day") == "apple day"
+    assert normalize_answer("theatre") == "theatre"  # articles only as whole words
+    assert exact_match("the Eiffel Tower.", "Eiffel tower") == 1.0
+    # pred "cat sat on" (3 words) vs gold "the cat sat" (2 words after normalising): overlap 2,
+    # P = 2/3, R = 1 -> F1 = 0.8
+    assert f1("cat sat on", "the cat sat") == pytest.approx(0.8)
+    assert f1("dog", "cat") == 0.0
+    # words are a multiset: {b, b, c} and {b, c, c} share one b and one c -> P = R = 2/3
+    assert f1("b b c", "b c c") == pytest.approx(2 / 3)
+    # best over gold answers, mean over questions, percent; a missing prediction scores 0
+    s = squad_scores({"q1": "Denver Broncos", "q2": "x"},
+                     {"q1": ["Broncos", "Denver Broncos"], "q2": ["y"], "q3": ["z"]})
+    assert s == {"exact_match": pytest.approx(100 / 3), "f1": pytest.approx(100 / 3)}
+
+
+def make_squad(path, n, seed, words=24):
+    """The answer is the context's one positive word; contexts are longer than one window."""
+    rng = random.Random(seed)
+    paras = []
+    for q in range(n):
+        ctx_words = [rng.choice(FILLER + NEGATIVE) for _ in range(words)]
+        ans = rng.choice(POSITIVE)
+        ctx_words.insert(rng.randint(0, words), ans)
+        ctx = " ".join(ctx_words)
+        start = ctx.index(" " + ans + " ") + 1 if f" {ans} " in ctx else ctx.index(ans)
+        paras.append({"context": ctx, "qas": [{"id": f"q{q}", "question": "the good",
+                                               "answers": [{"text": ans, "answer_start": start}]}]})
+    with open(path, "w") as f:
+        json.dump({"version": "1.1", "data": [{"title": "t", "paragraphs": paras}]}, f)
+    return str(path)
+
+
+def test_windows_map_answers_back_to_their_characters(tmp_path):
+    tok = tiny_tokenizer()
+    ctx = "the movie was a plot and very goodly lovely film story it was boring and dull"
+    start = ctx.index("goodly lovely")
+    ex = QAExample("x", "the film", ctx, [("goodly lovely", start)], "t")
+    ds = QADataset([ex], tok, max_length=12, doc_stride=3, batch_size=4)
+    assert len(ds.windows) > 2  # the context needed several windows
+    found = 0
+    for (_, enc), (a, b) in zip(ds.windows, ds.positions):
+        if (a, b) == (0, 0):
+            continue
+        found += 1
+        assert ctx[enc.offsets[a][0]:enc.offsets[b][1]] == "goodly lovely"
+        assert enc.sequence_ids[a] == enc.sequence_ids[b] == 1
+    assert found >= 1
+    # consecutive windows share --doc-stride context tokens
+    w0, w1 = ds.windows[0][1], ds.windows[1][1]
+    ctx0 = [o for o, s in zip(w0.offsets, w0.sequence_ids) if s == 1]
+    ctx1 = [o for o, s in zip(w1.offsets, w1.sequence_ids) if s == 1]
+    assert ctx0[-3:] == ctx1[:3]
+
+
+def test_misplaced_answer_names_the_question(tmp_path):
+    p = tmp_path / "bad.json"
+    p.write_text(json.dumps({"data": [{"paragraphs": [{"context": "good film", "qas": [
+        {"id": "q7", "question": "the", "answers": [{"text": "film", "answer_start": 0}]}]}]}]}))
+    with pytest.raises(DataError, match=r"qas\[0\] \(id 'q7'\): answer 'film' is not at character"):
+        read_squad(str(p))
+
+
+def test_learns_spans_across_windows_and_predicts_text(tmp_path):
+    ckpt = str(make_checkpoint(tmp_path / "ckpt"))
+    train, dev = make_squad(tmp_path / "train.json", 64, 0), make_squad(tmp_path / "dev.json",
+                                                                        24, 1)
+    cfg = FinetuneConfig(model=ckpt, task="qa", train=train, dev=dev, out=str(tmp_path / "r"),
+                         max_length=24, doc_stride=6, max_answer_len=5, batch_size=16, epochs=6,
+                         lr=3e-3, lr_head=1e-2, eval_every=None, log_every=50, threads=1,
+                         hidden_dropout=0.0, attention_dropout=0.0)
+    res = run_finetune(cfg)
+    assert res["dev"]["exact_match"] > 80, res["dev"]
+    model, task = load_task_model(str(tmp_path / "r" / "best"), "cpu")
+    ctx = "the movie was dull and boring but the story was lovely and the plot very poor"
+    ds = task.read_inputs([f"the good ||| {ctx}"], None, tiny_tokenizer(), 4)
+    (row,) = task.predict(model, ds, "cpu")
+    assert row["answer"] == "lovely" and ctx[row["start"]:row["end"]] == "lovely", row

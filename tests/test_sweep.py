@@ -1,0 +1,94 @@
+"""`minibert sweep` end to end on a tiny random BERT and a tiny synthetic dataset: every trial
+gets its run directory, a failing trial is recorded and the sweep goes on, the table is sorted by
+the dev metric, and a second run of the same command resumes instead of starting over.
+
+Each trial is a `minibert finetune` subprocess of a few steps (about 2 s, mostly imports).
+"""
+
+import json
+import os
+import random
+
+import pytest
+import torch
+
+from minibert.checkpoint import save_model
+from minibert.cli import main
+from minibert.config import BertConfig
+from minibert.model import BertEncoder
+from minibert.tokenizer import SPECIALS, Tokenizer, build_wordpiece
+
+WORDS = ["good", "great", "fine", "bad", "awful", "poor", "the", "movie", "was", "plot"]
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    """A random 2-layer BERT with a 15-token WordPiece vocabulary, and train/dev files where
+    the label is whether a positive word occurs."""
+    root = tmp_path_factory.mktemp("tiny")
+    vocab = {t: i for i, t in enumerate(list(SPECIALS) + WORDS)}
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
+                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    save_model(BertEncoder(cfg), str(root / "model"), Tokenizer(build_wordpiece(vocab)))
+    rng = random.Random(0)
+    for split, n in (("train", 64), ("dev", 32)):
+        with open(root / f"{split}.jsonl", "w") as f:
+            for _ in range(n):
+                label = rng.randint(0, 1)
+                word = rng.choice(WORDS[:3] if label else WORDS[3:6])
+                text = " ".join(rng.sample(WORDS[6:], 3) + [word])
+                f.write(json.dumps({"text": text, "label": label}) + "\n")
+    return root
+
+
+def sweep_args(root, out, grid):
+    return (["sweep", "--out", str(out)] + [a for g in grid for a in ("--grid", g)] +
+            ["--", "--model", str(root / "model"), "--train", str(root / "train.jsonl"),
+             "--dev", str(root / "dev.jsonl"), "--max-steps", "4", "--batch-size", "8",
+             "--eval-every", "2", "--threads", "1", "--max-length", "16"])
+
+
+def test_sweep_records_failures_sorts_and_resumes(tiny_setup, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    # "oops" is not a float: that trial fails at argument parsing, the others must still run
+    args = sweep_args(tiny_setup, out, ["lr=1e-3,oops,3e-2"])
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    s = json.loads((out / "sweep.json").read_text())
+    by_name = {t["name"]: t for t in s["trials"]}
+    assert set(by_name) == {"lr=1e-3", "lr=oops", "lr=3e-2"}
+    assert by_name["lr=oops"]["status"] == "failed"
+    assert "invalid" in by_name["lr=oops"]["error"]
+    done = [t for t in s["trials"] if t["status"] == "done"]
+    assert len(done) == 2 and all(os.path.exists(os.path.join(t["run"], "results.json"))
+                                  for t in done)
+    accs = [t["dev_accuracy"] for t in s["trials"] if t["status"] == "done"]
+    assert accs == sorted(accs, reverse=True)  # best first, the failure last
+    assert s["trials"][-1]["name"] == "lr=oops"
+    assert s["best"]["name"] == s["trials"][0]["name"]
+    assert s["best"]["command"].startswith("minibert finetune --model")
+    assert "reproduce: minibert finetune" in printed and (out / "sweep.md").exists()
+
+    # Interrupted sweep: one trial lost its results (killed after its last save), one never
+    # ran. The rerun resumes the first from state/, runs the second, and only reads the third.
+    first, second = done[0]["run"], done[1]["run"]
+    os.remove(os.path.join(first, "results.json"))
+    os.rename(second, second + ".gone")
+    assert main(args) == 0
+    capsys.readouterr()
+    s2 = {t["name"]: t for t in json.loads((out / "sweep.json").read_text())["trials"]}
+    assert s2[done[0]["name"]]["how"] == "resumed"
+    assert s2[done[1]["name"]]["how"] == "ran"
+    log = open(os.path.join(first, "finetune.log")).read()
+    assert "resumed from" in log
+
+
+def test_random_draws_a_seeded_subset(tiny_setup, tmp_path):
+    from train.sweep import parse_grid, trials
+    grid = parse_grid(["lr=1,2,3", "batch-size=8,16", "epochs=1,2"])
+    assert len(trials(grid)) == 12
+    a, b = trials(grid, 4, seed=1), trials(grid, 4, seed=1)
+    assert a == b and len(a) == 4 and len({tuple(t.values()) for t in a}) == 4
+    with pytest.raises(SystemExit, match="not a finetune option"):
+        parse_grid(["learning_rate=1"])

@@ -1,0 +1,64 @@
+"""`minibert tokenizer train` (train/tokenizer_train.py): the vocabulary it learns must tokenize
+exactly as transformers' BertTokenizerFast does when given the same vocab.txt, since that is how
+anyone else will read the checkpoint."""
+
+import pytest
+
+from minibert.tokenizer import SPECIALS, Tokenizer
+from train.tokenizer_train import train_tokenizer
+
+TEXTS = [
+    "The Café served crème brûlée to the Naïve Critic.",
+    "Stocks fell sharply on Monday, and the president said nothing.",
+    "Unbelievably, the unbelievers believed: 3.5% growth in 2024!",
+]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok") / "corpus.txt"
+    path.write_text("\n".join(TEXTS * 20) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def test_specials_first_and_pipeline_is_berts(corpus, tmp_path):
+    tok = train_tokenizer([corpus], vocab_size=300, min_frequency=1)
+    assert [tok.tok.token_to_id(s) for s in SPECIALS] == [0, 1, 2, 3, 4]
+    assert tok.pad_id == 0
+    enc = tok.tok.encode("Café", "Naïve")
+    # uncased, accents stripped, [CLS] A [SEP] B [SEP] with segment ids 0 / 1
+    assert enc.tokens[0] == "[CLS]" and enc.tokens[-1] == "[SEP]"
+    assert "".join(t.lstrip("#") for t in enc.tokens[1:enc.tokens.index("[SEP]")]) == "cafe"
+    assert enc.type_ids[-1] == 1 and enc.type_ids[0] == 0
+    assert any(t.startswith("##") for t in tok.tok.get_vocab())  # WordPiece continuations
+    tok.save(str(tmp_path))
+    again = Tokenizer.from_dir(str(tmp_path))
+    assert again.vocab_size <= 300
+    assert again.tok.encode(TEXTS[0]).ids == enc_ids(tok, TEXTS[0])
+
+
+def enc_ids(tok, text):
+    return tok.tok.encode(text).ids
+
+
+def test_same_ids_as_transformers_from_vocab_txt(corpus, tmp_path):
+    from transformers import BertTokenizerFast
+
+    tok = train_tokenizer([corpus], vocab_size=300, min_frequency=1)
+    tok.save(str(tmp_path))
+    # transformers 5 takes the vocabulary as a {token: id} dict; read vocab.txt by hand so that
+    # only the file, not our tokenizer.json, reaches the reference
+    lines = (tmp_path / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    ref = BertTokenizerFast(vocab={t: i for i, t in enumerate(lines)}, do_lower_case=True,
+                            strip_accents=True)
+    assert len(ref) == tok.vocab_size
+    for text in TEXTS + ["A word never seen: zyzzyva."]:
+        assert enc_ids(tok, text) == ref(text)["input_ids"], text
+
+
+def test_bad_inputs_fail_loudly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        train_tokenizer([str(tmp_path / "missing.txt")], vocab_size=100)
+    (tmp_path / "c.txt").write_text("hello\n")
+    with pytest.raises(ValueError, match="special"):
+        train_tokenizer([str(tmp_path / "c.txt")], vocab_size=5)
