@@ -14,8 +14,8 @@ the QA span search of train/qa.py), so the numbers differ only by model and trai
     python bench/tasks_vs_transformers.py --only wnut,wnut-crf,pos,regression,qa \
         [--max-train N] [--max-eval N] [--epochs E] [--threads 1]
 
-Limits: CPU budgets make the subsets small; --max-train/--max-eval take the first N rows (or
-questions) of train and dev, so both sides see the same ones.
+Limits: CPU budgets make the subsets small; --max-train/--max-eval take N evenly spaced rows
+(the first N questions for QA) of train and dev, so both sides see the same ones.
 """
 
 import argparse
@@ -45,11 +45,13 @@ TASKS = {  # name: (minibert task, data dir, extra minibert flags, metric shown)
 
 
 def subset(src_dir, out_dir, split, n):
-    """The first n rows (questions, for SQuAD JSON) of a split, written to out_dir."""
+    """n evenly spaced rows (the first n questions, for SQuAD JSON) of a split, in out_dir."""
     os.makedirs(out_dir, exist_ok=True)
     if os.path.exists(f"{src_dir}/{split}.jsonl"):
         with open(f"{src_dir}/{split}.jsonl") as f:
-            rows = [line for line in f if line.strip()][:n]
+            rows = [line for line in f if line.strip()]
+        # evenly spaced rows, not the first n: some files are ordered by label (rt-snippets)
+        rows = [rows[i * len(rows) // n] for i in range(n)] if n < len(rows) else rows
         path = f"{out_dir}/{split}.jsonl"
         with open(path, "w") as f:
             f.writelines(rows)

@@ -35,6 +35,8 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    # the command line as given: `--nproc N` re-runs it under torchrun (train/distributed.py)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args) or 0
     except KeyboardInterrupt:

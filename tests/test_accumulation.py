@@ -8,6 +8,7 @@
   itself; the CUDA probe cannot run here) and its clear error on CPU.
 """
 
+import json
 import os
 
 import pytest
@@ -192,3 +193,19 @@ def test_batch_size_auto_needs_cuda(tmp_path):
                          out=str(tmp_path / "run"))
     with pytest.raises(SystemExit, match="needs a CUDA device"):
         run_finetune(cfg)
+
+
+def test_effective_batch_size_sets_accumulation_in_a_real_run(tmp_path):
+    from tests.tiny import make_checkpoint, make_sentiment
+    make_checkpoint(tmp_path / "ckpt")
+    make_sentiment(tmp_path / "data")
+    cfg = FinetuneConfig(model=str(tmp_path / "ckpt"), train=str(tmp_path / "data/train.jsonl"),
+                         dev=str(tmp_path / "data/dev.jsonl"), out=str(tmp_path / "run"),
+                         batch_size=12, effective_batch_size=16, max_steps=2, eval_every=2,
+                         threads=1)
+    run_finetune(cfg)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (saved["batch_size"], saved["grad_accum"]) == (8, 2)  # 8 = largest divisor <= 12
+    assert read_jsonl(tmp_path / "run" / "metrics.jsonl")[-1]["step"] == 2
+    # the end of every run writes its diagnosis
+    assert json.loads((tmp_path / "run" / "diagnosis.json").read_text())["verdict"]

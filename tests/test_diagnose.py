@@ -160,7 +160,7 @@ def test_missing_run_is_a_clear_error(tmp_path):
 
 # ------------------------------------------------------------------ plot and report read the same
 def test_plot_overlays_runs(tmp_path):
-    pytest.importorskip("matplotlib")
+    import matplotlib  # noqa: F401  (test extra: the plot is part of what is tested)
     a, b = healthy_run(tmp_path / "a"), write_run(tmp_path / "b", lambda x: 0.694,
                                                   lambda x: 0.693, lambda x: 0.5)
     out = tmp_path / "curves.png"

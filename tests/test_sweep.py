@@ -7,38 +7,19 @@ Each trial is a `minibert finetune` subprocess of a few steps (about 2 s, mostly
 
 import json
 import os
-import random
 
 import pytest
-import torch
 
-from minibert.checkpoint import save_model
 from minibert.cli import main
-from minibert.config import BertConfig
-from minibert.model import BertEncoder
-from minibert.tokenizer import SPECIALS, Tokenizer, build_wordpiece
-
-WORDS = ["good", "great", "fine", "bad", "awful", "poor", "the", "movie", "was", "plot"]
+from tests.tiny import make_checkpoint, make_sentiment
 
 
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
-    """A random 2-layer BERT with a 15-token WordPiece vocabulary, and train/dev files where
-    the label is whether a positive word occurs."""
+    """A random 2-layer BERT and a sentiment set learnable from one word (tests/tiny.py)."""
     root = tmp_path_factory.mktemp("tiny")
-    vocab = {t: i for i, t in enumerate(list(SPECIALS) + WORDS)}
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
-                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
-    save_model(BertEncoder(cfg), str(root / "model"), Tokenizer(build_wordpiece(vocab)))
-    rng = random.Random(0)
-    for split, n in (("train", 64), ("dev", 32)):
-        with open(root / f"{split}.jsonl", "w") as f:
-            for _ in range(n):
-                label = rng.randint(0, 1)
-                word = rng.choice(WORDS[:3] if label else WORDS[3:6])
-                text = " ".join(rng.sample(WORDS[6:], 3) + [word])
-                f.write(json.dumps({"text": text, "label": label}) + "\n")
+    make_checkpoint(root / "model")
+    make_sentiment(root)
     return root
 
 

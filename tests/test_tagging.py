@@ -48,7 +48,7 @@ def random_tags(rng, n):
 
 
 def test_agrees_with_the_seqeval_package_on_random_sequences():
-    seqeval = pytest.importorskip("seqeval.metrics")
+    import seqeval.metrics as seqeval  # a reference no one here wrote (test extra)
     rng = random.Random(0)
     gold, pred = [], []
     for _ in range(200):

@@ -347,6 +347,10 @@ def healthy(c):
                   f"{c.eval_steps[i]}")
         advice = ["the dev metric was still improving at the last eval: training longer may help"] \
             if b == len(c.eval_steps) - 1 and len(c.eval_steps) > 1 else []
+        rise = (c.dev_loss[-1] - c.dev_loss[i]) / max(c.dev_loss[i], 1e-12)
+        if rise >= OVERFIT_RISE:  # below the overfitting verdict, but worth a look
+            advice.append(f"dev loss ended {rise:.0%} above its minimum while the dev "
+                          f"{c.metric} held: watch for overfitting in a longer run")
     else:
         advice = ["no dev evaluations: pass --dev to see generalisation"]
     return Finding("healthy", "training looks healthy", ev, advice)

@@ -21,6 +21,7 @@ from minibert.io import atomic_save_safetensors, atomic_write_json
 from minibert.model import BertEncoder
 from minibert.tokenizer import Tokenizer
 from train.classification import ClassificationTask
+from train import distributed
 from train.data import DataError
 from train.diagnose import write_diagnosis
 from train.finetune_config import FinetuneConfig, batch_size_arg
@@ -32,7 +33,6 @@ from train.params import (GradualUnfreezer, LrPolicy, frozen_units, param_groups
                           set_trainable, units_top_down)
 from train.qa import QATask
 from train.regression import RegressionTask
-from train.rundir import RunDir
 from train.schedules import LambdaSchedule, WarmupThenPlateau, lr_multiplier
 from train.tagging import TokenTask
 from train.task import TaskModel
@@ -107,17 +107,30 @@ def plan_batches(cfg, model, optimizer, train_data, device):
                                 device, limit=len(longest))
     accum = cfg.grad_accum
     if cfg.effective_batch_size is not None:
-        batch, accum = plan_accumulation(cfg.effective_batch_size, batch)
+        # the effective batch is global: batch x accum x processes
+        if cfg.effective_batch_size % cfg.nproc:
+            raise ValueError(f"--effective-batch-size {cfg.effective_batch_size} does not "
+                             f"divide among {cfg.nproc} processes")
+        batch, accum = plan_accumulation(cfg.effective_batch_size // cfg.nproc, batch)
     if (batch, accum) == (cfg.batch_size, cfg.grad_accum):
         return cfg
     train_data.batch_size = batch  # the dataset was built with the flag's value
-    print(f"batching: micro-batch {batch} x {accum} accumulated = {batch * accum} examples per "
-          "optimizer step", file=sys.stderr)
+    print(f"batching: micro-batch {batch} x {accum} accumulated x {cfg.nproc} process(es) = "
+          f"{batch * accum * cfg.nproc} examples per optimizer step", file=sys.stderr)
     return dataclasses.replace(cfg, batch_size=batch, grad_accum=accum)
 
 
-def run_finetune(cfg: FinetuneConfig, resume=False):
-    device = pick_device(cfg.device)
+def run_finetune(cfg: FinetuneConfig, resume=False, dist=None):
+    # dist: this process's place in a data-parallel job (train/distributed.py); none: one process
+    dist = dist if dist is not None else distributed.single(pick_device(cfg.device))
+    device = dist.device
+    cfg = distributed.fit_to_world(cfg, dist, resume)
+    if dist.world > 1 and cfg.unfreeze_every is not None:
+        raise ValueError("--unfreeze-every changes which parameters train mid-run, which "
+                         "DistributedDataParallel cannot follow; use one process")
+    if dist.world > 1 and cfg.batch_size == "auto":
+        raise ValueError("--batch-size auto could pick a different size on each process; "
+                         "give --batch-size N with --nproc")
     if cfg.batch_size == "auto" and device.type != "cuda":
         raise SystemExit("minibert finetune: --batch-size auto measures GPU memory and needs a "
                          "CUDA device; on CPU give --batch-size N (`minibert memory` estimates "
@@ -125,9 +138,15 @@ def run_finetune(cfg: FinetuneConfig, resume=False):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    run = RunDir(cfg.out)
+    run = distributed.run_dir(cfg.out, dist)  # rank 0 writes; other ranks only read
     print_config(cfg, "finetune config")
-    print(f"device: {device}, torch threads: {torch.get_num_threads()}", file=sys.stderr)
+    precision = cfg.precision if cfg.precision != "auto" else \
+        ("bf16" if device.type == "cuda" else "fp32")
+    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    print(f"device: {device}, torch threads: {torch.get_num_threads()}, processes: {dist.world}, "
+          f"precision: {precision}" + (" autocast, fp32 master weights" if amp else "")
+          + (" and gradient scaler" if precision == "fp16" else "")
+          + f", compile: {cfg.compile}", file=sys.stderr)
     if not resume:
         run.write_json("config.json", dataclasses.asdict(cfg))
 
@@ -166,27 +185,38 @@ def run_finetune(cfg: FinetuneConfig, resume=False):
     cfg = plan_batches(cfg, model, optimizer, data["train"], device)
     if not resume:
         run.write_json("config.json", dataclasses.asdict(cfg))  # resolved: --resume reuses it
+    # The order is drawn in global micro-batches, batch x processes; each rank takes its share.
+    data["train"].batch_size = cfg.batch_size * dist.world
 
     settings = LoopSettings(cfg.epochs, cfg.max_steps, cfg.grad_accum, cfg.clip_grad_norm,
                             cfg.eval_every, cfg.log_every, cfg.metric, cfg.metric_mode,
-                            cfg.early_stopping_patience, cfg.save_every)
+                            cfg.early_stopping_patience, cfg.save_every, autocast=amp)
     steps_per_epoch = -(-len(data["train"].batches(0)) // cfg.grad_accum)
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     schedule = build_schedule(cfg, optimizer, total)
     evaluate = (lambda m: task.evaluate(m, data["dev"], device)) if "dev" in data else \
         (lambda m: {"loss": float("nan"), cfg.metric: float("nan")})
+    # a multitask batch uses one head: DDP must expect parameters without gradients
+    net = dist.wrap(model, find_unused_parameters=cfg.task == "multitask", compile=cfg.compile)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    dist.seed_per_rank(cfg.seed)
     trainer = Trainer(model, optimizer, schedule, data["train"], evaluate, run, settings, device,
                       unfreezer=unfreezer,
-                      save_best=lambda d: save_task_model(model, tok, task, d))
+                      save_best=lambda d: save_task_model(model, tok, task, d),
+                      dist=dist, net=net, scaler=scaler)
     if resume:
         trainer.load_state()
     try:
         summary = trainer.fit()
     except Diverged as e:
-        write_diagnosis(run.path)
+        if dist.is_main:
+            write_diagnosis(run.path)
         raise SystemExit(f"minibert finetune: {e}") from None
     except OutOfMemory as e:
         raise SystemExit(f"minibert finetune: {e}") from None
+    if not dist.is_main:
+        return None  # the final evaluation and results.json are rank 0's
+
 
     # Final evaluation with the best checkpoint, not the last weights.
     best_dir = run.find_dir("best")
@@ -208,10 +238,16 @@ def run_finetune(cfg: FinetuneConfig, resume=False):
 
 
 def cmd_finetune(args):
+    if args.nproc > 1 and not distributed.launched():
+        return distributed.launch(args.argv, args.nproc)  # this command again, under torchrun
     if args.resume:
         with open(os.path.join(args.resume, "config.json")) as f:
             cfg = FinetuneConfig(**json.load(f))
-        return run_finetune(cfg, resume=True) and 0
+        with distributed.session(pick_device(cfg.device)) as dist:
+            try:
+                return run_finetune(cfg, resume=True, dist=dist) and 0
+            except ValueError as e:
+                raise SystemExit(f"minibert finetune: {e}") from None
     # multitask reads its data from --tasks/--tasks-file, not --train
     needed = ("model",) if args.task == "multitask" else ("model", "train")
     missing = [f for f in needed if getattr(args, f) is None]
@@ -219,9 +255,13 @@ def cmd_finetune(args):
         raise SystemExit(f"minibert finetune: --{missing[0]} is required")
     try:
         cfg = dataclass_from_args(FinetuneConfig, args)
-        run_finetune(cfg)
-    except (DataError, ValueError) as e:
+    except ValueError as e:
         raise SystemExit(f"minibert finetune: {e}") from None
+    with distributed.session(pick_device(cfg.device)) as dist:
+        try:
+            run_finetune(cfg, dist=dist)
+        except (DataError, ValueError) as e:
+            raise SystemExit(f"minibert finetune: {e}") from None
 
 
 def register(sub):

@@ -114,10 +114,19 @@ class FinetuneConfig:
                         choices=("eager", "sdpa", "triton", "triton-varlen"))
     device: str = _f("auto", "cpu, cuda, or auto")
     threads: int | None = _f(None, "CPU threads for torch (default: torch's choice)")
+    # scale (train/distributed.py)
+    nproc: int = _f(1, "data-parallel processes: N > 1 relaunches the command under torchrun "
+                    "(one per GPU; gloo on CPU); --batch-size is per process")
+    precision: str = _f("auto", "autocast dtype of the forward, fp32 master weights and "
+                        "optimizer state: auto = bf16 on CUDA, fp32 on CPU; fp16 adds a "
+                        "gradient scaler", choices=("auto", "fp32", "bf16", "fp16"))
+    compile: bool = _f(False, "torch.compile the model for training (the first steps compile)")
 
     def __post_init__(self):
         if self.metric is None:
             self.metric = DEFAULT_METRIC[self.task]
+        if self.nproc < 1:
+            raise ValueError("--nproc must be at least 1")
         if self.freeze_head and self.task != "multitask":
             raise ValueError("--freeze-head names heads of --task multitask")
         if self.freeze_head and self.unfreeze_every is not None:
@@ -136,9 +145,10 @@ class FinetuneConfig:
             # a resolved config (RUN/config.json) holds all three, consistent; a user who gives
             # --grad-accum too must give a consistent one
             if self.grad_accum != 1 and self.batch_size != "auto" and \
-                    self.batch_size * self.grad_accum != self.effective_batch_size:
+                    self.batch_size * self.grad_accum * self.nproc != self.effective_batch_size:
                 raise ValueError(f"--batch-size {self.batch_size} x --grad-accum "
-                                 f"{self.grad_accum} != --effective-batch-size "
+                                 f"{self.grad_accum} x --nproc {self.nproc} != "
+                                 f"--effective-batch-size "
                                  f"{self.effective_batch_size}; give --grad-accum or "
                                  "--effective-batch-size, not both")
 

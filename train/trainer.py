@@ -12,8 +12,20 @@ It adds: gradient accumulation weighted so that `batch x accum` equals one big b
 clipping, evaluation every N steps and at each epoch end, early stopping, keeping the best
 checkpoint, a divergence guard, a clean stop on out-of-memory, metrics.jsonl, and exact resume
 from `state/`.
+
+Data parallelism and precision come in through three optional arguments, so the loop itself
+stays one loop: `dist` (train/distributed.py: which share of each global batch this rank takes,
+the all-reduce of logged numbers, rank-0-only writes), `net` (the module to train through:
+DDP and/or torch.compile around `model`; evaluation and checkpoints use `model` itself) and
+`scaler` (a torch.amp.GradScaler, for fp16). `LoopSettings.autocast` is the dtype of the forward.
+
+The step loop does not wait for the GPU: the running loss is a device tensor, read at log
+intervals only, and on CUDA (or with several processes) a non-finite loss is recorded on the
+device and acted on at the next log, evaluation or save, before anything is written. On one CPU
+process, where reading a value costs nothing, each loss is checked as it comes.
 """
 
+import contextlib
 import math
 import os
 import resource
@@ -24,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from minibert.io import atomic_save_safetensors, atomic_torch_save, atomic_write_json
+from train.distributed import single
 from train.progress import Progress
 from train.schedules import WarmupThenPlateau
 
@@ -41,6 +54,7 @@ class LoopSettings:
     early_stopping_patience: int | None
     save_every: int | None
     max_minutes: float | None = None  # wall-time budget: stop, then evaluate and save as usual
+    autocast: torch.dtype | None = None  # bf16/fp16 forward under torch.autocast; None: fp32
 
 
 class Diverged(RuntimeError):
@@ -63,10 +77,16 @@ def memory_stats(device):
 
 class Trainer:
     def __init__(self, model, optimizer, schedule, data, evaluate, run, settings, device,
-                 unfreezer=None, save_best=None):
+                 unfreezer=None, save_best=None, dist=None, net=None, scaler=None):
         self.model, self.opt, self.schedule, self.data = model, optimizer, schedule, data
         self.evaluate, self.run, self.s, self.device = evaluate, run, settings, device
         self.unfreezer, self.save_best = unfreezer, save_best
+        self.dist = dist if dist is not None else single(device)
+        self.net = net if net is not None else model  # what training forwards go through
+        self.scaler = scaler
+        # Reading a loss on the host waits for the device (and, across ranks, a collective);
+        # on one CPU process it is free, so there the guard stops at once, as it always did.
+        self.check_each_loss = device.type == "cpu" and self.dist.world == 1
         self.micro_per_epoch = len(data.batches(0))
         self.steps_per_epoch = math.ceil(self.micro_per_epoch / settings.grad_accum)
         self.total_steps = settings.max_steps or settings.epochs * self.steps_per_epoch
@@ -91,7 +111,11 @@ class Trainer:
         bar = Progress(self.total_steps, "train")
         bar.n = self.step
         t_start, t_log = time.time() - self.seconds, time.time()
-        ex_log, tok_log, loss_sum, loss_n = 0, 0, 0.0, 0
+        ex_log, tok_log, loss_n = 0, 0, 0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # read at logs only
+        # the step and loss of the first non-finite loss, kept on the device (inf: none yet)
+        self._bad_step = torch.full((), math.inf, device=self.device)
+        self._bad_loss = torch.zeros((), device=self.device)
         stop = False
         self._update_stage()
         while self.step < self.total_steps and not stop:
@@ -101,20 +125,33 @@ class Trainer:
                 group = order[self.micro:self.micro + s.grad_accum]
                 n_group = sum(len(b) for b in group)
                 self.model.train()
-                for idx in group:  # accumulate: each micro-batch weighted by its share
-                    batch = {k: v.to(self.device) for k, v in self.data.collate(idx).items()}
-                    if "attention_mask" in batch:  # real tokens, for tokens/s
-                        tok_log += int(batch["attention_mask"].sum())
-                    loss = self.model(batch)["loss"]
-                    if not torch.isfinite(loss):
-                        self._diverged(loss)
-                    (loss * (len(idx) / n_group)).backward()
-                    loss_sum += loss.item() * len(idx)
-                    loss_n += len(idx)
+                for j, idx in enumerate(group):  # accumulate: each weighted by its share
+                    part, n_real = self.dist.shard(idx)  # this rank's slice of a global batch
+                    cpu_batch = self.data.collate(part)
+                    if "attention_mask" in cpu_batch and n_real:  # real tokens, for tokens/s;
+                        tok_log += int(cpu_batch["attention_mask"].sum())  # counted on the host
+                    batch = {k: v.to(self.device) for k, v in cpu_batch.items()}
+                    # x world: DDP averages the ranks' gradients, we want their sum over the group
+                    weight = n_real / n_group * self.dist.world
+                    with self.dist.no_sync(last=j == len(group) - 1):  # all-reduce on the last
+                        with self._autocast():
+                            loss = self.net(batch)["loss"]
+                        if n_real:
+                            self._watch(loss)
+                        self._backward(loss * weight)
+                    if n_real:
+                        loss_sum += loss.detach() * n_real
+                        loss_n += n_real
+                if self.scaler is not None:
+                    self.scaler.unscale_(self.opt)  # clip the true gradients, not scaled ones
                 if s.clip_grad_norm:
                     params = [p for g in self.opt.param_groups for p in g["params"]]
                     torch.nn.utils.clip_grad_norm_(params, s.clip_grad_norm)
-                self.opt.step()
+                if self.scaler is not None:
+                    self.scaler.step(self.opt)  # skipped when a gradient is inf/nan
+                    self.scaler.update()
+                else:
+                    self.opt.step()
                 self.opt.zero_grad(set_to_none=True)
                 self.schedule.step()
                 self.step += 1
@@ -124,24 +161,36 @@ class Trainer:
                 end_of_epoch = self.micro >= len(order)
                 out_of_time = s.max_minutes is not None and \
                     time.time() - t_start >= 60 * s.max_minutes
+                if s.max_minutes is not None and self.dist.world > 1:
+                    late = out_of_time  # ranks' clocks differ; all stop when rank 0's says so
+                    out_of_time = self.dist.on_main(lambda: late)
                 if out_of_time:
                     print(f"time budget of {s.max_minutes} minutes reached at step {self.step}",
                           file=sys.stderr)
                     self.total_steps = self.step  # ends the loop; eval and save as at a normal end
                 if self.step % s.log_every == 0 or self.step == self.total_steps:
+                    self._check_diverged()
+                    # the loop's one host-device sync: loss and token sums of every rank
+                    # (examples per step are known on every rank: the global group's size)
+                    sums = torch.cat([loss_sum.view(1), torch.tensor(
+                        [loss_n, tok_log], dtype=torch.float64, device=self.device)])
+                    loss_total, n_total, tok_total = self.dist.all_reduce(sums).tolist()
+                    train_loss = loss_total / max(n_total, 1)
                     now = time.time()
                     self.seconds = now - t_start
                     eps = ex_log / max(now - t_log, 1e-9)
                     self.run.log({"event": "train", "step": self.step, "epoch": self._epoch_f(),
-                                  "train_loss": loss_sum / max(loss_n, 1), "lr": self._lrs(),
+                                  "train_loss": train_loss, "lr": self._lrs(),
                                   "examples_per_second": round(eps, 1),
-                                  "tokens_per_second": round(tok_log / max(now - t_log, 1e-9), 1),
+                                  "tokens_per_second": round(tok_total / max(now - t_log, 1e-9),
+                                                             1),
                                   "time": self.seconds,
                                   "memory": memory_stats(self.device)})
-                    bar.update(self.step, loss=loss_sum / max(loss_n, 1),
+                    bar.update(self.step, loss=train_loss,
                                lr=self.opt.param_groups[0]["lr"], ex_s=round(eps, 1),
                                rss_mb=memory_stats(self.device)["rss_peak_mb"])
-                    t_log, ex_log, tok_log, loss_sum, loss_n = now, 0, 0, 0.0, 0
+                    t_log, ex_log, tok_log, loss_n = now, 0, 0, 0
+                    loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
                 if end_of_epoch:
                     self.epoch += 1
                     self.micro = 0
@@ -149,10 +198,12 @@ class Trainer:
                 if (s.eval_every and self.step % s.eval_every == 0) or end_of_epoch \
                         or self.step == self.total_steps:
                     self.seconds = time.time() - t_start
+                    self._check_diverged()  # never evaluate or save non-finite weights
                     stop = self._eval()
                     self.save_state()
                 elif s.save_every and self.step % s.save_every == 0:
                     self.seconds = time.time() - t_start
+                    self._check_diverged()
                     self.save_state()
                 if stop or end_of_epoch:
                     break
@@ -169,6 +220,36 @@ class Trainer:
     def _lrs(self):
         return {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.opt.param_groups)}
 
+    def _autocast(self):
+        if self.s.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.s.autocast)
+
+    def _backward(self, loss):
+        # fp16: scale the loss up so that small gradients do not underflow to zero
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def _watch(self, loss):
+        """The divergence guard for one micro-batch's loss: stop now (one CPU process), or note
+        the first non-finite loss on the device, to be acted on by _check_diverged."""
+        if self.check_each_loss:
+            if not torch.isfinite(loss):
+                self._diverged(loss.item(), self.step)
+            return
+        loss = loss.detach().float()
+        first = ~torch.isfinite(loss) & torch.isinf(self._bad_step)  # no host read: no sync
+        self._bad_step = torch.where(first, float(self.step), self._bad_step)
+        self._bad_loss = torch.where(first, loss, self._bad_loss)
+
+    def _check_diverged(self):
+        """Raise Diverged, on every rank alike, if any rank saw a non-finite loss."""
+        if self.check_each_loss:
+            return
+        seen = self.dist.all_gather([self._bad_step.item(), self._bad_loss.item()])
+        bad = sorted(s for s in seen if math.isfinite(s[0]))
+        if bad:
+            self._diverged(bad[0][1], int(bad[0][0]))
+
     def _update_stage(self):
         if self.unfreezer is not None:
             self.unfreezer.update(self.schedule, self.step, self.epoch)
@@ -176,7 +257,13 @@ class Trainer:
     def _eval(self):
         """Evaluate, log, keep the best model, step the plateau schedule; True to stop early."""
         s = self.s
-        metrics = self.evaluate(self.model)
+
+        def evaluate():
+            with self._autocast():
+                return self.evaluate(self.model)  # the plain model: no DDP hooks on one rank
+        # rank 0 evaluates; every rank gets its metrics, so all decide early stopping, the
+        # plateau schedule and the best step alike
+        metrics = self.dist.on_main(evaluate)
         value = metrics[s.metric]
         improved = self.best is None or (value > self.best if s.metric_mode == "max"
                                          else value < self.best)
@@ -202,16 +289,15 @@ class Trainer:
             return True
         return False
 
-    def _diverged(self, loss):
+    def _diverged(self, loss, step):
         lr = self.opt.param_groups[0]["lr"]
-        msg = (f"training diverged: loss is {loss.item()} at step {self.step} (lr {lr:.2e}). "
+        msg = (f"training diverged: loss is {loss} at step {step} (lr {lr:.2e}). "
                "The likely cause is a learning rate that is too high; lower --lr, or add warm-up "
                "or gradient clipping. ")
         best = self.run.find_dir("best")
         msg += (f"The last good model is kept in {best} (step {self.best_step})."
                 if best else "No checkpoint had been saved yet.")
-        self.run.log({"event": "diverged", "step": self.step, "lr": self._lrs(),
-                      "loss": str(loss.item())})
+        self.run.log({"event": "diverged", "step": step, "lr": self._lrs(), "loss": str(loss)})
         raise Diverged(msg)
 
     def _out_of_memory(self, err):
@@ -232,6 +318,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ resume
     def save_state(self):
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        ranks = self.dist.all_gather(rng)  # each rank's generators; rank 0 writes them all
+
         def write(d):
             model_state = {k: v for k, v in self.model.state_dict().items()}
             # tied weights appear twice in state_dict; safetensors wants each storage once
@@ -243,15 +334,17 @@ class Trainer:
                     unique[k] = v
             atomic_save_safetensors(os.path.join(d, "model.safetensors"), unique)
             atomic_torch_save(os.path.join(d, "optimizer.pt"), self.opt.state_dict())
-            rng = {"torch": torch.get_rng_state()}
-            if self.device.type == "cuda":
-                rng["cuda"] = torch.cuda.get_rng_state(self.device)
-            atomic_torch_save(os.path.join(d, "rng.pt"), rng)
-            atomic_write_json(os.path.join(d, "trainer.json"), {
-                "step": self.step, "epoch": self.epoch, "micro": self.micro, "best": self.best,
-                "best_step": self.best_step, "bad_evals": self.bad_evals,
-                "seconds": self.seconds, "examples_seen": self.examples_seen,
-                "n_events": len(self.run.events), "schedule": self.schedule.state_dict()})
+            # one process: the format it always had; N: rank 0's on top, every rank's in "ranks"
+            atomic_torch_save(os.path.join(d, "rng.pt"),
+                              rng if self.dist.world == 1 else {**rng, "ranks": ranks})
+            state = {"step": self.step, "epoch": self.epoch, "micro": self.micro,
+                     "best": self.best, "best_step": self.best_step, "bad_evals": self.bad_evals,
+                     "seconds": self.seconds, "examples_seen": self.examples_seen,
+                     "n_events": len(self.run.events), "schedule": self.schedule.state_dict(),
+                     "world": self.dist.world}
+            if self.scaler is not None:
+                state["scaler"] = self.scaler.state_dict()
+            atomic_write_json(os.path.join(d, "trainer.json"), state)
         self.run.save_dir("state", write)
 
     def load_state(self):
@@ -270,9 +363,22 @@ class Trainer:
         self.model.load_state_dict(load_file(os.path.join(d, "model.safetensors")), strict=False)
         self._update_stage()  # rebuild the param groups of the saved stage before loading them
         self.opt.load_state_dict(torch.load(os.path.join(d, "optimizer.pt"), weights_only=True))
+        if self.scaler is not None:
+            self.scaler.load_state_dict(t["scaler"])
         rng = torch.load(os.path.join(d, "rng.pt"), weights_only=True)
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng:
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        ranks = rng["ranks"] if "ranks" in rng else [rng]  # a one-process state has no "ranks"
+        if len(ranks) == self.dist.world:
+            mine = ranks[self.dist.rank]
+            torch.set_rng_state(mine["torch"])
+            if "cuda" in mine:
+                torch.cuda.set_rng_state(mine["cuda"], self.device)
+        else:
+            # N ranks' generators cannot be dealt to M ranks: data order and weights continue
+            # exactly, dropout draws afresh (distinct per rank, a function of seed and step)
+            torch.manual_seed(torch.initial_seed() * 1_000_003 + 7919 * self.step
+                              + self.dist.rank)
+            print(f"resume: state saved by {len(ranks)} process(es), now {self.dist.world}: "
+                  "data order and weights continue exactly; dropout masks are drawn afresh",
+                  file=sys.stderr)
         self.run.load_events(t["n_events"])
         print(f"resumed from {d}: step {self.step}, epoch {self._epoch_f()}", file=sys.stderr)
