@@ -195,3 +195,12 @@ def test_report_summarises_the_run(tmp_path, capsys):
     assert "head: peak lr 1.00e-03" in out
     assert "dev (best checkpoint): accuracy 0.8600, loss 0.3500" in out
     assert "diagnosis: HEALTHY" in out and "2.0 min training, 50.0 examples/s" in out
+
+
+def test_partial_forgetting_high_and_flat_at_a_high_lr(tmp_path):
+    # stuck at 0.5 nats (72% of chance): damaged by lr 1e-3, merely underfit at 2e-5
+    stuck = (lambda x: 0.62 - 0.12 * min(x, 0.3) / 0.3, lambda x: 0.56, lambda x: 0.71)
+    high = diagnose(write_run(tmp_path / "high", *stuck, lr=linear_lr(1e-3)))
+    low = diagnose(write_run(tmp_path / "low", *stuck, lr=linear_lr(2e-5)))
+    assert high["verdict"] == "diverging" and "partial catastrophic forgetting" in high["headline"]
+    assert low["verdict"] == "underfitting" and low["headline"] == "the train loss is high and flat"

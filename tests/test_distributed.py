@@ -226,3 +226,16 @@ def test_deferred_divergence_guard_stops_at_the_first_bad_step(tmp_path):
     events = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert events[-1]["event"] == "diverged" and events[-1]["step"] == 5
     assert json.loads((tmp_path / "run" / "state" / "trainer.json").read_text())["step"] == 4
+
+
+def test_fp16_keeps_its_gradient_scaler_in_the_state(setup, tmp_path, capsys):
+    ckpt, d61, _ = setup
+    cfg = FinetuneConfig(model=ckpt, train=f"{d61}/train.jsonl", out=str(tmp_path / "r"),
+                         batch_size=8, max_steps=3, log_every=1, eval_every=None, threads=1,
+                         precision="fp16")
+    run_finetune(cfg)
+    assert "precision: fp16 autocast, fp32 master weights and gradient scaler" in \
+        capsys.readouterr().err
+    state = json.loads((tmp_path / "r" / "state" / "trainer.json").read_text())
+    # three steps without an overflow: the scaler counted them (it grows after 2000)
+    assert state["scaler"]["_growth_tracker"] == 3 and state["scaler"]["scale"] == 2.0 ** 16

@@ -152,8 +152,10 @@ def _warmup_end(c):
 
 
 def _backbone_peak_lr(c):
-    """The largest lr any non-head group reached (the pretrained weights' lr)."""
-    return max((max(v) for g, v in c.lr.items() if not g.startswith("head")), default=0.0)
+    """The largest lr any non-head group reached (the pretrained weights' lr). Logs come every
+    N steps and can miss the peak (no warm-up: it is step 0), so the configured --lr counts too."""
+    logged = max((max(v) for g, v in c.lr.items() if not g.startswith("head")), default=0.0)
+    return max(logged, c.config.get("lr") or 0.0) if logged > 0 else 0.0
 
 
 def _metric_noise(c, value):
@@ -201,32 +203,45 @@ def rule_nonfinite(c):
     return Finding("diverging", f"the loss became non-finite at step {d['step']}", ev, advice)
 
 
+def _flat_gain(xs):
+    """Relative improvement of the train loss over the second half of the run."""
+    half = xs[len(xs) // 2:]
+    return (half[0] - _late(xs)) / max(abs(half[0]), 1e-12)
+
+
 def rule_forgetting(c):
-    """Loss at chance after warm-up with a high backbone lr, or after having been lower."""
-    if c.chance_loss is None or len(c.train_loss) < 3 or _at_chance_on_dev(c) is False:
+    """A pretrained backbone trained at a high lr loses what it knew: the loss goes up to (or
+    stays at) chance after warm-up; or, partly, it stays high and flat. (At a moderate lr the
+    same curves are underfitting, see rule_underfitting.)"""
+    if c.chance_loss is None or len(c.train_loss) < 3:
         return None
     w = _warmup_end(c)
-    after = c.train_loss[w:] or c.train_loss[-1:]
-    late = _late(after)
-    if late < NEAR_CHANCE * c.chance_loss:
-        return None
+    late = _late(c.train_loss[w:] or c.train_loss[-1:])
     lowest = min(c.train_loss)
     went_up = lowest < NEAR_CHANCE * late  # it had learned something, then lost it
     lr = _backbone_peak_lr(c)
-    if not went_up and lr < HIGH_BACKBONE_LR:
-        return None  # at chance with a moderate lr: underfitting, not forgetting
-    how = "went up to" if went_up else "stayed at"
+    high_lr = lr >= HIGH_BACKBONE_LR and c.config.get("init", "pretrained") == "pretrained"
     ev = [f"train loss {late:.4f} over the end of the run vs chance ln {c.n_labels} = "
-          f"{c.chance_loss:.4f}; warm-up ended at step {c.train_steps[w]}",
+          f"{c.chance_loss:.4f} ({late / c.chance_loss:.0%}); warm-up ended at step "
+          f"{c.train_steps[w]}",
           f"lowest train log {lowest:.4f} at step {c.train_steps[c.train_loss.index(lowest)]}",
           f"backbone peak lr {lr:.2e} (BERT's recipe: 2e-5..5e-5)"]
     if c.dev_metric:
         ev.append(_dev_vs_chance(c))
-    return Finding("diverging", f"the loss {how} chance level after warm-up: catastrophic "
-                   "forgetting", ev,
-                   [f"lower the learning rate of the backbone (--lr 2e-5..5e-5; it was {lr:.0e})",
-                    "keep a higher lr only for the new head (--lr-head)",
-                    "or freeze the lower layers (--freeze-layers) to protect pretrained features"])
+    if late >= NEAR_CHANCE * c.chance_loss and _at_chance_on_dev(c) is not False \
+            and (went_up or high_lr):
+        how = "went up to" if went_up else "stayed at"
+        headline = f"the loss {how} chance level after warm-up: catastrophic forgetting"
+    elif high_lr and late >= HIGH_LOSS * c.chance_loss and \
+            _flat_gain(c.train_loss) < FLAT_IMPROVEMENT:
+        headline = (f"the train loss is stuck at {late / c.chance_loss:.0%} of chance with a "
+                    "backbone lr far above the recipe: partial catastrophic forgetting")
+    else:
+        return None
+    return Finding("diverging", headline, ev, [
+        f"lower the learning rate of the backbone (--lr 2e-5..5e-5; it was {lr:.0e})",
+        "keep a higher lr only for the new head (--lr-head)",
+        "or freeze the lower layers (--freeze-layers) to protect pretrained features"])
 
 
 def rule_rising(c):
@@ -248,9 +263,7 @@ def rule_rising(c):
 def rule_underfitting(c):
     if len(c.train_loss) < 3:
         return None
-    half = c.train_loss[len(c.train_loss) // 2:]
-    late = _late(c.train_loss)
-    gain = (half[0] - late) / max(abs(half[0]), 1e-12)
+    late, gain = _late(c.train_loss), _flat_gain(c.train_loss)
     ev, why = [], None
     if c.chance_loss is not None:
         ev.append(f"train loss {late:.4f} at the end vs chance ln {c.n_labels} = "

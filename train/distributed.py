@@ -109,10 +109,10 @@ class Dist:
         masking) splits itself through its `part` method."""
         if self.world == 1:
             return batch, len(batch)
-        part = batch.part(self.rank, self.world) if hasattr(batch, "part") \
-            else batch[self.rank::self.world]
+        split = batch.part if hasattr(batch, "part") else (lambda r, w: batch[r::w])
+        part = split(self.rank, self.world)
         if len(part) == 0:
-            return batch[:1], 0
+            return split(0, len(batch)), 0  # the batch's first example, weight 0
         return part, len(part)
 
     # ------------------------------------------------------------------ model

@@ -132,9 +132,16 @@ class BatchIndices(list):
     """A list of sequence indices that also knows which (epoch, batch) it is: the trainer treats
     it as a plain list; collate reads the two numbers to seed the masking."""
 
-    def __init__(self, indices, epoch, number):
+    def __init__(self, indices, epoch, number, shard=()):
         super().__init__(indices)
         self.epoch, self.number = epoch, number
+        self.shard = shard  # (rank, world) for one data-parallel rank's part, else ()
+
+    def part(self, rank, world):
+        """Rank `rank`'s strided share of this batch (train/distributed.py). The share keeps
+        the batch's numbers and adds its own, so each rank masks its sequences with a stream
+        of its own rather than repeating rank 0's mask pattern."""
+        return BatchIndices(self[rank::world], self.epoch, self.number, (rank, world))
 
 
 def _seed(*numbers):
@@ -176,7 +183,7 @@ class MLMData:
         for r, s in enumerate(seqs):
             input_ids[r, :len(s)] = torch.from_numpy(s)
             attention_mask[r, :len(s)] = 1
-        g = torch.Generator().manual_seed(_seed(self.seed, idx.epoch, idx.number))
+        g = torch.Generator().manual_seed(_seed(self.seed, idx.epoch, idx.number, *idx.shard))
         corrupted, labels = self.masker(input_ids, g)
         return {"input_ids": corrupted, "attention_mask": attention_mask, "labels": labels}
 

@@ -29,6 +29,7 @@ import torch.nn as nn
 from minibert.checkpoint import load_model, save_model
 from minibert.model import BertForMLM
 from minibert.tokenizer import Tokenizer
+from train import distributed
 from train.finetune import pick_device
 from train.flags import add_dataclass_flags, dataclass_from_args, print_config
 from train.masking import Masker, mlm_loss_sparse
@@ -133,32 +134,42 @@ def flops_per_token(mlm: BertForMLM, mask_prob):
     return 6 * (n_dense + mask_prob * c.vocab_size * c.hidden_size)
 
 
-def run_pretrain(cfg: PretrainConfig, resume=False):
-    device = pick_device(cfg.device)
+def run_pretrain(cfg: PretrainConfig, resume=False, dist=None):
+    # dist: this process's place in a data-parallel job (train/distributed.py); none: one process
+    dist = dist if dist is not None else distributed.single(pick_device(cfg.device))
+    device = dist.device
+    cfg = distributed.fit_to_world(cfg, dist, resume)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    run = RunDir(cfg.out)
+    run = distributed.run_dir(cfg.out, dist)  # rank 0 writes; other ranks only read
     print_config(cfg, "pretrain config")
     if not resume:
         run.write_json("config.json", dataclasses.asdict(cfg))
-    amp = None
-    if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"):
-        amp = torch.bfloat16
-    print(f"device: {device}, torch threads: {torch.get_num_threads()}, "
-          f"precision: {'bf16 autocast' if amp else 'fp32'}", file=sys.stderr)
+    precision = cfg.precision if cfg.precision != "auto" else \
+        ("bf16" if device.type == "cuda" else "fp32")
+    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    print(f"device: {device}, torch threads: {torch.get_num_threads()}, processes: {dist.world}, "
+          f"precision: {precision + ' autocast' if amp else 'fp32'}"
+          + (" and gradient scaler" if precision == "fp16" else "")
+          + f", compile: {cfg.compile}", file=sys.stderr)
 
-    tok = get_tokenizer(cfg, run)
+    with dist.main_first():  # rank 0 may train and save the tokenizer; the others read it
+        tok = get_tokenizer(cfg, run)
     print(f"tokenizer: {tok.source} ({tok.vocab_size} tokens)", file=sys.stderr)
     vocab = [tok.id_to_token(i) for i in range(tok.vocab_size)]
     masker = Masker(vocab, tok.special_ids, tok.mask_id, cfg.mask_prob, cfg.whole_word_mask)
-    train = MLMData(load_corpus(cfg.corpus, tok, cfg.max_len, cfg.cache_dir), cfg.batch_size,
-                    cfg.seed, masker, tok.pad_id)
+    with dist.main_first():  # rank 0 writes the token caches; the others read them
+        train = MLMData(load_corpus(cfg.corpus, tok, cfg.max_len, cfg.cache_dir),
+                        cfg.batch_size, cfg.seed, masker, tok.pad_id)
+    # the order is drawn in global micro-batches, batch x processes; each rank takes its share
+    train.batch_size = cfg.batch_size * dist.world
     print(f"train: {len(train):,} packed sequences of {cfg.max_len}", file=sys.stderr)
     eval_batches = []
     if cfg.valid:
-        valid = MLMData(load_corpus([cfg.valid], tok, cfg.max_len, cfg.cache_dir),
-                        cfg.eval_batch_size, cfg.seed, masker, tok.pad_id, shuffle=False)
+        with dist.main_first():
+            valid = MLMData(load_corpus([cfg.valid], tok, cfg.max_len, cfg.cache_dir),
+                            cfg.eval_batch_size, cfg.seed, masker, tok.pad_id, shuffle=False)
         eval_batches = fixed_eval_batches(valid, cfg.eval_max_sequences, cfg.eval_batch_size)
 
     mlm = build_model(cfg, tok)
@@ -186,14 +197,24 @@ def run_pretrain(cfg: PretrainConfig, resume=False):
         evaluate_fn = functools.partial(evaluate, batches=eval_batches, device=device)
     else:  # no --valid: keep the last model as "best", since a NaN loss never improves
         evaluate_fn = lambda m: {"loss": -float(schedule.last_step)}  # noqa: E731
+    if dist.world > 1:
+        # the MLM loss never reaches the pooler; DDP insists that every trained parameter gets
+        # a gradient in each step (one process simply never updates it)
+        mlm.bert.pooler.requires_grad_(False)
+    net = dist.wrap(objective, compile=cfg.compile)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    dist.seed_per_rank(cfg.seed)
     trainer = Trainer(objective, optimizer, schedule, train, evaluate_fn, run, settings, device,
-                      save_best=lambda d: save_model(mlm, d, tok))
+                      save_best=lambda d: save_model(mlm, d, tok), dist=dist, net=net,
+                      scaler=scaler)
     if resume:
         trainer.load_state()
     try:
         summary = trainer.fit()
     except Diverged as e:
         raise SystemExit(f"minibert pretrain: {e}") from None
+    if not dist.is_main:
+        return None  # the final evaluation and results.json are rank 0's
 
     # throughput: the mean of the trainer's logged intervals (each a wall-clock window)
     speeds = [e["tokens_per_second"] for e in run.events
@@ -226,10 +247,13 @@ def run_pretrain(cfg: PretrainConfig, resume=False):
 
 
 def cmd_pretrain(args):
+    if args.nproc > 1 and not distributed.launched():
+        return distributed.launch(args.argv, args.nproc)  # this command again, under torchrun
     if args.resume:
         with open(os.path.join(args.resume, "config.json")) as f:
             cfg = PretrainConfig(**json.load(f))
-        run_pretrain(cfg, resume=True)
+        with distributed.session(pick_device(cfg.device)) as dist:
+            run_pretrain(cfg, resume=True, dist=dist)
         return 0
     if not args.corpus:
         raise SystemExit("minibert pretrain: --corpus is required")
@@ -238,9 +262,13 @@ def cmd_pretrain(args):
         if not cfg.config and not cfg.init_from:
             raise ValueError("give --config (tiny, mini, small, medium, base or a config.json) "
                              "or --init-from a checkpoint")
-        run_pretrain(cfg)
-    except (ValueError, FileNotFoundError) as e:
+    except ValueError as e:
         raise SystemExit(f"minibert pretrain: {e}") from None
+    with distributed.session(pick_device(cfg.device)) as dist:
+        try:
+            run_pretrain(cfg, dist=dist)
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(f"minibert pretrain: {e}") from None
 
 
 def register(sub):

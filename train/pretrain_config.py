@@ -106,11 +106,15 @@ class PretrainConfig:
     log_every: int = _f(50, "log loss, lr, tokens/s and memory every N steps")
     save_every: int | None = _f(None, "also save resume state every N steps (always at evals)")
     precision: str = _f("auto", "autocast dtype: auto = bf16 on CUDA, fp32 on CPU (CPU bf16 "
-                        "autocast is slow)", choices=("auto", "fp32", "bf16"))
+                        "autocast is slow); fp16 adds a gradient scaler",
+                        choices=("auto", "fp32", "bf16", "fp16"))
     peak_tflops: float | None = _f(None, "peak dense TFLOP/s of the GPU for model FLOPs "
                                    "utilisation (default: looked up from the GPU's name)")
     device: str = _f("auto", "cpu, cuda, or auto")
     threads: int | None = _f(None, "CPU threads for torch (default: torch's choice)")
+    nproc: int = _f(1, "data-parallel processes: N > 1 relaunches the command under torchrun "
+                    "(one per GPU; gloo on CPU); --batch-size is per process")
+    compile: bool = _f(False, "torch.compile the model for training (the first steps compile)")
 
     def __post_init__(self):
         if isinstance(self.corpus, str):
