@@ -116,9 +116,13 @@ def table(records, names, metric):
     cols = names + ["status", "dev_" + metric, "dev_loss", "test_" + metric, "best_step",
                     "train_seconds"]
 
-    def cell(v):
-        return f"{v:.4f}" if isinstance(v, float) else ("" if v is None else str(v))
-    rows = [[cell(r["values"].get(c, r.get(c))) for c in cols] for r in records]
+    def cell(c, v):
+        if isinstance(v, float):
+            return f"{v:.0f}" if c == "train_seconds" else f"{v:.4f}"
+        return "" if v is None else str(v)
+    rows = [[cell(c, r["values"].get(c, r.get(c))) for c in cols] for r in records]
+    keep = [i for i in range(len(cols)) if any(row[i] for row in rows)]  # e.g. no --test
+    cols, rows = [cols[i] for i in keep], [[row[i] for i in keep] for row in rows]
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
     line = "| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths)) + " |"
     rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
