@@ -22,12 +22,9 @@ import os
 import sys
 from dataclasses import asdict, dataclass, field
 
-from train.rundir import read_jsonl
+from train.curves import (at_chance_on_dev, backbone_peak_lr, best_eval, dev_vs_chance, late_mean,
+                          load_curves, metric_noise, smooth, warmup_end)
 
-# The end of a curve is its last 20% of train logs (at least one). Single logs are averages over
-# `log_every` steps and still jump by +-30% on small batches; a fifth of the run smooths that out
-# while still describing "the end".
-LATE_FRACTION = 0.2
 # A train loss >= 85% of chance (ln K for K labels) means the model barely beats guessing the
 # label prior: after a full run that is either forgetting (high lr) or no learning at all.
 NEAR_CHANCE = 0.85
@@ -48,9 +45,6 @@ HIGH_BACKBONE_LR = 3e-4
 # is overfitting whatever the metric does (the model is confidently wrong on more examples).
 OVERFIT_RISE = 0.10
 OVERFIT_SEVERE_RISE = 0.50
-# Noise of an accuracy-like dev metric: one standard error sqrt(p(1-p)/n) of n dev examples,
-# at least 0.002 so that a tiny dev set with p = 1 still has some tolerance.
-MIN_METRIC_NOISE = 0.002
 # Stalled: the lr stayed below 5% of its peak for >= 20% of the run and the dev metric did not
 # improve there. A linear decay to 0 spends only the last ~5% below that line, so it passes.
 TINY_LR = 0.05
@@ -67,123 +61,6 @@ class Finding:
     advice: list = field(default_factory=list)
 
 
-@dataclass
-class Curves:
-    """What the rules look at, read once from a run directory."""
-    train_steps: list
-    train_loss: list
-    lr: dict  # group name -> list of lr at each train log
-    eval_steps: list
-    dev_loss: list
-    dev_metric: list
-    metric: str
-    mode: str  # "max" or "min"
-    diverged: dict | None
-    n_labels: int | None
-    majority: float | None  # accuracy of always answering the most frequent dev label
-    n_dev: int | None
-    config: dict
-
-    @property
-    def chance_loss(self):
-        return math.log(self.n_labels) if self.n_labels else None
-
-    def better(self, a, b):
-        return a > b if self.mode == "max" else a < b
-
-
-def read_json(path):
-    """The JSON file at `path`, or None when there is none (a run may lack best/ or config)."""
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def load_curves(run, n_labels=None):
-    events = read_jsonl(os.path.join(run, "metrics.jsonl"))
-    if not events:
-        raise FileNotFoundError(f"{run}: no metrics.jsonl events to diagnose")
-    config = read_json(os.path.join(run, "config.json")) or {}
-    train = [e for e in events if e["event"] == "train"]
-    evals = [e for e in events if e["event"] == "eval"]
-    dev_keys = evals[0]["dev"] if evals else {}
-    metric = config.get("metric") if config.get("metric") in dev_keys else next(
-        (k for k in ("accuracy", "mlm_accuracy", "loss") if k in dev_keys), "loss")
-    cm = next((e["dev"]["confusion_matrix"] for e in evals if "confusion_matrix" in e["dev"]), None)
-    task = read_json(os.path.join(run, "best", "task.json"))
-    if n_labels is None:  # the labels the head was built for, else the confusion matrix size
-        n_labels = len(task["labels"]) if task and "labels" in task else (len(cm) if cm else None)
-    rows = [sum(r) for r in cm] if cm else None
-    groups = list(train[0]["lr"]) if train else []
-    return Curves(
-        train_steps=[e["step"] for e in train], train_loss=[e["train_loss"] for e in train],
-        lr={g: [e["lr"].get(g, 0.0) for e in train] for g in groups},
-        eval_steps=[e["step"] for e in evals],
-        dev_loss=[e["dev"].get("loss", float("nan")) for e in evals],
-        dev_metric=[e["dev"].get(metric, float("nan")) for e in evals],
-        metric=metric, mode="min" if metric in ("loss", "perplexity") else "max",
-        diverged=next((e for e in events if e["event"] == "diverged"), None),
-        n_labels=n_labels, majority=max(rows) / sum(rows) if rows and sum(rows) else None,
-        n_dev=sum(rows) if rows else None, config=config)
-
-
-# ------------------------------------------------------------------------------ curve helpers
-def _mean(xs):
-    return sum(xs) / len(xs)
-
-
-def _late(xs):
-    """Mean of the end of a curve: its last LATE_FRACTION (at least one point)."""
-    return _mean(xs[-max(1, round(LATE_FRACTION * len(xs))):])
-
-
-def _smooth(xs):
-    """Moving average over a window of LATE_FRACTION of the curve: [(end index, mean)]."""
-    w = max(1, round(LATE_FRACTION * len(xs)))
-    return [(i + w - 1, _mean(xs[i:i + w])) for i in range(len(xs) - w + 1)]
-
-
-def _warmup_end(c):
-    """Index of the first train log at the peak lr: the end of warm-up."""
-    peak_group = max(c.lr, key=lambda g: max(c.lr[g]))
-    lrs = c.lr[peak_group]
-    return next(i for i, v in enumerate(lrs) if v >= 0.999 * max(lrs))
-
-
-def _backbone_peak_lr(c):
-    """The largest lr any non-head group reached (the pretrained weights' lr). Logs come every
-    N steps and can miss the peak (no warm-up: it is step 0), so the configured --lr counts too."""
-    logged = max((max(v) for g, v in c.lr.items() if not g.startswith("head")), default=0.0)
-    return max(logged, c.config.get("lr") or 0.0) if logged > 0 else 0.0
-
-
-def _metric_noise(c, value):
-    if c.n_dev and 0.0 <= value <= 1.0:
-        return max(MIN_METRIC_NOISE, math.sqrt(value * (1 - value) / c.n_dev))
-    return MIN_METRIC_NOISE
-
-
-def _best_eval(c):
-    best = 0
-    for i, v in enumerate(c.dev_metric):
-        if c.better(v, c.dev_metric[best]):
-            best = i
-    return best
-
-
-def _dev_vs_chance(c):
-    return f"last dev {c.metric} {c.dev_metric[-1]:.4f}" + (
-        f" vs always-the-majority-label {c.majority:.4f}" if c.majority else "")
-
-
-def _at_chance_on_dev(c):
-    if c.majority is None or c.metric != "accuracy" or not c.dev_metric:
-        return None
-    last = c.dev_metric[-1]
-    return last <= c.majority + _metric_noise(c, last)
-
-
 # ------------------------------------------------------------------------------ the rules
 def rule_nonfinite(c):
     if c.diverged is None:
@@ -194,7 +71,7 @@ def rule_nonfinite(c):
     if c.train_loss:
         ev.append(f"last logged train loss {c.train_loss[-1]:.4f} at step {c.train_steps[-1]}")
     if c.eval_steps:
-        b = _best_eval(c)
+        b = best_eval(c)
         ev.append(f"best dev {c.metric} {c.dev_metric[b]:.4f} at step {c.eval_steps[b]} "
                   "(kept in best/)")
     advice = ["lower the learning rate (3-10x)", "use a longer warm-up (--warmup-ratio 0.1+)"]
@@ -206,7 +83,7 @@ def rule_nonfinite(c):
 def _flat_gain(xs):
     """Relative improvement of the train loss over the second half of the run."""
     half = xs[len(xs) // 2:]
-    return (half[0] - _late(xs)) / max(abs(half[0]), 1e-12)
+    return (half[0] - late_mean(xs)) / max(abs(half[0]), 1e-12)
 
 
 def rule_forgetting(c):
@@ -215,11 +92,11 @@ def rule_forgetting(c):
     same curves are underfitting, see rule_underfitting.)"""
     if c.chance_loss is None or len(c.train_loss) < 3:
         return None
-    w = _warmup_end(c)
-    late = _late(c.train_loss[w:] or c.train_loss[-1:])
+    w = warmup_end(c)
+    late = late_mean(c.train_loss[w:] or c.train_loss[-1:])
     lowest = min(c.train_loss)
     went_up = lowest < NEAR_CHANCE * late  # it had learned something, then lost it
-    lr = _backbone_peak_lr(c)
+    lr = backbone_peak_lr(c)
     high_lr = lr >= HIGH_BACKBONE_LR and c.config.get("init", "pretrained") == "pretrained"
     ev = [f"train loss {late:.4f} over the end of the run vs chance ln {c.n_labels} = "
           f"{c.chance_loss:.4f} ({late / c.chance_loss:.0%}); warm-up ended at step "
@@ -227,8 +104,8 @@ def rule_forgetting(c):
           f"lowest train log {lowest:.4f} at step {c.train_steps[c.train_loss.index(lowest)]}",
           f"backbone peak lr {lr:.2e} (BERT's recipe: 2e-5..5e-5)"]
     if c.dev_metric:
-        ev.append(_dev_vs_chance(c))
-    if late >= NEAR_CHANCE * c.chance_loss and _at_chance_on_dev(c) is not False \
+        ev.append(dev_vs_chance(c))
+    if late >= NEAR_CHANCE * c.chance_loss and at_chance_on_dev(c) is not False \
             and (went_up or high_lr):
         how = "went up to" if went_up else "stayed at"
         headline = f"the loss {how} chance level after warm-up: catastrophic forgetting"
@@ -248,12 +125,12 @@ def rule_rising(c):
     """Train loss going up (after warm-up) without becoming NaN."""
     if len(c.train_loss) < 3:
         return None
-    sm = _smooth(c.train_loss[_warmup_end(c):] or c.train_loss)
+    sm = smooth(c.train_loss[warmup_end(c):] or c.train_loss)
     i_min, lo = min(sm, key=lambda t: t[1])
     end = sm[-1][1]
     if end < RISE_FACTOR * lo or end - lo < RISE_MIN_NATS:
         return None
-    off = _warmup_end(c)
+    off = warmup_end(c)
     return Finding("diverging", "the train loss is rising", [
         f"smoothed train loss rose from {lo:.4f} (around step {c.train_steps[off + i_min]}) to "
         f"{end:.4f} at the end (x{end / lo:.2f})"],
@@ -263,7 +140,7 @@ def rule_rising(c):
 def rule_underfitting(c):
     if len(c.train_loss) < 3:
         return None
-    late, gain = _late(c.train_loss), _flat_gain(c.train_loss)
+    late, gain = late_mean(c.train_loss), _flat_gain(c.train_loss)
     ev, why = [], None
     if c.chance_loss is not None:
         ev.append(f"train loss {late:.4f} at the end vs chance ln {c.n_labels} = "
@@ -272,17 +149,17 @@ def rule_underfitting(c):
             why = "the train loss is near chance level"
         elif late >= HIGH_LOSS * c.chance_loss and gain < FLAT_IMPROVEMENT:
             why = "the train loss is high and flat"
-    if why is None and _at_chance_on_dev(c):
+    if why is None and at_chance_on_dev(c):
         why = "the dev metric is at chance level"
     if why is None:
         return None
     ev.append(f"train loss improved {gain:.1%} over the second half of the run")
     if c.dev_metric:
-        ev.append(_dev_vs_chance(c))
+        ev.append(dev_vs_chance(c))
     cfg, advice = c.config, ["train longer (more --epochs or --max-steps)"]
     if cfg.get("freeze_backbone") or cfg.get("freeze_layers") or cfg.get("freeze_embeddings"):
         advice.append("unfreeze more layers (drop --freeze-backbone, lower --freeze-layers)")
-    if _backbone_peak_lr(c) < 1e-5:
+    if backbone_peak_lr(c) < 1e-5:
         advice.append("raise the learning rate (BERT's recipe: 2e-5..5e-5)")
     if cfg.get("init") == "random":
         advice.append("start from pretrained weights (--init pretrained)")
@@ -301,12 +178,12 @@ def rule_overfitting(c):
     # the train loss logged at or just before the dev minimum, and at the end
     j = max([k for k, s in enumerate(c.train_steps) if s <= step] or [0])
     tr_then = c.train_loss[j] if c.train_loss else float("nan")
-    tr_end = _late(c.train_loss) if c.train_loss else float("nan")
+    tr_end = late_mean(c.train_loss) if c.train_loss else float("nan")
     if not tr_end < tr_then:
         return None  # dev loss up with train loss up too: not overfitting (see rule_rising)
-    b = _best_eval(c)
+    b = best_eval(c)
     last, best = c.dev_metric[-1], c.dev_metric[b]
-    worse = c.better(best, last) and abs(best - last) > _metric_noise(c, best)
+    worse = c.better(best, last) and abs(best - last) > metric_noise(c, best)
     if not (worse or rise >= OVERFIT_SEVERE_RISE):
         return None
     ev = [f"best dev loss {losses[i]:.4f} at step {step} (eval {i + 1} of {len(losses)}); "
@@ -326,14 +203,14 @@ def rule_stalled(c):
         return None
     group = max(c.lr, key=lambda g: max(c.lr[g]))
     lrs, peak = c.lr[group], max(c.lr[group])
-    w = _warmup_end(c)
+    w = warmup_end(c)
     tiny = next((k for k in range(w, len(lrs)) if all(v <= TINY_LR * peak for v in lrs[k:])), None)
     if tiny is None:
         return None
     t_step, last_step = c.train_steps[tiny], c.train_steps[-1]
     if (last_step - t_step) / max(last_step, 1) < STALL_FRACTION:
         return None
-    b = _best_eval(c)
+    b = best_eval(c)
     if c.eval_steps[b] > t_step:
         return None  # it still improved with the small lr
     return Finding("stalled", "no improvement while the learning rate was tiny", [
@@ -353,7 +230,7 @@ def healthy(c):
     if c.train_loss:
         ev.append(f"train loss fell from {c.train_loss[0]:.4f} to {c.train_loss[-1]:.4f}")
     if c.eval_steps:
-        b = _best_eval(c)
+        b = best_eval(c)
         i = min(range(len(c.dev_loss)), key=lambda k: c.dev_loss[k])
         ev.append(f"best dev {c.metric} {c.dev_metric[b]:.4f} at step {c.eval_steps[b]} "
                   f"(last {c.dev_metric[-1]:.4f}); lowest dev loss {c.dev_loss[i]:.4f} at step "

@@ -11,7 +11,8 @@ records). The report goes to stdout: it is the command's data.
 import dataclasses
 import os
 
-from train.diagnose import diagnose, format_diagnosis, read_json
+from train.curves import read_json
+from train.diagnose import diagnose, format_diagnosis
 from train.finetune_config import FinetuneConfig
 from train.rundir import read_jsonl
 
