@@ -15,15 +15,14 @@ import subprocess
 import sys
 
 RECIPES = {
-    "default": [],
-    "layer-wise lr decay 0.8": ["--layer-lr-decay", "0.8", "--lr", "1e-4"],
-    "frozen backbone (head only)": ["--freeze-backbone", "--lr-head", "1e-3"],
-    "frozen embeddings + bottom 3 blocks": ["--freeze-embeddings", "--freeze-layers", "3"],
+    "default (layer-wise lr decay 0.9, top lr 1e-4)": [],
+    "flat lr 5e-5, no layer-wise decay": ["--lr", "5e-5", "--layer-lr-decay", "1.0"],
+    "BERT's [CLS] pooler, one lr 5e-5 for all": ["--pooling", "cls", "--lr-head", "none",
+                                                 "--lr", "5e-5", "--layer-lr-decay", "1.0"],
+    "frozen backbone (head only)": ["--freeze-backbone"],
     "gradual unfreezing": ["--unfreeze-every", "100", "--unfreeze-unit", "step",
-                           "--stage-lrs", "1e-3,5e-5"],
-    "plateau schedule": ["--schedule", "plateau", "--plateau-patience", "1",
-                         "--plateau-factor", "0.3"],
-    "random init (no pretraining)": ["--init", "random", "--lr", "1e-4"],
+                           "--stage-lrs", "1e-3,1e-4", "--lr-head", "none"],
+    "random init (no pretraining)": ["--init", "random"],
 }
 
 
@@ -43,7 +42,8 @@ def main():
     for name, flags in RECIPES.items():
         if args.only and name not in args.only:
             continue
-        out = os.path.join(args.out, name.split(" (")[0].replace(" ", "-").replace("+", "and"))
+        out = os.path.join(args.out, name.split(" (")[0].split(",")[0].replace(" ", "-")
+                           .replace("'", "").replace("[", "").replace("]", ""))
         res = os.path.join(out, "results.json")
         cmd = ["minibert", "finetune", *base, "--out", out, *flags, *args.extra]
         if not os.path.exists(res):

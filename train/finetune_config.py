@@ -66,11 +66,13 @@ class FinetuneConfig:
                                           "(and lowers --batch-size to the largest divisor of N "
                                           "that is not above it)")
     eval_batch_size: int = _f(128, "examples per evaluation batch (no gradients: can be larger)")
-    lr: float = _f(5e-5, "base learning rate: the top block's (BERT: 2e-5..5e-5)")
+    lr: float = _f(1e-4, "base learning rate: the top block's. BERT's flat recipe is 2e-5..5e-5; "
+                   "with layer-wise decay the top may go higher, the lower blocks stay in range")
     lr_head: float | None = _f(1e-3, "learning rate of the new head; a random layer needs a "
                                "larger step than pretrained ones")
-    layer_lr_decay: float = _f(1.0, "each block below the top gets this times the lr above it; "
-                               "embeddings last (0.8-0.95 is common; 1 turns it off)")
+    layer_lr_decay: float = _f(0.9, "each block below the top gets this times the lr above it; "
+                               "embeddings last (0.8-0.95 is common; 1 turns it off). With lr "
+                               "1e-4 and 6 blocks the bottom block trains at 5.9e-5")
     lr_embeddings: float | None = _f(None, "explicit lr for the embeddings (overrides decay)")
     lr_encoder: float | None = _f(None, "explicit lr for every block (overrides decay)")
     weight_decay: float = _f(0.01, "decoupled weight decay; never on biases or LayerNorm")
