@@ -19,19 +19,30 @@ from train.metrics import classification_metrics
 from train.task import run_batches
 
 
+def sentence_vector(bert, batch, pooling):
+    """One vector per input, (B, C): BERT's pooler on [CLS], or the mean of the real tokens."""
+    mask = batch["attention_mask"]
+    h = bert(batch["input_ids"], mask, batch["token_type_ids"])  # (B, T, C)
+    return bert.pool(h) if pooling == "cls" else mean_pool(h, mask)
+
+
+def new_linear(n_in, n_out):
+    """A fresh output layer with BERT's initialisation: N(0, 0.02) weights, zero bias."""
+    layer = nn.Linear(n_in, n_out)
+    nn.init.normal_(layer.weight, std=0.02)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
 class ClassificationHead(nn.Module):
     def __init__(self, hidden_size, n_labels, pooling, dropout):
         super().__init__()
         self.pooling = pooling
         self.drop = nn.Dropout(dropout)
-        self.out = nn.Linear(hidden_size, n_labels)
-        nn.init.normal_(self.out.weight, std=0.02)  # BERT's initialisation
-        nn.init.zeros_(self.out.bias)
+        self.out = new_linear(hidden_size, n_labels)
 
     def forward(self, bert, batch):
-        mask = batch["attention_mask"]
-        h = bert(batch["input_ids"], mask, batch["token_type_ids"])  # (B, T, C)
-        x = bert.pool(h) if self.pooling == "cls" else mean_pool(h, mask)  # (B, C)
+        x = sentence_vector(bert, batch, self.pooling)  # (B, C)
         logits = self.out(self.drop(x))  # (B, n_labels)
         out = {"logits": logits}
         if "labels" in batch:

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from train.classification import new_linear
 from train.data import DataError, batch_order
 from train.squad_eval import squad_scores
 from train.task import run_batches
@@ -126,9 +127,7 @@ class QAHead(nn.Module):
     def __init__(self, hidden_size, dropout):
         super().__init__()
         self.drop = nn.Dropout(dropout)
-        self.out = nn.Linear(hidden_size, 2)  # start and end score of every token
-        nn.init.normal_(self.out.weight, std=0.02)  # BERT's initialisation
-        nn.init.zeros_(self.out.bias)
+        self.out = new_linear(hidden_size, 2)  # start and end score of every token
 
     def forward(self, bert, batch):
         mask = batch["attention_mask"]

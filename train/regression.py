@@ -16,12 +16,10 @@ target range.
 
 import math
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minibert.model import mean_pool
-from train.classification import EncodedDataset, encode_splits
+from train.classification import EncodedDataset, encode_splits, new_linear, sentence_vector
 from train.data import Example, read_examples
 from train.task import run_batches
 
@@ -31,14 +29,10 @@ class RegressionHead(nn.Module):
         super().__init__()
         self.pooling = pooling
         self.drop = nn.Dropout(dropout)
-        self.out = nn.Linear(hidden_size, 1)
-        nn.init.normal_(self.out.weight, std=0.02)  # BERT's initialisation
-        nn.init.zeros_(self.out.bias)
+        self.out = new_linear(hidden_size, 1)
 
     def forward(self, bert, batch):
-        mask = batch["attention_mask"]
-        h = bert(batch["input_ids"], mask, batch["token_type_ids"])  # (B, T, C)
-        x = bert.pool(h) if self.pooling == "cls" else mean_pool(h, mask)  # (B, C)
+        x = sentence_vector(bert, batch, self.pooling)  # (B, C)
         pred = self.out(self.drop(x)).squeeze(-1)  # (B,) in standardised units
         out = {"predictions": pred}
         if "labels" in batch:

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from train.classification import new_linear
 from train.crf import CRF, bio_penalties
 from train.data import DataError, batch_order
 from train.seqeval import entity_scores, is_bio, repair_bio, spans, token_scores
@@ -134,9 +135,7 @@ class TokenHead(nn.Module):
     def __init__(self, hidden_size, n_tags, dropout, crf=None):
         super().__init__()
         self.drop = nn.Dropout(dropout)
-        self.out = nn.Linear(hidden_size, n_tags)
-        nn.init.normal_(self.out.weight, std=0.02)  # BERT's initialisation
-        nn.init.zeros_(self.out.bias)
+        self.out = new_linear(hidden_size, n_tags)
         self.crf = crf
 
     def forward(self, bert, batch):
