@@ -185,13 +185,13 @@ def test_lr_groups_with_identical_curves_are_drawn_once():
 def test_report_summarises_the_run(tmp_path, capsys):
     run = healthy_run(tmp_path / "run")
     with open(run / "config.json", "w") as f:
-        json.dump({"lr": 1e-4, "epochs": 3}, f)  # epochs 3 is the default, lr is not
+        json.dump({"lr": 3e-5, "epochs": 3}, f)  # epochs 3 is the default, lr is not
     with open(run / "results.json", "w") as f:
         json.dump({"best_step": 1000, "train_seconds": 120.0, "examples_per_second": 50.0,
                    "dev": {"accuracy": 0.86, "loss": 0.35}}, f)
     assert main(["report", str(run)]) == 0
     out = capsys.readouterr().out
-    assert "config (non-default): lr=0.0001\n" in out
+    assert "config (non-default): lr=3e-05\n" in out
     assert "head: peak lr 1.00e-03" in out
     assert "dev (best checkpoint): accuracy 0.8600, loss 0.3500" in out
     assert "diagnosis: HEALTHY" in out and "2.0 min training, 50.0 examples/s" in out
