@@ -187,7 +187,7 @@ class Trainer:
                                   "time": self.seconds,
                                   "memory": memory_stats(self.device)})
                     bar.update(self.step, loss=train_loss,
-                               lr=self.opt.param_groups[0]["lr"], ex_s=round(eps, 1),
+                               lr=self._lr_range(), ex_s=round(eps, 1),
                                rss_mb=memory_stats(self.device)["rss_peak_mb"])
                     t_log, ex_log, tok_log, loss_n = now, 0, 0, 0
                     loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -216,6 +216,13 @@ class Trainer:
 
     def _epoch_f(self):
         return round(self.epoch + self.micro / max(self.micro_per_epoch, 1), 4)
+
+    def _lr_range(self):
+        """The lr for the progress bar: one number, or "high..low" when groups differ (a head lr,
+        layer-wise decay)."""
+        lrs = [g["lr"] for g in self.opt.param_groups]
+        hi, lo = max(lrs), min(lrs)
+        return f"{hi:.2e}" if hi == lo else f"{hi:.2e}..{lo:.2e}"
 
     def _lrs(self):
         return {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.opt.param_groups)}
