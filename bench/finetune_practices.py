@@ -54,8 +54,8 @@ def main():
         rows.append((name, r["test"]["accuracy"], r["dev"]["accuracy"], r["train_seconds"],
                      " ".join(flags) or "(defaults)"))
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; data: {args.data}")
-    print(f"| recipe | test acc | dev acc | train s | flags |")
-    print(f"|---|---|---|---|---|")
+    print("| recipe | test acc | dev acc | train s | flags |")
+    print("|---|---|---|---|---|")
     for name, test, dev, sec, flags in rows:
         print(f"| {name} | {test:.4f} | {dev:.4f} | {sec:.0f} | `{flags}` |")
 

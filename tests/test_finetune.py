@@ -130,7 +130,7 @@ def test_resume_after_kill_gives_the_same_weights(setup, tmp_path):
     assert 10 <= step < 48, "the kill should land mid-run"
     r = subprocess.run(_cli("--resume", str(killed)), env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert f"resumed from" in r.stderr
+    assert "resumed from" in r.stderr
     a, b = state_weights(tmp_path / "full"), state_weights(killed)
     assert a.keys() == b.keys()
     for k in a:

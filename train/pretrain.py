@@ -36,7 +36,7 @@ from train.masking import Masker, mlm_loss_sparse
 from train.mlm_data import BatchIndices, MLMData, load_corpus
 from train.optim import AdamW
 from train.pretrain_config import PretrainConfig, model_config
-from train.rundir import RunDir, read_jsonl
+from train.rundir import RunDir
 from train.schedules import LambdaSchedule, lr_multiplier
 from train.tokenizer_train import train_tokenizer
 from train.trainer import Diverged, LoopSettings, Trainer

@@ -367,7 +367,16 @@ class Trainer:
         self.best, self.best_step, self.bad_evals = t["best"], t["best_step"], t["bad_evals"]
         self.seconds, self.examples_seen = t["seconds"], t["examples_seen"]
         self.schedule.load_state_dict(t["schedule"])
-        self.model.load_state_dict(load_file(os.path.join(d, "model.safetensors")), strict=False)
+        # save_state stores each tied tensor once; the other names of it are the only keys
+        # allowed to be missing, and nothing may be unexpected
+        result = self.model.load_state_dict(load_file(os.path.join(d, "model.safetensors")),
+                                            strict=False)
+        own = self.model.state_dict()
+        stored = {own[k].data_ptr() for k in own if k not in result.missing_keys}
+        lost = [k for k in result.missing_keys if own[k].data_ptr() not in stored]
+        if lost or result.unexpected_keys:
+            raise RuntimeError(f"{d}/model.safetensors does not fit the model: missing {lost}, "
+                               f"unexpected {result.unexpected_keys}")
         self._update_stage()  # rebuild the param groups of the saved stage before loading them
         self.opt.load_state_dict(torch.load(os.path.join(d, "optimizer.pt"), weights_only=True))
         if self.scaler is not None:
