@@ -227,7 +227,9 @@ def run_minibert(task, train, dev, extra, out, a):
            "--batch-size", str(a.batch_size), "--lr", str(a.lr), "--lr-head", str(a.lr_head),
            "--max-length", str(a.max_length), "--eval-every", "none", "--seed", str(a.seed),
            "--log-every", "10", "--threads", str(a.threads), "--doc-stride", str(a.doc_stride),
-           "--max-answer-len", str(a.max_answer_len), *extra]
+           "--max-answer-len", str(a.max_answer_len),
+           # the reference's recipe: one lr for the whole backbone, batches in shuffled order
+           "--layer-lr-decay", "1.0", "--no-group-by-length", *extra]
     print(" ".join(cmd), file=sys.stderr)
     t0 = time.time()
     subprocess.run(cmd, check=True)

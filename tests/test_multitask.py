@@ -145,3 +145,37 @@ def test_freezing_everything_is_an_error(setup, tmp_path):
         run_finetune(cfg)
     with pytest.raises(ValueError, match="no such head"):
         run_finetune(cfg_for(setup, tmp_path / "r2", freeze_head=["nope"]))
+
+
+def test_init_heads_carries_a_trained_head_that_then_stays_frozen(setup, tmp_path):
+    first = tmp_path / "first"
+    run_finetune(cfg_for(setup, first))
+    trained = head_params(first)
+    # continue from the first run's backbone and polarity head; only intensity and the backbone
+    # train, and the polarity loss keeps the backbone fitting the frozen head
+    best = str(first / "best")
+    res = run_finetune(cfg_for(setup, tmp_path / "second", model=best, epochs=1,
+                               init_heads=[f"polarity={best}"], freeze_head=["polarity"]))
+    after = head_params(tmp_path / "second")
+    for k, v in after.items():
+        if k.startswith("polarity."):
+            assert torch.equal(v, trained[k]), k
+    assert res["dev"]["polarity/accuracy"] > 0.8, res["dev"]
+
+
+def test_init_heads_errors_name_the_problem(setup, tmp_path):
+    first = tmp_path / "first"
+    run_finetune(cfg_for(setup, first, epochs=1))
+    best = str(first / "best")
+    with pytest.raises(SystemExit, match="no head 'nope'"):
+        run_finetune(cfg_for(setup, tmp_path / "a", init_heads=[f"nope={best}"]))
+    with pytest.raises(SystemExit, match="no .*head.safetensors"):
+        run_finetune(cfg_for(setup, tmp_path / "b", init_heads=[f"polarity={tmp_path}"]))
+    # a regression head cannot start a classification head: the shapes name the mismatch
+    with pytest.raises(SystemExit, match="out.weight"):
+        run_finetune(cfg_for(setup, tmp_path / "c", tasks=[
+            f"intensity:classification:{setup[1]}/{{split}}.jsonl:label_field=label"],
+            init_heads=[f"intensity={best}"]))
+    with pytest.raises(ValueError, match="NAME=DIR names heads of --task multitask"):
+        FinetuneConfig(model=setup[0], train="x", task="classification",
+                       init_heads=[f"polarity={best}"])

@@ -67,6 +67,37 @@ def build_model(cfg: FinetuneConfig, task):
     return TaskModel(bert, task.build_head(bert.config.hidden_size, drop))
 
 
+def init_heads(head, specs, task_name):
+    """--init-heads: copy trained head weights from finetune runs' best/ into the new head(s).
+    DIR replaces the whole head; NAME=DIR (multitask) replaces head NAME, taken from DIR's head
+    NAME when DIR is itself multi-task, else DIR's whole head. Shapes and keys must match."""
+    for spec in specs:
+        name, _, src = spec.rpartition("=")
+        path = os.path.join(src, "head.safetensors")
+        if not os.path.exists(path):
+            raise SystemExit(f"minibert finetune: --init-heads {spec}: no {path} (give a "
+                             "finetune run's best/ directory)")
+        with open(os.path.join(src, "task.json")) as f:
+            src_task = json.load(f)["task"]
+        weights = load_file(path)
+        if name and src_task == "multitask":
+            weights = {k[len(name) + 1:]: v for k, v in weights.items()
+                       if k.startswith(name + ".")}
+        if name and name not in head:
+            raise SystemExit(f"minibert finetune: --init-heads {spec}: no head {name!r}; "
+                             f"heads are {list(head)}")
+        target = head[name] if name else head
+        want = target.state_dict()
+        if set(weights) != set(want) or any(weights[k].shape != want[k].shape for k in want):
+            have = {k: tuple(v.shape) for k, v in weights.items()}
+            need = {k: tuple(v.shape) for k, v in want.items()}
+            raise SystemExit(f"minibert finetune: --init-heads {spec}: {path} ({src_task}) "
+                             f"holds {have or 'no such head'}, the {task_name} head "
+                             f"{name or ''} needs {need}")
+        target.load_state_dict(weights)
+        print(f"init: head {name or '(all)'} from {path}", file=sys.stderr)
+
+
 def build_schedule(cfg, optimizer, total_steps):
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else \
         round(cfg.warmup_ratio * total_steps)
@@ -153,7 +184,10 @@ def run_finetune(cfg: FinetuneConfig, resume=False, dist=None):
     tok = Tokenizer.from_dir(cfg.model)
     task, data = TASKS[cfg.task].from_data(cfg, tok)
     print(f"task: {json.dumps(task.meta)}", file=sys.stderr)
-    model = build_model(cfg, task).to(device)
+    model = build_model(cfg, task)
+    if cfg.init_heads and not resume:  # on resume the saved state holds the heads
+        init_heads(model.head, cfg.init_heads, cfg.task)
+    model = model.to(device)
 
     # Freezing and parameter groups. A frozen parameter has requires_grad=False: no gradient is
     # computed for it and, not being in any param group, it gets no optimizer state.

@@ -48,6 +48,10 @@ class FinetuneConfig:
     sampling_temperature: float = _f(2.0, "multitask, --sampling temperature: p_i ~ n_i^(1/T)")
     freeze_head: list[str] | None = _f(None, "multitask: names of heads not to train "
                                        "(comma-separated)")
+    init_heads: list[str] | None = _f(None, "start heads from a finetune run's best/ instead of "
+                                      "fresh: DIR (the whole head) or, multitask, NAME=DIR (head "
+                                      "NAME; from DIR's head NAME if DIR is multi-task), "
+                                      "comma-separated")
     skip_bad_rows: bool = _f(False, "skip (and count) bad rows instead of stopping at the first")
     max_length: int = _f(128, "tokens per example after truncation (longest-first for pairs)")
     init: str = _f("pretrained", "'random' trains the same architecture from scratch, to show "
@@ -131,6 +135,12 @@ class FinetuneConfig:
             raise ValueError("--nproc must be at least 1")
         if self.freeze_head and self.task != "multitask":
             raise ValueError("--freeze-head names heads of --task multitask")
+        if any("=" in s for s in self.init_heads or []) and self.task != "multitask":
+            raise ValueError("--init-heads NAME=DIR names heads of --task multitask; "
+                             "give DIR alone")
+        if self.init_heads and self.init == "random":
+            raise ValueError("--init-heads with --init random: a trained head on a random "
+                             "backbone; drop one of them")
         if self.freeze_head and self.unfreeze_every is not None:
             raise ValueError("--freeze-head and --unfreeze-every contradict each other")
         if self.freeze_backbone and self.unfreeze_every is not None:

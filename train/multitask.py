@@ -25,8 +25,10 @@ An epoch is as many batches as all tasks have together. The order is a pure func
 Dev metrics are "NAME/metric" for every head, plus `combined`, the mean of each head's default
 metric (all of them higher-is-better; note that QA's F1 is in percent, the others in 0-1), and
 `loss`, the weighted sum of the heads' dev losses. `--freeze-head NAME` keeps a head's weights
-bit for bit; the checkpoint's head.safetensors holds every head under its `NAME.` prefix, and
-`minibert predict` answers with every head.
+bit for bit, at its new initialisation or, with `--init-heads NAME=DIR`, at the weights a
+previous run trained (train task A, then train B with A's head frozen and A's loss still on:
+the backbone moves for B while A's head keeps being served). The checkpoint's head.safetensors
+holds every head under its `NAME.` prefix, and `minibert predict` answers with every head.
 
 Limits: a batch never mixes tasks; --batch-size auto probes with batches of the first task only.
 """
@@ -206,6 +208,7 @@ class MultiTask:
                 raise DataError(f"task {spec.name}: no training data at {paths['train']}")
             sub = dataclasses.replace(
                 cfg, task=spec.type, metric=None, tasks=None, tasks_file=None, freeze_head=None,
+                init_heads=None,
                 **{s: paths[s] if os.path.exists(paths[s]) else None for s in SPLITS},
                 **spec.options)
             task, data = TASKS[spec.type].from_data(sub, tok)
