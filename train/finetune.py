@@ -251,7 +251,6 @@ def run_finetune(cfg: FinetuneConfig, resume=False, dist=None):
     if not dist.is_main:
         return None  # the final evaluation and results.json are rank 0's
 
-
     # Final evaluation with the best checkpoint, not the last weights.
     best_dir = run.find_dir("best")
     results = {"best_step": summary["best_step"], "train_seconds": summary["train_seconds"],
