@@ -7,8 +7,9 @@ torch.optim.AdamW with two parameter groups (the new head at --lr-head, the rest
 weight decay on biases and LayerNorm, 0.01 elsewhere: the same rule minibert uses), transformers'
 get_linear_schedule_with_warmup (10% warm-up), gradient clipping at 1.0, the same batch size,
 epochs and max length. Both sides evaluate on dev at each epoch end and report the best epoch.
-minibert runs `minibert finetune` with `--pooling cls` for regression (the reference's head is
-BERT's pooler). Both are scored by the same code (train/seqeval.py, train/squad_eval.py, and
+minibert runs `minibert finetune` with the same recipe (`--layer-lr-decay 1.0
+--no-group-by-length`), and `--pooling cls` for regression (the reference's head is BERT's
+pooler). Both are scored by the same code (train/seqeval.py, train/squad_eval.py, and
 the QA span search of train/qa.py), so the numbers differ only by model and training.
 
     python bench/tasks_vs_transformers.py --only wnut,wnut-crf,pos,regression,qa \
