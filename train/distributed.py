@@ -32,6 +32,7 @@ which parameters need gradients mid-run, which DDP cannot follow, so it is refus
 
 import contextlib
 import dataclasses
+import gc
 import os
 import subprocess
 import sys
@@ -241,6 +242,11 @@ def session(device):
               file=sys.stderr, flush=True)
         raise
     else:
+        # Free the DistributedDataParallel wrapper (held in reference cycles) now, while the
+        # interpreter and the group are alive: gloo work it still holds, freed only at
+        # interpreter exit, can abort the process ("terminate called without an active
+        # exception", seen once in CI on a rank that had finished).
+        gc.collect()
         tdist.barrier()  # nobody tears down while another rank still finishes its last write
         tdist.destroy_process_group()
     finally:
