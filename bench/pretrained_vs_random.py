@@ -61,8 +61,8 @@ def main():
         cmd = sweep_command(a, arm)
         print(" ".join(cmd), file=sys.stderr)
         os.makedirs(f"{a.out}/{arm}", exist_ok=True)
-        log = open(f"{a.out}/{arm}.log", "w")
-        procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
+        with open(f"{a.out}/{arm}.log", "w") as log:  # the child keeps its own copy of the fd
+            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
     if any(pr.wait() for pr in procs):
         raise SystemExit(f"a sweep failed; see {a.out}/pretrained.log and random.log")
 

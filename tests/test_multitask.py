@@ -179,3 +179,10 @@ def test_init_heads_errors_name_the_problem(setup, tmp_path):
     with pytest.raises(ValueError, match="NAME=DIR names heads of --task multitask"):
         FinetuneConfig(model=setup[0], train="x", task="classification",
                        init_heads=[f"polarity={best}"])
+
+
+def test_init_heads_spec_keeps_a_directory_with_an_equals_sign_whole():
+    from train.finetune_config import head_spec
+    assert head_spec("polarity=runs/a/best") == ("polarity", "runs/a/best")
+    assert head_spec("runs/sweep/lr=1e-3/best") == (None, "runs/sweep/lr=1e-3/best")
+    assert head_spec("polarity=runs/sweep/lr=1e-3/best") == ("polarity", "runs/sweep/lr=1e-3/best")

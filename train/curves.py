@@ -82,7 +82,6 @@ def load_curves(run, n_labels=None):
         n_dev=sum(rows) if rows else None, config=config)
 
 
-
 def mean(xs):
     return sum(xs) / len(xs)
 

@@ -24,7 +24,7 @@ from train.classification import ClassificationTask
 from train import distributed
 from train.data import DataError
 from train.diagnose import write_diagnosis
-from train.finetune_config import FinetuneConfig, batch_size_arg
+from train.finetune_config import FinetuneConfig, batch_size_arg, head_spec
 from train.flags import add_dataclass_flags, dataclass_from_args, print_config
 from train.memory import auto_batch_size, plan_accumulation
 from train.multitask import MultiTask
@@ -72,7 +72,7 @@ def init_heads(head, specs, task_name):
     DIR replaces the whole head; NAME=DIR (multitask) replaces head NAME, taken from DIR's head
     NAME when DIR is itself multi-task, else DIR's whole head. Shapes and keys must match."""
     for spec in specs:
-        name, _, src = spec.rpartition("=")
+        name, src = head_spec(spec)
         path = os.path.join(src, "head.safetensors")
         if not os.path.exists(path):
             raise SystemExit(f"minibert finetune: --init-heads {spec}: no {path} (give a "

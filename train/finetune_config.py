@@ -21,6 +21,13 @@ DEFAULT_METRIC = {"classification": "accuracy", "regression": "pearson", "tokens
 LOWER_IS_BETTER = ("loss", "mse", "rmse")
 
 
+def head_spec(spec):
+    """An --init-heads entry: 'NAME=DIR' -> (NAME, DIR); 'DIR' -> (None, DIR). A directory may hold
+    '=' itself (a sweep's trial 'lr=1e-3/best'): a NAME never holds a path separator."""
+    name, sep, src = spec.partition("=")
+    return (name, src) if sep and name and "/" not in name else (None, spec)
+
+
 @dataclass
 class FinetuneConfig:
     # what to train on
@@ -135,7 +142,7 @@ class FinetuneConfig:
             raise ValueError("--nproc must be at least 1")
         if self.freeze_head and self.task != "multitask":
             raise ValueError("--freeze-head names heads of --task multitask")
-        if any("=" in s for s in self.init_heads or []) and self.task != "multitask":
+        if any(head_spec(s)[0] for s in self.init_heads or []) and self.task != "multitask":
             raise ValueError("--init-heads NAME=DIR names heads of --task multitask; "
                              "give DIR alone")
         if self.init_heads and self.init == "random":
