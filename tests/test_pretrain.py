@@ -20,6 +20,7 @@ from minibert.model import BertEncoder, BertForMLM
 from minibert.tokenizer import Tokenizer
 from train.pretrain import run_pretrain
 from train.pretrain_config import SIZES, PretrainConfig, model_config
+from train.rundir import read_jsonl
 
 WORDS = ("the senate voted on a contentious nomination while markets fell sharply and the "
          "president said that talks with europe went well despite unbelievable weather").split()
@@ -147,6 +148,27 @@ def test_exact_resume_after_time_budget_with_tied_weights(corpus, tiny_run, tmp_
     # the tie survives a load: the decoder of the reloaded best/ is the embedding matrix again
     mlm = load_model(str(cut / "best"), with_head=True)
     assert mlm.head.word_embeddings.weight is mlm.bert.embeddings.word.weight
+
+
+def test_compile_and_bf16_on_cpu_train_the_same_model(corpus, tiny_run, tmp_path, capsys):
+    # the README's pretraining command runs `--precision bf16 --compile` on a CPU: the compiled
+    # model must compute what the eager one does, and bf16 autocast must change the arithmetic
+    # (so it took effect) but not the result beyond bf16 rounding, with fp32 weights saved
+    tok = str(tiny_run[0] / "tokenizer")
+    losses = {}
+    for name, kw in {"eager": {}, "compiled": {"compile": True},
+                     "bf16": {"precision": "bf16"}}.items():
+        run_pretrain(config(corpus, tmp_path / name, eval_every=None, tokenizer=tok, dropout=0.0,
+                            max_steps=3, **kw))
+        losses[name] = [e["train_loss"] for e in read_jsonl(tmp_path / name / "metrics.jsonl")
+                        if e["event"] == "train"]
+    assert "precision: bf16 autocast" in capsys.readouterr().err
+    assert len(losses["eager"]) == 3
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-5)
+    assert losses["bf16"] != losses["eager"]
+    assert losses["bf16"] == pytest.approx(losses["eager"], rel=2e-3)
+    weights = load_file(str(tmp_path / "bf16" / "best" / "model.safetensors"))
+    assert {w.dtype for w in weights.values()} == {torch.float32}
 
 
 def test_continued_pretraining_creates_a_missing_head(corpus, tiny_run, tmp_path, capsys):
