@@ -105,9 +105,9 @@ class PretrainConfig:
     eval_batch_size: int = _f(128, "sequences per evaluation batch")
     log_every: int = _f(50, "log loss, lr, tokens/s and memory every N steps")
     save_every: int | None = _f(None, "also save resume state every N steps (always at evals)")
-    precision: str = _f("auto", "autocast dtype: auto = bf16 on CUDA, fp32 on CPU; bf16 on a CPU pays "
-                        "only with bf16 instructions (AVX512-BF16, AMX), and most with --compile; "
-                        "fp16 adds a gradient scaler",
+    precision: str = _f("auto", "autocast dtype: auto = bf16 on CUDA, fp32 on CPU; bf16 on a "
+                        "CPU pays only with bf16 instructions (AVX512-BF16, AMX), and most with "
+                        "--compile; fp16 adds a gradient scaler",
                         choices=("auto", "fp32", "bf16", "fp16"))
     peak_tflops: float | None = _f(None, "peak dense TFLOP/s of the GPU for model FLOPs "
                                    "utilisation (default: looked up from the GPU's name)")
