@@ -25,6 +25,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.finetune_vs_transformers import machine  # noqa: E402
 from bench.tasks_vs_transformers import subset  # noqa: E402
 
 SRC = "data/rt-snippets"
@@ -54,6 +55,7 @@ def main():
              ["--freeze-backbone"]),
             ("5 from 1, polarity head frozen", "5-frozen-polarity", [pol, inten],
              ["--init-heads", f"polarity={first}", "--freeze-head", "polarity"])]
+    print(f"machine: {machine()} (here; each run: --threads {a.threads})", flush=True)
     rows = []
     for label, name, tasks, extra in runs:
         model = first if name.startswith("5") else a.model  # 5 continues from run 1

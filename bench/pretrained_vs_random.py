@@ -19,6 +19,9 @@ import statistics
 import subprocess
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.finetune_vs_transformers import machine  # noqa: E402
+
 DATA = "data/rt-snippets"
 
 
@@ -67,6 +70,7 @@ def main():
         raise SystemExit(f"a sweep failed; see {a.out}/pretrained.log and random.log")
 
     n = len(a.seeds.split(","))
+    print(f"machine: {machine()} (here; each fine-tuning run: 1 thread, the arms side by side)")
     print(f"\n| init | lr | dev accuracy (mean +- sd, {n} seeds) | test accuracy |")
     print("|---|---|---|---|")
     picked = {}
