@@ -48,17 +48,16 @@ def main():
     inten = f"intensity:regression:{data}/{{split}}.jsonl:target_field=score:" \
             "standardize_targets=true"
     first = f"{a.out}/1-polarity/best"
-    runs = [("1 polarity alone", "1-polarity", [pol], []),
-            ("2 intensity alone", "2-intensity", [inten], []),
-            ("3 together", "3-together", [pol, inten], []),
-            ("4 together, backbone frozen", "4-frozen-backbone", [pol, inten],
+    runs = [("1 polarity alone", "1-polarity", a.model, [pol], []),
+            ("2 intensity alone", "2-intensity", a.model, [inten], []),
+            ("3 together", "3-together", a.model, [pol, inten], []),
+            ("4 together, backbone frozen", "4-frozen-backbone", a.model, [pol, inten],
              ["--freeze-backbone"]),
-            ("5 from 1, polarity head frozen", "5-frozen-polarity", [pol, inten],
+            ("5 from 1, polarity head frozen", "5-frozen-polarity", first, [pol, inten],
              ["--init-heads", f"polarity={first}", "--freeze-head", "polarity"])]
     print(f"machine: {machine()} (here; each run: --threads {a.threads})", flush=True)
     rows = []
-    for label, name, tasks, extra in runs:
-        model = first if name.startswith("5") else a.model  # 5 continues from run 1
+    for label, name, model, tasks, extra in runs:
         cmd = [sys.executable, "-m", "minibert.cli", "finetune", "--task", "multitask",
                "--model", model, "--tasks", ",".join(tasks), "--out", f"{a.out}/{name}",
                "--epochs", str(a.epochs), "--max-length", str(a.max_length),

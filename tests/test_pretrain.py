@@ -150,11 +150,15 @@ def test_exact_resume_after_time_budget_with_tied_weights(corpus, tiny_run, tmp_
     assert mlm.head.word_embeddings.weight is mlm.bert.embeddings.word.weight
 
 
-def test_compile_and_bf16_on_cpu_train_the_same_model(corpus, tiny_run, tmp_path, capsys):
+def test_compile_and_bf16_on_cpu_train_the_same_model(corpus, tiny_run, tmp_path, capsys,
+                                                      monkeypatch):
     # the README's pretraining command runs `--precision bf16 --compile` on a CPU: the compiled
     # model must compute what the eager one does, and bf16 autocast must change the arithmetic
     # (so it took effect) but not the result beyond bf16 rounding, with fp32 weights saved
     tok = str(tiny_run[0] / "tokenizer")
+    compiled, real_compile = [], torch.compile  # what reaches torch.compile: --compile must
+    monkeypatch.setattr(torch, "compile",
+                        lambda m, **kw: compiled.append(m) or real_compile(m, **kw))
     losses = {}
     for name, kw in {"eager": {}, "compiled": {"compile": True},
                      "bf16": {"precision": "bf16"}}.items():
@@ -164,6 +168,7 @@ def test_compile_and_bf16_on_cpu_train_the_same_model(corpus, tiny_run, tmp_path
                         if e["event"] == "train"]
     assert "precision: bf16 autocast" in capsys.readouterr().err
     assert len(losses["eager"]) == 3
+    assert len(compiled) == 1  # the "compiled" run only
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-5)
     assert losses["bf16"] != losses["eager"]
     assert losses["bf16"] == pytest.approx(losses["eager"], rel=2e-3)
