@@ -48,7 +48,7 @@ def main():
         cmd = ["minibert", "finetune", *base, "--out", out, *flags, *args.extra]
         if not os.path.exists(res):
             print("running: " + " ".join(cmd), file=sys.stderr, flush=True)
-            subprocess.run([sys.executable, "-m", "minibert.cli", *cmd[1:]], check=True)
+            subprocess.run([sys.executable, "-P", "-m", "train.cli", *cmd[1:]], check=True)
         with open(res) as f:
             r = json.load(f)
         rows.append((name, r["test"]["accuracy"], r["dev"]["accuracy"], r["train_seconds"],

@@ -77,7 +77,7 @@ def run_transformers(model_dir, data_dir, seed=42):
 
 
 def run_minibert(model_dir, data_dir, out):
-    cmd = [sys.executable, "-m", "minibert.cli", "finetune", "--model", model_dir,
+    cmd = [sys.executable, "-P", "-m", "train.cli", "finetune", "--model", model_dir,
            "--task", "classification", "--train", f"{data_dir}/train.jsonl",
            "--dev", f"{data_dir}/dev.jsonl", "--test", f"{data_dir}/test.jsonl", "--out", out]
     print("minibert: " + " ".join(cmd[2:]), file=sys.stderr)

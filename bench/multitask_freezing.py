@@ -58,7 +58,7 @@ def main():
     print(f"machine: {machine()} (here; each run: --threads {a.threads})", flush=True)
     rows = []
     for label, name, model, tasks, extra in runs:
-        cmd = [sys.executable, "-m", "minibert.cli", "finetune", "--task", "multitask",
+        cmd = [sys.executable, "-P", "-m", "train.cli", "finetune", "--task", "multitask",
                "--model", model, "--tasks", ",".join(tasks), "--out", f"{a.out}/{name}",
                "--epochs", str(a.epochs), "--max-length", str(a.max_length),
                "--eval-every", "none", "--log-every", "50", "--threads", str(a.threads), *extra]

@@ -27,7 +27,7 @@ DATA = "data/rt-snippets"
 
 def sweep_command(a, arm):
     init = ["--init", "random"] if arm == "random" else []
-    return [sys.executable, "-m", "minibert.cli", "sweep", "--grid", f"lr={a.lrs}",
+    return [sys.executable, "-P", "-m", "train.cli", "sweep", "--grid", f"lr={a.lrs}",
             "--grid", f"seed={a.seeds}", "--out", f"{a.out}/{arm}", "--",
             "--model", a.model, *init, "--task", "classification",
             "--train", f"{DATA}/train.jsonl", "--dev", f"{DATA}/dev.jsonl",

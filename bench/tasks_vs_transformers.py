@@ -30,10 +30,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from train.qa import best_span, read_squad  # noqa: E402
-from train.regression import regression_metrics  # noqa: E402
-from train.seqeval import entity_scores, is_bio, repair_bio, token_scores  # noqa: E402
-from train.squad_eval import squad_scores  # noqa: E402
+from train.tasks.qa import best_span, read_squad  # noqa: E402
+from train.tasks.regression import regression_metrics  # noqa: E402
+from train.tasks.seqeval import entity_scores, is_bio, repair_bio, token_scores  # noqa: E402
+from train.tasks.squad_eval import squad_scores  # noqa: E402
 
 TASKS = {  # name: (minibert task, data dir, extra minibert flags, metric shown)
     "regression": ("regression", "data/rt-snippets", ["--target-field", "score",
@@ -178,7 +178,7 @@ def ref_tagging(tok, model_dir, train, dev, a):
 
 def ref_qa(tok, model_dir, train, dev, a):
     from transformers import BertForQuestionAnswering
-    from train.qa import answer_positions
+    from train.tasks.qa import answer_positions
     model = BertForQuestionAnswering.from_pretrained(model_dir)
     tr, dv = read_squad(train), read_squad(dev)
     tok._tokenizer.enable_truncation(a.max_length, stride=a.doc_stride, strategy="only_second")
@@ -223,7 +223,7 @@ def ref_qa(tok, model_dir, train, dev, a):
 # ---------------------------------------------------------------- minibert
 
 def run_minibert(task, train, dev, extra, out, a):
-    cmd = [sys.executable, "-m", "minibert.cli", "finetune", "--task", task, "--model", a.model,
+    cmd = [sys.executable, "-P", "-m", "train.cli", "finetune", "--task", task, "--model", a.model,
            "--train", train, "--dev", dev, "--out", out, "--epochs", str(a.epochs),
            "--batch-size", str(a.batch_size), "--lr", str(a.lr), "--lr-head", str(a.lr_head),
            "--max-length", str(a.max_length), "--eval-every", "none", "--seed", str(a.seed),

@@ -48,11 +48,11 @@ import torch
 from minibert.checkpoint import load_model, save_model
 from minibert.config import BertConfig
 from minibert.model import BertEncoder, BertForMLM
-from train.classification import ClassificationHead
-from train.masking import IGNORE, mlm_loss_sparse
-from train.optim import AdamW
-from train.pretrain import PEAK_BF16_TFLOPS, flops_per_token
-from train.task import TaskModel
+from train.tasks.classification import ClassificationHead
+from train.pretrain.masking import IGNORE, mlm_loss_sparse
+from train.loop.optim import AdamW
+from train.pretrain.pretrain import PEAK_BF16_TFLOPS, flops_per_token
+from train.tasks.task import TaskModel
 
 BASE = BertConfig()  # BERT-base: 12 layers, 768 wide, 12 heads, vocab 30522
 MINILM = BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,

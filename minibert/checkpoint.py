@@ -14,8 +14,6 @@ unexpected or of the wrong shape is collected and raised as one error naming eve
 
 import os
 import re
-import sys
-from dataclasses import dataclass, field
 
 import torch
 from safetensors import safe_open
@@ -99,16 +97,6 @@ def _canonical(raw, path):
     return out, notes
 
 
-@dataclass
-class LoadReport:
-    path: str
-    notes: list = field(default_factory=list)  # what was dropped or created fresh, and why
-
-    def print(self):
-        for n in self.notes:
-            print(f"minibert: {self.path}: {n}", file=sys.stderr)
-
-
 def read_safetensors(path):
     """All tensors of a safetensors file, as fp32 CPU tensors (no pickle involved)."""
     with safe_open(path, framework="pt", device="cpu") as f:
@@ -116,13 +104,13 @@ def read_safetensors(path):
 
 
 def load_state_into(model, ckpt_dir, with_head, allow_missing_head=False):
-    """Load `ckpt_dir/model.safetensors` into a BertEncoder (with_head=False) or BertForMLM."""
+    """Load `ckpt_dir/model.safetensors` into a BertEncoder (with_head=False) or BertForMLM.
+    Returns notes, "PATH: what", on what was dropped or created fresh, and why."""
     path = os.path.join(ckpt_dir, "model.safetensors")
     if not os.path.exists(path):
         raise CheckpointError(f"{ckpt_dir}: no model.safetensors (minibert never reads pickle "
                               "files such as pytorch_model.bin)")
     tensors, notes = _canonical(read_safetensors(path), path)
-    report = LoadReport(path, notes)
 
     enc = model.bert if with_head else model
     mapping = {"bert." + k if with_head else k: v
@@ -140,7 +128,7 @@ def load_state_into(model, ckpt_dir, with_head, allow_missing_head=False):
             optional.update(dict.fromkeys(head, "no MLM head (cls.predictions.*) in the "
                                                 "checkpoint; created fresh"))
     elif head_keys:
-        report.notes.append(f"MLM head ({len(head_keys)} cls.predictions.* tensors) not used by "
+        notes.append(f"MLM head ({len(head_keys)} cls.predictions.* tensors) not used by "
                             "the encoder")
         for k in head_keys:
             del tensors[k]
@@ -170,10 +158,9 @@ def load_state_into(model, ckpt_dir, with_head, allow_missing_head=False):
     if problems:
         raise CheckpointError(f"{path} does not fit the model in {ckpt_dir}/config.json:\n  "
                               + "\n  ".join(problems))
-    report.notes.extend(sorted(fresh))
+    notes.extend(sorted(fresh))
     model.load_state_dict(state, strict=False)  # fresh (optional) params keep their init
-    report.print()
-    return report
+    return [f"{path}: {n}" for n in notes]
 
 
 def _part_shape(param, n_parts):
@@ -183,9 +170,11 @@ def _part_shape(param, n_parts):
     return tuple(shape)
 
 
-def load_model(ckpt_dir, with_head=False, allow_missing_head=False, **overrides):
+def load_model(ckpt_dir, with_head=False, allow_missing_head=False, notes=None, **overrides):
     """Build a model from `ckpt_dir/config.json` and load its weights. `overrides` replace config
-    fields (for example `attention="eager"` or dropout rates for fine-tuning)."""
+    fields (for example `attention="eager"` or dropout rates for fine-tuning). Loading prints
+    nothing: what was dropped or created fresh is appended to the list `notes`, when given, for
+    the command to report."""
     cfg_path = os.path.join(ckpt_dir, "config.json")
     if not os.path.exists(cfg_path):
         raise CheckpointError(f"{ckpt_dir}: no config.json; a checkpoint directory holds "
@@ -194,7 +183,9 @@ def load_model(ckpt_dir, with_head=False, allow_missing_head=False, **overrides)
     if overrides:
         cfg = BertConfig(**{**cfg.__dict__, **overrides})
     model = BertForMLM(cfg) if with_head else BertEncoder(cfg)
-    load_state_into(model, ckpt_dir, with_head, allow_missing_head)
+    found = load_state_into(model, ckpt_dir, with_head, allow_missing_head)
+    if notes is not None:
+        notes.extend(found)
     return model.eval()
 
 

@@ -10,6 +10,18 @@ from minibert.model import mean_pool
 from minibert.tokenizer import Tokenizer
 
 
+def load_and_report(path, with_head=False):
+    """The model at `path`; what loading dropped or created fresh is said on stderr."""
+    notes = []
+    model = load_model(path, with_head=with_head, notes=notes)
+    c = model.config
+    for n in notes:
+        print(f"minibert: {n}", file=sys.stderr)
+    print(f"minibert: {path}: {c.num_hidden_layers} layers, hidden {c.hidden_size}, "
+          f"{c.num_attention_heads} heads, attention {c.attention}", file=sys.stderr)
+    return model
+
+
 def cmd_weights_import(args):
     from minibert.weights import import_weights
     import_weights(args.src, args.dest)
@@ -18,7 +30,7 @@ def cmd_weights_import(args):
 @torch.no_grad()
 def cmd_embed(args):
     """Mean-pooled, L2-normalised sentence vectors: sentence-transformers' convention."""
-    model = load_model(args.model)
+    model = load_and_report(args.model)
     tok = Tokenizer.from_dir(args.model)
     vectors = []
     for i in range(0, len(args.text), args.batch_size):
@@ -32,7 +44,7 @@ def cmd_embed(args):
 
 @torch.no_grad()
 def cmd_fill_mask(args):
-    model = load_model(args.model, with_head=True)
+    model = load_and_report(args.model, with_head=True)
     tok = Tokenizer.from_dir(args.model)
     for text in args.text:
         b = tok.encode_batch([text])

@@ -1,23 +1,32 @@
-"""Atomic file writes: write a temporary file beside the target, fsync it, then rename.
+"""Atomic file writes, and strict JSON.
 
-A rename within one directory is atomic on POSIX, so a run killed at any moment leaves either the
-old file or the new one, never half of one. Every checkpoint, metrics file and result goes
-through here.
+Every file is written to a temporary name beside its target, flushed, fsynced, then renamed over
+it. A rename within one directory is atomic on POSIX, so a run killed at any moment leaves either
+the old file or the new one, never half of one. Every checkpoint, metrics file, data split,
+token cache and result goes through `atomic_open`.
+
+JSON is written strictly: a non-finite float (NaN, inf) becomes `null`, since `NaN` is not JSON
+and most parsers other than Python's refuse it.
 """
 
+import contextlib
 import json
+import math
 import os
 import tempfile
 
 
-def _atomic_write(path, write_fn, mode):
+@contextlib.contextmanager
+def atomic_open(path, mode="w"):
+    """A file object for writing `path`; the file appears, complete, when the block ends."""
     path = os.fspath(path)
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
-        with os.fdopen(fd, mode) as f:
-            write_fn(f)
+        kw = {} if "b" in mode else {"encoding": "utf-8", "newline": "\n"}
+        with os.fdopen(fd, mode, **kw) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         umask = os.umask(0)
@@ -31,15 +40,33 @@ def _atomic_write(path, write_fn, mode):
 
 
 def atomic_write_text(path, text):
-    _atomic_write(path, lambda f: f.write(text), "w")
+    with atomic_open(path, "w") as f:
+        f.write(text)
 
 
 def atomic_write_bytes(path, data):
-    _atomic_write(path, lambda f: f.write(data), "wb")
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def finite_or_null(obj):
+    """`obj` with every non-finite float replaced by None, recursively through dicts and lists."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_null(v) for v in obj]
+    return obj
+
+
+def json_line(obj):
+    """One line of strict JSON (no NaN), without its newline."""
+    return json.dumps(finite_or_null(obj), allow_nan=False)
 
 
 def atomic_write_json(path, obj):
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(finite_or_null(obj), indent=2, allow_nan=False) + "\n")
 
 
 def atomic_save_safetensors(path, tensors, metadata=None):
@@ -54,4 +81,5 @@ def atomic_torch_save(path, obj):
     """torch.save of plain tensors/containers, read back with torch.load(weights_only=True)."""
     import torch
 
-    _atomic_write(path, lambda f: torch.save(obj, f), "wb")
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)

@@ -13,7 +13,6 @@ checkpoint's NSP weights are reported and dropped by minibert/checkpoint.py); no
 """
 
 import math
-import sys
 
 import torch
 import torch.nn as nn
@@ -146,7 +145,6 @@ class BertEncoder(nn.Module):
         # The pooler is a dense + tanh on the [CLS] vector, trained by next-sentence prediction.
         self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.apply(init_weights)
-        print(f"minibert: attention={cfg.attention}", file=sys.stderr)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
         if attention_mask is None:

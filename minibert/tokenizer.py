@@ -114,15 +114,29 @@ def read_vocab(path):
         return {line.rstrip("\n"): i for i, line in enumerate(f)}
 
 
-def build_wordpiece(vocab, lowercase=True):
-    """BERT's tokenization pipeline around a WordPiece vocabulary ({token: id})."""
-    tok = HFTokenizer(WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+def bert_normalization(tok: HFTokenizer, lowercase=True):
+    """BERT's text pipeline around a WordPiece model: BertNormalizer (clean control characters,
+    space around CJK characters, lowercase and, with it, strip accents), BertPreTokenizer (split on
+    whitespace and punctuation), and the `##`-joining decoder. `minibert tokenizer train` sets it
+    before learning a vocabulary, so a trained tokenizer reads text exactly as a loaded one."""
     tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
                                                 strip_accents=None, lowercase=lowercase)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    cls_id, sep_id = vocab["[CLS]"], vocab["[SEP]"]
+    tok.decoder = decoders.WordPiece(prefix="##")
+
+
+def bert_template(tok: HFTokenizer):
+    """BERT's special tokens around the pieces: [CLS] A [SEP], and [CLS] A [SEP] B [SEP] with
+    segment 1 for B. Needs [CLS] and [SEP] in the vocabulary."""
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
-    tok.decoder = decoders.WordPiece(prefix="##")
+
+
+def build_wordpiece(vocab, lowercase=True):
+    """BERT's tokenizer around a WordPiece vocabulary ({token: id}), as vocab.txt describes it."""
+    tok = HFTokenizer(WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    bert_normalization(tok, lowercase)
+    bert_template(tok)
     return tok

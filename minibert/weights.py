@@ -35,7 +35,10 @@ def import_weights(src, dest):
 
 def _import_dir(src, dest, source):
     has_head = _has_mlm_head(os.path.join(src, "model.safetensors"))
-    model = load_model(src, with_head=has_head)
+    notes = []
+    model = load_model(src, with_head=has_head, notes=notes)
+    for n in notes:
+        print(f"minibert: {n}", file=sys.stderr)
     tok = Tokenizer.from_dir(src)
     save_model(model, dest, tok)
     files = sorted(f for f in os.listdir(dest) if f != "manifest.json")

@@ -17,14 +17,14 @@ from safetensors.torch import load_file, save_file
 
 from minibert.config import BertConfig
 from minibert.model import BertEncoder
-from train.classification import ClassificationHead
-from train.finetune import run_finetune
-from train.finetune_config import FinetuneConfig
-from train.memory import largest_fitting, plan_accumulation
-from train.rundir import RunDir, read_jsonl
-from train.schedules import LambdaSchedule
-from train.task import TaskModel
-from train.trainer import Diverged, LoopSettings, OutOfMemory, Trainer
+from train.tasks.classification import ClassificationHead
+from train.finetune.finetune import run_finetune
+from train.finetune.config import FinetuneConfig
+from train.runs.memory import largest_fitting, plan_accumulation
+from train.loop.rundir import RunDir, read_jsonl
+from train.loop.schedules import LambdaSchedule
+from train.tasks.task import TaskModel
+from train.loop.trainer import Diverged, LoopSettings, OutOfMemory, Trainer
 
 N = 8  # training examples
 

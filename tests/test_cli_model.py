@@ -19,7 +19,7 @@ from conftest import ATOL_FP32, randomize_
 from safetensors.torch import load_file, save_file
 
 import minibert
-from minibert.cli import main
+from train.cli import main
 
 TEXTS = [
     "A man is playing a guitar.",
@@ -53,7 +53,7 @@ def test_embed_matches_sentence_transformers(minilm_dir, minilm_original_dir, ca
 
 def test_embed_subprocess_stdout_is_pure_json(minilm_dir, capsys):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "minibert.cli", "embed", minilm_dir,
+    r = subprocess.run([sys.executable, "-P", "-m", "train.cli", "embed", minilm_dir,
                         "--text", "Hello world.", "--text", "A second, longer sentence."],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from train.crf import CRF, FORBIDDEN, bio_penalties
+from train.tasks.crf import CRF, FORBIDDEN, bio_penalties
 
 # float64 everywhere: the brute force and the recursion then agree to rounding (~1e-12); 1e-9
 # leaves room for the different order of summation and would still catch any wrong term.

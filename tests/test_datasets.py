@@ -18,10 +18,10 @@ import zipfile
 import pytest
 
 from minibert import fetch
-from train import datasets
-from train.datasets import (DataError, corpus_split_of, parse_conll_tab, parse_news_csv,
+from train.data import datasets
+from train.data.sources import (DataError, corpus_split_of, parse_conll_tab, parse_news_csv,
                             parse_slash_tagged, parse_vader, quoref_to_squad, split_of)
-from train.wikitext import strip_markup
+from train.data.wikitext import strip_markup
 
 
 # ---------------------------------------------------------------------------------- the splits

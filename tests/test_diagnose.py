@@ -12,8 +12,8 @@ import os
 
 import pytest
 
-from minibert.cli import main
-from train.diagnose import diagnose
+from train.cli import main
+from train.runs.diagnose import diagnose
 
 STEPS = 1000
 
@@ -176,7 +176,7 @@ def test_plot_without_matplotlib_says_how_to_install(tmp_path, monkeypatch):
 
 
 def test_lr_groups_with_identical_curves_are_drawn_once():
-    from train.plot import lr_curves
+    from train.runs.plot import lr_curves
     train = [{"step": s, "lr": {"head": 1e-3 * s, "head.no_decay": 1e-3 * s, "layer.0": 1e-5}}
              for s in (1, 2)]
     assert [c[0] for c in lr_curves(train)] == ["head (+1 groups)", "layer.0"]

@@ -27,11 +27,11 @@ from safetensors.torch import load_file
 
 from tests.test_accumulation import Data, NaNAt, make_trainer, tiny_model
 from tests.tiny import make_checkpoint, make_sentiment
-from train.distributed import Dist, fit_to_world
-from train.finetune import cmd_finetune, run_finetune
-from train.finetune_config import FinetuneConfig
-from train.rundir import read_jsonl
-from train.trainer import Diverged
+from train.loop.distributed import Dist, fit_to_world
+from train.finetune.finetune import cmd_finetune, run_finetune
+from train.finetune.config import FinetuneConfig
+from train.loop.rundir import read_jsonl
+from train.loop.trainer import Diverged
 
 # Two processes sum the same examples' losses in another order (two partial means, then the
 # all-reduce), which changes fp32 results by ~1e-7 relative per step; AdamW carries such
@@ -60,7 +60,7 @@ def flags(ckpt, data, out, *extra):
 
 def single(args):
     """One process, in this one (no interpreter start-up): the reference runs."""
-    from minibert.cli import build_parser
+    from train.cli import build_parser
     ns = build_parser().parse_args(["finetune", *args])
     ns.argv = ["finetune", *args]
     assert cmd_finetune(ns) in (0, None)
@@ -114,7 +114,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(setup, tmp_path):
               "--lr", "1e-3"]
     single(flags(ckpt, d61, tmp_path / "one", "--batch-size", "8", *common))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-port", str(free_port()), "-m", "minibert.cli", "finetune",
+           "--master-port", str(free_port()), "-m", "train.cli", "finetune",
            *flags(ckpt, d61, tmp_path / "two", "--batch-size", "4", *common)]
     r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -145,7 +145,7 @@ def test_killed_two_process_run_resumes_with_one_or_two(setup, tmp_path):
     killed = tmp_path / "killed"
     # the launcher path: `minibert finetune --nproc 2` re-runs itself under torchrun; its own
     # process group holds torchrun and both ranks, and all of it gets SIGKILL
-    p = subprocess.Popen([sys.executable, "-m", "minibert.cli", "finetune", "--nproc", "2",
+    p = subprocess.Popen([sys.executable, "-P", "-m", "train.cli", "finetune", "--nproc", "2",
                           *flags(ckpt, d57, killed, "--batch-size", "4", *common)],
                          env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          start_new_session=True)
@@ -170,7 +170,7 @@ def test_killed_two_process_run_resumes_with_one_or_two(setup, tmp_path):
         json.dumps({**cfg, "out": str(tmp_path / "killed2")}))
 
     # 2 -> 1: the one process takes the whole global micro-batch of 8
-    r = subprocess.run([sys.executable, "-m", "minibert.cli", "finetune", "--resume",
+    r = subprocess.run([sys.executable, "-P", "-m", "train.cli", "finetune", "--resume",
                         str(killed)], env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 process(es) x batch 4 -> 1 x 8" in r.stderr
@@ -178,7 +178,7 @@ def test_killed_two_process_run_resumes_with_one_or_two(setup, tmp_path):
     assert_same_weights(weights(tmp_path / "full"), weights(killed))
 
     # 2 -> 2, through the launcher
-    r = subprocess.run([sys.executable, "-m", "minibert.cli", "finetune", "--resume",
+    r = subprocess.run([sys.executable, "-P", "-m", "train.cli", "finetune", "--resume",
                         str(tmp_path / "killed2"), "--nproc", "2"], env=ENV,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]

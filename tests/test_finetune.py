@@ -13,12 +13,12 @@ import torch
 from safetensors.torch import load_file
 
 from tests.tiny import make_checkpoint, make_sentiment
-from train.classification import ClassificationTask
-from train.data import DataError, read_examples
-from train.finetune import build_model, run_finetune
-from train.finetune_config import FinetuneConfig
-from train.params import LrPolicy, param_groups, units_top_down
-from train.rundir import read_jsonl
+from train.tasks.classification import ClassificationTask
+from train.data.examples import DataError, read_examples
+from train.finetune.finetune import build_model, run_finetune
+from train.finetune.config import FinetuneConfig
+from train.loop.params import LrPolicy, param_groups, units_top_down
+from train.loop.rundir import read_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def test_gradual_unfreezing_follows_its_stages(setup, tmp_path):
 
 
 def _cli(*args):
-    return [sys.executable, "-m", "minibert.cli", "finetune", *args]
+    return [sys.executable, "-P", "-m", "train.cli", "finetune", *args]
 
 
 def test_resume_after_kill_gives_the_same_weights(setup, tmp_path):
@@ -170,7 +170,7 @@ def test_learns_and_predicts(setup, tmp_path):
     results = run_finetune(cfg_for(setup, run, epochs=10, lr=3e-3, lr_head=3e-3))
     assert results["test"]["accuracy"] >= 0.9, results["test"]
     assert set(results["test"]) >= {"accuracy", "f1", "precision", "recall", "loss"}
-    r = subprocess.run([sys.executable, "-m", "minibert.cli", "predict", str(run),
+    r = subprocess.run([sys.executable, "-P", "-m", "train.cli", "predict", str(run),
                         "--text", "a good movie", "--text", "an awful plot"],
                        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert r.returncode == 0, r.stderr

@@ -14,7 +14,7 @@ import torch
 
 from minibert.config import BertConfig
 from minibert.model import BertForMLM
-from train.masking import IGNORE, Masker, mlm_loss_dense, mlm_loss_sparse
+from train.pretrain.masking import IGNORE, Masker, mlm_loss_dense, mlm_loss_sparse
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 PAD, UNK, CLS, SEP, MASK = range(5)

@@ -11,9 +11,9 @@ dominating) so that both are far above rounding, and one step takes well under a
 import pytest
 import torch
 
-from minibert.cli import main
+from train.cli import main
 from minibert.config import BertConfig
-from train.memory import activation_bytes, build, estimate, measure
+from train.runs.memory import activation_bytes, build, estimate, measure
 
 B, T = 8, 128
 

@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 
 from minibert.tokenizer import Tokenizer
 from tests.tiny import FILLER, NEGATIVE, POSITIVE, make_checkpoint
-from train.finetune import TASKS, build_model, run_finetune
-from train.finetune_config import FinetuneConfig
-from train.multitask import MultiDataset, parse_specs
-from train.predict import cmd_predict
+from train.finetune.finetune import TASKS, build_model, run_finetune
+from train.finetune.config import FinetuneConfig
+from train.tasks.multitask import MultiDataset, parse_specs
+from train.finetune.predict import cmd_predict
 
 
 def make_snippets(path, seed):
@@ -182,7 +182,7 @@ def test_init_heads_errors_name_the_problem(setup, tmp_path):
 
 
 def test_init_heads_spec_keeps_a_directory_with_an_equals_sign_whole():
-    from train.finetune_config import head_spec
+    from train.finetune.config import head_spec
     assert head_spec("polarity=runs/a/best") == ("polarity", "runs/a/best")
     assert head_spec("runs/sweep/lr=1e-3/best") == (None, "runs/sweep/lr=1e-3/best")
     assert head_spec("polarity=runs/sweep/lr=1e-3/best") == ("polarity", "runs/sweep/lr=1e-3/best")

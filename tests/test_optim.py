@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from train.optim import AdamW
+from train.loop.optim import AdamW
 
 # fp32: our readable path forms m as b1*m + (1-b1)*g where torch uses lerp, so the two round
 # differently in the last bit; over 50 steps of this small model that stays near 1e-7 absolute

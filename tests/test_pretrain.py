@@ -18,9 +18,9 @@ from safetensors.torch import load_file
 from minibert.checkpoint import load_model, save_model
 from minibert.model import BertEncoder, BertForMLM
 from minibert.tokenizer import Tokenizer
-from train.pretrain import run_pretrain
-from train.pretrain_config import SIZES, PretrainConfig, model_config
-from train.rundir import read_jsonl
+from train.pretrain.pretrain import run_pretrain
+from train.pretrain.config import SIZES, PretrainConfig, model_config
+from train.loop.rundir import read_jsonl
 
 WORDS = ("the senate voted on a contentious nomination while markets fell sharply and the "
          "president said that talks with europe went well despite unbelievable weather").split()
@@ -112,8 +112,8 @@ def test_best_serves_fill_mask_and_finetune(tiny_run, tmp_path, capsys):
     line = json.loads(capsys.readouterr().out)
     assert len(line["masks"]) == 1 and len(line["masks"][0]) == 3
 
-    from train.finetune import run_finetune
-    from train.finetune_config import FinetuneConfig
+    from train.finetune.finetune import run_finetune
+    from train.finetune.config import FinetuneConfig
     rows = [{"text": " ".join(WORDS[i:i + 6]), "label": i % 2} for i in range(12)]
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from minibert.tokenizer import Tokenizer
-from train.masking import Masker
-from train.mlm_data import MLMData, Packing, load_corpus, tokenize_to_cache
-from train.tokenizer_train import train_tokenizer
+from train.pretrain.masking import Masker
+from train.pretrain.corpus import MLMData, Packing, load_corpus, tokenize_to_cache
+from train.pretrain.tokenizer import train_tokenizer
 
 DOCS = [
     "The senate voted on the nomination this afternoon.",
@@ -38,7 +38,7 @@ def reference_ids(tok, docs):
 
 def test_cache_holds_every_document(tok_and_corpus):
     tok, corpus = tok_and_corpus
-    tokens, offsets = tokenize_to_cache(corpus, tok)
+    tokens, offsets, _ = tokenize_to_cache(corpus, tok)
     assert tokens.dtype == np.uint16  # 200 tokens fit in 16 bits
     want = reference_ids(tok, DOCS)
     assert len(offsets) == len(want) + 1

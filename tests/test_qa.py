@@ -7,11 +7,11 @@ import random
 import pytest
 
 from tests.tiny import FILLER, NEGATIVE, POSITIVE, make_checkpoint, tiny_tokenizer
-from train.data import DataError
-from train.finetune import load_task_model, run_finetune
-from train.finetune_config import FinetuneConfig
-from train.qa import QADataset, QAExample, read_squad
-from train.squad_eval import exact_match, f1, normalize_answer, squad_scores
+from train.data.examples import DataError
+from train.finetune.finetune import load_task_model, run_finetune
+from train.finetune.config import FinetuneConfig
+from train.tasks.qa import QADataset, QAExample, read_squad
+from train.tasks.squad_eval import exact_match, f1, normalize_answer, squad_scores
 
 
 def test_squad_normalisation_and_scores():

@@ -10,10 +10,10 @@ from scipy import stats
 
 from minibert.tokenizer import Tokenizer
 from tests.tiny import FILLER, NEGATIVE, POSITIVE, make_checkpoint
-from train.data import DataError
-from train.finetune import load_task_model, run_finetune
-from train.finetune_config import FinetuneConfig
-from train.regression import ranks, regression_metrics
+from train.data.examples import DataError
+from train.finetune.finetune import load_task_model, run_finetune
+from train.finetune.config import FinetuneConfig
+from train.tasks.regression import ranks, regression_metrics
 
 
 def test_metrics_equal_scipy_with_ties():

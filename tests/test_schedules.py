@@ -14,7 +14,7 @@ from transformers import (get_constant_schedule_with_warmup, get_cosine_schedule
                           get_cosine_with_min_lr_schedule_with_warmup,
                           get_linear_schedule_with_warmup)
 
-from train.schedules import LambdaSchedule, ReduceLROnPlateau, WarmupThenPlateau, lr_multiplier
+from train.loop.schedules import LambdaSchedule, ReduceLROnPlateau, WarmupThenPlateau, lr_multiplier
 
 BASE_LRS = [1e-3, 5e-4, 2e-4]   # one group per layer, as with layer-wise lr decay
 

@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from minibert.cli import main
+from train.cli import main
 from tests.tiny import make_checkpoint, make_sentiment
 
 
@@ -66,7 +66,7 @@ def test_sweep_records_failures_sorts_and_resumes(tiny_setup, tmp_path, capsys):
 
 
 def test_random_draws_a_seeded_subset(tiny_setup, tmp_path):
-    from train.sweep import parse_grid, trials
+    from train.runs.sweep import parse_grid, trials
     grid = parse_grid(["lr=1,2,3", "batch-size=8,16", "epochs=1,2"])
     assert len(trials(grid)) == 12
     a, b = trials(grid, 4, seed=1), trials(grid, 4, seed=1)

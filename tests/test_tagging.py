@@ -9,12 +9,12 @@ import pytest
 from safetensors.torch import load_file
 
 from tests.tiny import FILLER, NEGATIVE, POSITIVE, make_checkpoint, tiny_tokenizer
-from train.data import DataError
-from train.finetune import run_finetune
-from train.finetune_config import FinetuneConfig
-from train.predict import cmd_predict
-from train.seqeval import entity_scores, is_bio, repair_bio, spans
-from train.tagging import TaggedDataset, read_tagged
+from train.data.examples import DataError
+from train.finetune.finetune import run_finetune
+from train.finetune.config import FinetuneConfig
+from train.finetune.predict import cmd_predict
+from train.tasks.seqeval import entity_scores, is_bio, repair_bio, spans
+from train.tasks.tagging import TaggedDataset, read_tagged
 
 
 def test_textbook_entity_scores():

@@ -5,7 +5,7 @@ anyone else will read the checkpoint."""
 import pytest
 
 from minibert.tokenizer import SPECIALS, Tokenizer
-from train.tokenizer_train import train_tokenizer
+from train.pretrain.tokenizer import train_tokenizer
 
 TEXTS = [
     "The Café served crème brûlée to the Naïve Critic.",

@@ -20,7 +20,7 @@ _PUBLIC = {"flash_attention": "flash", "flash_attention_varlen": "flash",
 
 def _import_triton():
     try:
-        import triton  # noqa: F401
+        import triton  # noqa: F401  (only whether it imports)
     except ImportError as e:
         raise ImportError(
             "attention='triton' needs the triton package, which is not installed: "
@@ -28,21 +28,36 @@ def _import_triton():
         ) from e
 
 
+# The head size is a compile-time tile width of the kernels: a power of two they were written for.
+HEAD_SIZES = (16, 32, 64, 128)
+
+
+def interpreting():
+    """True under Triton's CPU interpreter (TRITON_INTERPRET=1): the kernels run on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_head_size(hs, what):
+    if hs not in HEAD_SIZES:
+        raise ValueError(f"{what}: head size {hs} is not supported by the Triton kernels; it "
+                         "must be a power of two from 16 to 128 (a compile-time tile width)")
+
+
+def check_device(device_type, what):
+    if device_type != "cuda" and not interpreting():
+        raise RuntimeError(
+            f"{what} runs Triton kernels, which need a CUDA GPU (got {device_type}). To run them "
+            "on a CPU (slowly, for tests), set TRITON_INTERPRET=1 before importing triton; "
+            "otherwise use attention='sdpa'.")
+
+
 def check_triton_usable(cfg):
     """Called by BertEncoder when cfg.attention starts with "triton": fail now, and clearly."""
     _import_triton()
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        raise RuntimeError(
-            f"attention={cfg.attention!r} runs Triton kernels, which need a CUDA GPU, and none is "
-            "available. To run them on a CPU (slowly, for tests), set TRITON_INTERPRET=1 before "
-            "importing triton; otherwise use attention='sdpa'."
-        )
-    hs = cfg.head_size
-    if hs not in (16, 32, 64, 128):
-        raise ValueError(
-            f"attention={cfg.attention!r} needs a head size that is a power of two from 16 to 128; "
-            f"hidden_size={cfg.hidden_size} / num_attention_heads={cfg.num_attention_heads} = {hs}"
-        )
+    what = f"attention={cfg.attention!r}"
+    check_device("cuda" if torch.cuda.is_available() else "cpu", what)
+    check_head_size(cfg.head_size, f"{what} (hidden_size={cfg.hidden_size} / "
+                                   f"num_attention_heads={cfg.num_attention_heads})")
     # Attention dropout (attention_probs_dropout_prob) is done inside the kernel: nothing to refuse.
 
 
@@ -53,4 +68,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'minibert.kernels' has no attribute {name!r}")
 
 
-__all__ = ["check_triton_usable", *_PUBLIC]
+__all__ = ["HEAD_SIZES", "check_device", "check_head_size", "check_triton_usable",
+           "interpreting", *_PUBLIC]

@@ -22,22 +22,18 @@ makes a run repeatable; the same seed always gives the same mask for the same T.
 """
 
 import math
-import os
 
 import torch
 import triton
 
+from minibert.kernels import check_device, check_head_size, interpreting
 from minibert.kernels.flash_kernels import (_bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_preprocess,
                                             _fwd_kernel, _keep_mask_kernel)
 
 
-def _interpreting():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _tiles(hs):
     """(forward BLOCK_M, forward BLOCK_N, backward block, num_warps), fixed per head size."""
-    if _interpreting():
+    if interpreting():
         return 64, 64, 64, 4  # the interpreter pays per program and per op: few, large tiles
     # Forward: 128 queries share each k/v tile loaded. Backward: two fp32 (64, hs) accumulators.
     return 128, 64, 64, (4 if hs <= 64 else 8)
@@ -108,15 +104,10 @@ def _check_inputs(q, k, v, layout, dropout_p):
                                                             torch.float32):
         raise ValueError("q, k, v must all be float16, bfloat16 or float32; got "
                          f"{q.dtype}, {k.dtype}, {v.dtype}")
-    hs = q.size(-1)
-    if hs not in (16, 32, 64, 128):
-        raise ValueError(f"head size {hs} is not supported by the Triton kernel: it must be a "
-                         "power of two from 16 to 128 (it is a compile-time tile width)")
+    check_head_size(q.size(-1), "flash_attention")
     if not q.device == k.device == v.device:
         raise ValueError(f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
-    if q.device.type != "cuda" and not _interpreting():
-        raise RuntimeError(f"Triton kernels run on CUDA tensors; got {q.device}. On a CPU, set "
-                           "TRITON_INTERPRET=1 before importing triton, for its (slow) interpreter")
+    check_device(q.device.type, "flash_attention")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p={dropout_p} must be in [0, 1)")
 

@@ -1,0 +1,54 @@
+"""`minibert ...`: one argparse program with a subcommand for each job.
+
+Each subcommand lives beside the code it runs and registers itself through a `register(sub)`
+function; this file only collects them. It lives in `train`, not in `minibert`, because the
+arrows run one way: `train` imports `minibert`, never the reverse. Data a command produces
+(JSON, predictions, vectors) goes to stdout alone; logs, progress and the resolved config go to
+stderr, so pipes work.
+
+`python -m train.cli` is the same program (what `--nproc` and `sweep` start, with `python -P`:
+see train/command.py).
+"""
+
+import argparse
+import sys
+
+import minibert.commands  # weights import, embed, fill-mask
+import train.data.datasets  # data get
+import train.finetune.finetune  # finetune
+import train.finetune.predict  # predict
+import train.pretrain.pretrain  # pretrain
+import train.pretrain.tokenizer  # tokenizer train
+import train.runs.diagnose  # diagnose
+import train.runs.memory  # memory
+import train.runs.plot  # plot
+import train.runs.report  # report
+import train.runs.sweep  # sweep
+
+COMMANDS = [minibert.commands, train.data.datasets, train.finetune.finetune,
+            train.finetune.predict, train.pretrain.tokenizer, train.pretrain.pretrain,
+            train.runs.diagnose, train.runs.memory, train.runs.sweep, train.runs.plot,
+            train.runs.report]
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="minibert", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in COMMANDS:
+        module.register(sub)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    # the command line as given: `--nproc N` re-runs it under torchrun (train/loop/distributed.py)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        print("minibert: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Labelled examples from JSONL, CSV or TSV files, and the batches a trainer draws from them.
+
+Reading is strict: a row with a missing field, an empty text, a label unseen in training, or a
+line that does not decode stops the run with `file:line` and the reason. With `skip_bad_rows`
+such rows are skipped and counted instead, and the count is printed; nothing is dropped silently.
+
+Batching is dynamic: each batch is padded to its own longest sequence. With `group_by_length`,
+examples are sorted by length inside large shuffled windows so that a batch holds similar lengths
+(less padding, faster steps) while the order stays random from epoch to epoch. The order is a
+pure function of (seed, epoch), which is what makes exact resume possible.
+"""
+
+import csv
+import json
+import os
+import random
+import sys
+from dataclasses import dataclass, field
+
+
+class DataError(ValueError):
+    """A data file not in the form expected; the message names the file and the line."""
+
+
+@dataclass
+class Example:
+    text: str
+    pair: str | None
+    target: object  # the raw label (str) for classification, a float for regression, ...
+    where: str  # file:line, for error messages
+
+
+@dataclass
+class ReadStats:
+    path: str
+    rows: int = 0
+    skipped: dict = field(default_factory=dict)  # reason -> count
+
+    def summary(self):
+        s = f"{self.path}: {self.rows} rows"
+        if self.skipped:
+            s += ", skipped " + ", ".join(f"{n} ({why})" for why, n in self.skipped.items())
+        return s
+
+
+def _rows(path):
+    """(line number, dict) for each data row of a JSONL, CSV or TSV file."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in (".jsonl", ".json", ".csv", ".tsv"):
+        raise DataError(f"{path}: unknown format {ext!r}; use .jsonl, .csv or .tsv")
+    with open(path, "rb") as fb:
+        raw_lines = fb.read().split(b"\n")
+    if ext in (".jsonl", ".json"):
+        for i, raw in enumerate(raw_lines, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield i, DataError(f"{path}:{i}: not UTF-8 ({e.reason} at byte {e.start})")
+                continue
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield i, DataError(f"{path}:{i}: not valid JSON ({e.msg})")
+                continue
+            yield i, row if isinstance(row, dict) else DataError(f"{path}:{i}: not a JSON object")
+        return
+    delim = "\t" if ext == ".tsv" else ","
+    try:
+        text = b"\n".join(raw_lines).decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = b"\n".join(raw_lines)[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 ({e.reason})") from None
+    reader = csv.DictReader(text.splitlines(), delimiter=delim)
+    for row in reader:
+        yield reader.line_num, row
+
+
+def read_examples(path, text_field, pair_field, target_field, skip_bad_rows=False,
+                  check_target=None):
+    """Read `path` into Examples. `check_target(value) -> error message or None` validates the
+    target (e.g. a dev label must exist in train)."""
+    stats = ReadStats(path)
+    examples = []
+
+    def bad(where, why):
+        if not skip_bad_rows:
+            raise DataError(f"{where}: {why} (use --skip-bad-rows to skip and count such rows)")
+        key = why.split(":")[0]
+        stats.skipped[key] = stats.skipped.get(key, 0) + 1
+
+    for line, row in _rows(path):
+        where = f"{path}:{line}"
+        if isinstance(row, DataError):
+            bad(where, str(row).split(": ", 1)[1])
+            continue
+        missing = [f for f in (text_field, pair_field, target_field) if f and row.get(f) is None]
+        if missing:
+            bad(where, f"missing field {missing[0]!r}")
+            continue
+        text = str(row[text_field])
+        pair = str(row[pair_field]) if pair_field else None
+        if not text.strip() or (pair is not None and not pair.strip()):
+            bad(where, "empty text")
+            continue
+        target = row[target_field] if target_field else None
+        if check_target is not None:
+            err = check_target(target)
+            if err:
+                bad(where, err)
+                continue
+        examples.append(Example(text, pair, target, where))
+        stats.rows += 1
+    if not examples:
+        raise DataError(f"{path}: no usable rows")
+    print(f"data: {stats.summary()}", file=sys.stderr)
+    return examples, stats
+
+
+def label_key(v):
+    """Labels are compared as strings so that 1, "1" and 1.0-free ints agree across file types."""
+    return str(v)
+
+
+def build_label_map(examples):
+    """Sorted label -> index map from the training data (numeric labels sort numerically)."""
+    labels = sorted({label_key(e.target) for e in examples},
+                    key=lambda s: (0, float(s), s) if _is_number(s) else (1, 0.0, s))
+    return {lab: i for i, lab in enumerate(labels)}
+
+
+def _is_number(s):
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def batch_order(lengths, batch_size, seed, epoch, group_by_length, shuffle=True):
+    """Lists of example indices, one per batch: a pure function of its arguments.
+
+    group_by_length sorts within windows of 50 batches: most padding goes away, yet consecutive
+    epochs still see different batches.
+    """
+    idx = list(range(len(lengths)))
+    rng = random.Random(seed * 1_000_003 + epoch)
+    if shuffle:
+        rng.shuffle(idx)
+    if group_by_length:
+        window = batch_size * 50
+        idx = [i for s in range(0, len(idx), window)
+               for i in sorted(idx[s:s + window], key=lambda j: lengths[j])]
+    batches = [idx[s:s + batch_size] for s in range(0, len(idx), batch_size)]
+    if group_by_length and shuffle:
+        rng.shuffle(batches)  # otherwise each window would run short-to-long
+    return batches

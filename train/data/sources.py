@@ -1,0 +1,186 @@
+"""Reading the real data sets out of their archives: one parser per source format, and the
+split rule. Every parser is strict: a line it cannot read is a DataError naming the source and
+line. train/data/datasets.py fetches the archives and writes what these return.
+
+Splits follow shared/DATA.md: a row goes by the sha1 of its text, never by its position, so a split
+does not change when rows are reordered or added, and identical texts never straddle two splits.
+Labelled sets: sha1 % 10 == 0 -> test, == 1 -> dev, else train (QA hashes the passage, so all the
+questions on one passage stay together). Corpora: sha1 % 20 == 0 -> valid, else train.
+"""
+
+import csv
+import hashlib
+import io
+import math
+import re
+from collections import Counter
+from xml.etree.ElementTree import ParseError
+
+from train.data.examples import DataError
+from train.data.wikitext import iter_pages, strip_markup
+
+
+# ---------------------------------------------------------------------------------- the splits
+
+def sha1_bucket(text, n):
+    return int(hashlib.sha1(text.encode("utf-8")).hexdigest(), 16) % n
+
+
+def split_of(text):
+    """'test', 'dev' or 'train' for a labelled example (10% / 10% / 80%)."""
+    return {0: "test", 1: "dev"}.get(sha1_bucket(text, 10), "train")
+
+
+def corpus_split_of(doc):
+    """'valid' or 'train' for a pretraining document (5% / 95%)."""
+    return "valid" if sha1_bucket(doc, 20) == 0 else "train"
+
+
+# ------------------------------------------------------------------------ parsing the sources
+
+def decode(data, source):
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{source}: not UTF-8 at byte {e.start}") from None
+
+
+def source_lines(text):
+    """(line number, line) without the line ending; a final newline makes no empty last line.
+    Not str.splitlines(): that also splits on U+2028 and friends, which occur inside tweets."""
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [(i, line.removesuffix("\r")) for i, line in enumerate(lines, 1)]
+
+
+def parse_vader(text, source):
+    """Rows of a vaderSentiment ground-truth file: `id <TAB> mean score <TAB> sentence`."""
+    rows = []
+    for i, line in source_lines(text):
+        parts = line.split("\t")
+        if len(parts) != 3 or not parts[2].strip():
+            raise DataError(f"{source}, line {i}: expected 'id<TAB>score<TAB>sentence', "
+                            f"got {line[:100]!r}")
+        try:
+            score = float(parts[1])
+        except ValueError:
+            score = math.nan
+        if not math.isfinite(score):
+            raise DataError(f"{source}, line {i}: score {parts[1]!r} is not a number")
+        # A mean score of exactly 0 (37 movie snippets, 4 tweets) is not positive: label 0.
+        rows.append({"text": parts[2].strip(), "label": int(score > 0), "score": score})
+    return rows
+
+
+def parse_conll_tab(text, source):
+    """Sentences of a `token <TAB> BIO tag` file whose sentences end at a line holding only a tab
+    (or nothing)."""
+    sentences, tokens, tags = [], [], []
+    for i, line in source_lines(text + "\n\t"):  # the sentinel closes the last sentence
+        if line in ("", "\t"):
+            if tokens:
+                sentences.append({"tokens": tokens, "tags": tags})
+            tokens, tags = [], []
+            continue
+        parts = line.split("\t")
+        if len(parts) != 2 or not parts[0] or not re.fullmatch(r"O|[BI]-[\w-]+", parts[1]):
+            raise DataError(f"{source}, line {i}: expected 'token<TAB>tag' with tag O, B-x or "
+                            f"I-x, got {line[:100]!r}")
+        tokens.append(parts[0])
+        tags.append(parts[1])
+    return sentences
+
+
+def parse_slash_tagged(text, source):
+    """Sentences of a `word/TAG word/TAG ...` file, one sentence a line. Words may hold a slash
+    themselves (`1/2/CD`), so a token splits at its last one."""
+    sentences = []
+    for i, line in source_lines(text):
+        if not line.strip():
+            continue
+        tokens, tags = [], []
+        for tok in line.split():
+            word, _, tag = tok.rpartition("/")
+            if not word or not tag:
+                raise DataError(f"{source}, line {i}: token {tok!r} is not word/TAG")
+            tokens.append(word)
+            tags.append(tag)
+        sentences.append({"tokens": tokens, "tags": tags})
+    return sentences
+
+
+def parse_news_csv(text, source):
+    """The `text` column of NewsArticles.csv, each document on one line; empty ones dropped."""
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if "text" not in (reader.fieldnames or []):
+        raise DataError(f"{source}: no 'text' column (columns: {reader.fieldnames})")
+    docs = []
+    try:
+        for row in reader:
+            if row["text"] is None:
+                raise DataError(f"{source}, line {reader.line_num}: row has too few columns")
+            docs.append(" ".join(row["text"].split()))
+    except csv.Error as e:
+        raise DataError(f"{source}, line {reader.line_num}: {e}") from None
+    return [d for d in docs if d]
+
+
+def quoref_to_squad(task, source):
+    """SQuAD v1.1 train/dev/test dicts from a BIG-bench natural-instructions Quoref task, and a
+    Counter of the questions dropped, by reason.
+
+    Each example is {"input": "Passage: ...\\nQuestion: ...", "target": ["Answer."]}. The target
+    is a span of the passage plus a final '.', which we strip. A question with several targets
+    asks for several spans ("the names of the two officers ..."): SQuAD's answers list means
+    alternative answers to a one-span question, so those questions are dropped, not relabelled.
+    """
+    examples = task.get("examples") if isinstance(task, dict) else None
+    if not isinstance(examples, list):
+        raise DataError(f"{source}: expected a JSON object with an 'examples' list")
+    by_passage, dropped = {}, Counter()  # dicts keep the file's order
+    for i, ex in enumerate(examples):
+        where = f"{source}, examples[{i}]"
+        inp, targets = ex.get("input"), ex.get("target")
+        if isinstance(targets, str):
+            targets = [targets]
+        if (not isinstance(inp, str) or not inp.startswith("Passage:")
+                or inp.count("\nQuestion:") != 1):
+            raise DataError(f"{where}: input is not 'Passage: ...\\nQuestion: ...'")
+        if not targets or not all(isinstance(t, str) for t in targets):
+            raise DataError(f"{where}: target is not a string or a list of strings")
+        passage, question = inp.removeprefix("Passage:").split("\nQuestion:")
+        passage, question = passage.strip(), question.strip()
+        if len(targets) > 1:
+            dropped["several answer spans"] += 1
+            continue
+        answer = targets[0].strip().removesuffix(".")
+        start = passage.find(answer) if answer else -1
+        if start < 0:
+            dropped["answer not found in the passage"] += 1
+            continue
+        by_passage.setdefault(passage, []).append({
+            "id": f"quoref-{i:05d}", "question": question,
+            "answers": [{"text": answer, "answer_start": start}]})
+    splits = {"train": [], "dev": [], "test": []}
+    for passage, qas in by_passage.items():
+        title = "quoref-" + hashlib.sha1(passage.encode("utf-8")).hexdigest()[:10]
+        splits[split_of(passage)].append(
+            {"title": title, "paragraphs": [{"context": passage, "qas": qas}]})
+    return {s: {"version": "1.1", "data": d} for s, d in splits.items()}, dropped
+
+
+def wiki_documents(f, source):
+    """The stripped text of each article (namespace 0, not a redirect) of a MediaWiki export."""
+    docs, skipped = [], Counter()
+    try:
+        for _title, ns, text, redirect in iter_pages(f):
+            doc = strip_markup(text) if ns == 0 and not redirect else ""
+            if doc:
+                docs.append(doc)
+            else:
+                skipped["redirect" if redirect else "not an article" if ns != 0 else
+                        "empty after stripping"] += 1
+    except (ParseError, EOFError, OSError) as e:  # bad XML, a truncated bz2 stream
+        raise DataError(f"{source}: {e}") from None
+    return docs, skipped

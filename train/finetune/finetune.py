@@ -1,0 +1,308 @@
+"""`minibert finetune`: build everything from a FinetuneConfig, then run the Trainer.
+
+Reads top to bottom: device and seed -> data -> model and head -> freezing and parameter groups
+-> optimizer and schedule -> trainer -> final test evaluation with the best checkpoint.
+The run directory layout is described in train/rundir.py; `--resume RUN` continues a killed run
+from its `state/` with the config saved in `RUN/config.json`.
+"""
+
+import dataclasses
+import functools
+import json
+import os
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+from minibert.checkpoint import load_model, save_model
+from minibert.config import BertConfig
+from minibert.io import atomic_save_safetensors, atomic_write_json
+from minibert.model import BertEncoder
+from minibert.tokenizer import Tokenizer
+from train.loop import distributed
+from train.data.examples import DataError
+from train.runs.diagnose import write_diagnosis
+from train.finetune.config import FinetuneConfig, batch_size_arg, head_spec
+from train.command import add_dataclass_flags, dataclass_from_args, print_config
+from train.runs.memory import auto_batch_size, plan_accumulation
+from train.tasks.multitask import MultiTask
+from train.loop.optim import AdamW
+from train.loop.params import (GradualUnfreezer, LrPolicy, frozen_units, param_groups, print_groups,
+                          set_trainable, units_top_down)
+from train.loop.schedules import LambdaSchedule, WarmupThenPlateau, lr_multiplier
+from train.tasks.registry import SINGLE_TASKS
+from train.tasks.task import TaskModel
+from train.loop.device import (describe_precision, grad_scaler, pick_device, resolve_precision,
+                               run_state)
+from train.loop.trainer import Diverged, LoopSettings, OutOfMemory, Trainer, plan_steps
+
+# --task NAME -> the class that knows its head, data and metrics (train/tasks/task.py)
+TASKS = {**SINGLE_TASKS, MultiTask.name: MultiTask}
+
+
+def build_model(cfg: FinetuneConfig, task):
+    """The backbone from the checkpoint (or its config alone for --init random) plus a new head."""
+    overrides = {"attention": cfg.attention}
+    if cfg.hidden_dropout is not None:
+        overrides["hidden_dropout_prob"] = cfg.hidden_dropout
+    if cfg.attention_dropout is not None:
+        overrides["attention_probs_dropout_prob"] = cfg.attention_dropout
+    if cfg.init == "pretrained":
+        notes = []
+        bert = load_model(cfg.model, notes=notes, **overrides)
+        for n in notes:
+            print(f"init: {n}", file=sys.stderr)
+    else:
+        mc = BertConfig.from_json(os.path.join(cfg.model, "config.json"))
+        bert = BertEncoder(dataclasses.replace(mc, **overrides))
+        print("init: random weights (BERT's N(0, 0.02) initialisation), same architecture",
+              file=sys.stderr)
+    drop = cfg.classifier_dropout if cfg.classifier_dropout is not None else \
+        bert.config.hidden_dropout_prob
+    return TaskModel(bert, task.build_head(bert.config.hidden_size, drop))
+
+
+def init_heads(head, specs, task_name):
+    """--init-heads: copy trained head weights from finetune runs' best/ into the new head(s).
+    DIR replaces the whole head; NAME=DIR (multitask) replaces head NAME, taken from DIR's head
+    NAME when DIR is itself multi-task, else DIR's whole head. Shapes and keys must match."""
+    for spec in specs:
+        name, src = head_spec(spec)
+        path = os.path.join(src, "head.safetensors")
+        if not os.path.exists(path):
+            raise SystemExit(f"minibert finetune: --init-heads {spec}: no {path} (give a "
+                             "finetune run's best/ directory)")
+        with open(os.path.join(src, "task.json")) as f:
+            src_task = json.load(f)["task"]
+        weights = load_file(path)
+        if name and src_task == "multitask":
+            weights = {k[len(name) + 1:]: v for k, v in weights.items()
+                       if k.startswith(name + ".")}
+        if name and name not in head:
+            raise SystemExit(f"minibert finetune: --init-heads {spec}: no head {name!r}; "
+                             f"heads are {list(head)}")
+        target = head[name] if name else head
+        want = target.state_dict()
+        if set(weights) != set(want) or any(weights[k].shape != want[k].shape for k in want):
+            have = {k: tuple(v.shape) for k, v in weights.items()}
+            need = {k: tuple(v.shape) for k, v in want.items()}
+            raise SystemExit(f"minibert finetune: --init-heads {spec}: {path} ({src_task}) "
+                             f"holds {have or 'no such head'}, the {task_name} head "
+                             f"{name or ''} needs {need}")
+        target.load_state_dict(weights)
+        print(f"init: head {name or '(all)'} from {path}", file=sys.stderr)
+
+
+def build_schedule(cfg, optimizer, total_steps):
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else \
+        round(cfg.warmup_ratio * total_steps)
+    print(f"schedule: {cfg.schedule}, {warmup} warm-up steps of {total_steps}", file=sys.stderr)
+    if cfg.schedule == "plateau":
+        return WarmupThenPlateau(optimizer, warmup, mode=cfg.metric_mode,
+                                 factor=cfg.plateau_factor, patience=cfg.plateau_patience,
+                                 cooldown=cfg.plateau_cooldown, threshold=cfg.plateau_threshold,
+                                 min_lr=cfg.plateau_min_lr)
+    fn = functools.partial(lr_multiplier, kind=cfg.schedule, warmup_steps=warmup,
+                           total_steps=total_steps)
+    return LambdaSchedule(optimizer, fn)
+
+
+def save_task_model(model, tok, task, out_dir):
+    """best/: the backbone in Hugging Face layout, the head, and task.json (what predict needs)."""
+    save_model(model.bert, out_dir, tok)
+    atomic_save_safetensors(os.path.join(out_dir, "head.safetensors"), model.head.state_dict())
+    atomic_write_json(os.path.join(out_dir, "task.json"), task.meta)
+
+
+def load_task_model(best_dir, device):
+    with open(os.path.join(best_dir, "task.json")) as f:
+        meta = json.load(f)
+    task = TASKS[meta["task"]](meta)
+    bert = load_model(best_dir)
+    head = task.build_head(bert.config.hidden_size, 0.0)
+    head.load_state_dict(load_file(os.path.join(best_dir, "head.safetensors")))
+    return TaskModel(bert, head).to(device).eval(), task
+
+
+def plan_batches(cfg, model, optimizer, train_data, device):
+    """Resolve --batch-size auto and --effective-batch-size into micro-batch x accumulation."""
+    batch = cfg.batch_size
+    if batch == "auto":  # probe with the longest training examples: the worst case
+        longest = sorted(range(len(train_data.lengths)), key=lambda i: -train_data.lengths[i])
+        batch = auto_batch_size(model, optimizer, lambda n: train_data.collate(longest[:n]),
+                                device, limit=len(longest))
+    accum = cfg.grad_accum
+    if cfg.effective_batch_size is not None:
+        # the effective batch is global: batch x accum x processes
+        if cfg.effective_batch_size % cfg.nproc:
+            raise ValueError(f"--effective-batch-size {cfg.effective_batch_size} does not "
+                             f"divide among {cfg.nproc} processes")
+        batch, accum = plan_accumulation(cfg.effective_batch_size // cfg.nproc, batch)
+    if (batch, accum) == (cfg.batch_size, cfg.grad_accum):
+        return cfg
+    train_data.batch_size = batch  # the dataset was built with the flag's value
+    print(f"batching: micro-batch {batch} x {accum} accumulated x {cfg.nproc} process(es) = "
+          f"{batch * accum * cfg.nproc} examples per optimizer step", file=sys.stderr)
+    return dataclasses.replace(cfg, batch_size=batch, grad_accum=accum)
+
+
+def run_finetune(cfg: FinetuneConfig, resume=False, dist=None):
+    """Fine-tune as `cfg` says; returns results.json's content (None on ranks other than 0).
+
+    `dist` is this process's place in a data-parallel job (train/loop/distributed.py); None:
+    one process. The run seeds torch and sets its thread count for its own duration only."""
+    dist = dist if dist is not None else distributed.single(pick_device(cfg.device))
+    with run_state(cfg.seed, cfg.threads, dist.device):
+        return _finetune(cfg, resume, dist)
+
+
+def _finetune(cfg, resume, dist):
+    device = dist.device
+    cfg = distributed.fit_to_world(cfg, dist, resume)
+    if dist.world > 1 and cfg.unfreeze_every is not None:
+        raise ValueError("--unfreeze-every changes which parameters train mid-run, which "
+                         "DistributedDataParallel cannot follow; use one process")
+    if dist.world > 1 and cfg.batch_size == "auto":
+        raise ValueError("--batch-size auto could pick a different size on each process; "
+                         "give --batch-size N with --nproc")
+    if cfg.batch_size == "auto" and device.type != "cuda":
+        raise SystemExit("minibert finetune: --batch-size auto measures GPU memory and needs a "
+                         "CUDA device; on CPU give --batch-size N (`minibert memory` estimates "
+                         "the memory of a batch)")
+    run = distributed.run_dir(cfg.out, dist)  # rank 0 writes; other ranks only read
+    print_config(cfg, "finetune config")
+    precision, amp = resolve_precision(cfg.precision, device)
+    print(f"device: {device}, torch threads: {torch.get_num_threads()}, processes: {dist.world}, "
+          f"precision: {describe_precision(precision, amp)}, attention: {cfg.attention}, "
+          f"compile: {cfg.compile}", file=sys.stderr)
+    if not resume:
+        run.write_json("config.json", dataclasses.asdict(cfg))
+
+    tok = Tokenizer.from_dir(cfg.model)
+    task, data = TASKS[cfg.task].from_data(cfg, tok)
+    print(f"task: {json.dumps(task.meta)}", file=sys.stderr)
+    model = build_model(cfg, task)
+    if cfg.init_heads and not resume:  # on resume the saved state holds the heads
+        init_heads(model.head, cfg.init_heads, cfg.task)
+    model = model.to(device)
+
+    # Freezing and parameter groups. A frozen parameter has requires_grad=False: no gradient is
+    # computed for it and, not being in any param group, it gets no optimizer state.
+    n_layers = model.bert.config.num_hidden_layers
+    frozen = frozen_units(n_layers, cfg.freeze_embeddings, cfg.freeze_layers, cfg.freeze_backbone)
+    policy = LrPolicy(cfg.lr, cfg.lr_head, cfg.layer_lr_decay, cfg.lr_embeddings, cfg.lr_encoder,
+                      cfg.weight_decay)
+    unfreezer = None
+    if cfg.unfreeze_every is not None:
+        unfreezer = GradualUnfreezer(model, policy, cfg.unfreeze_every, cfg.unfreeze_unit,
+                                     cfg.stage_lrs, always_frozen=frozen)
+        trainable = {"head"}
+        scale = unfreezer.lr_scale(0)
+    else:
+        trainable = set(units_top_down(n_layers)) - frozen
+        scale = 1.0
+    set_trainable(model, trainable)
+    if cfg.pooling == "mean":
+        model.bert.pooler.requires_grad_(False)  # unused by mean pooling: nothing to train
+    for name in cfg.freeze_head or []:  # multitask: a head that keeps its weights bit for bit
+        task.freeze_head(model.head, name)
+    groups = param_groups(model, trainable, policy, scale)
+    if not groups:
+        raise SystemExit("minibert finetune: every parameter is frozen; nothing would train. "
+                         "Drop a --freeze-* flag.")
+    print_groups(groups, model)
+    optimizer = AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                      eps=cfg.adam_eps, weight_decay=cfg.weight_decay, foreach=True)
+    cfg = plan_batches(cfg, model, optimizer, data["train"], device)
+    if not resume:
+        run.write_json("config.json", dataclasses.asdict(cfg))  # resolved: --resume reuses it
+    # The order is drawn in global micro-batches, batch x processes; each rank takes its share.
+    data["train"].batch_size = cfg.batch_size * dist.world
+
+    settings = LoopSettings(cfg.epochs, cfg.max_steps, cfg.grad_accum, cfg.clip_grad_norm,
+                            cfg.eval_every, cfg.log_every, cfg.metric, cfg.metric_mode,
+                            cfg.early_stopping_patience, cfg.save_every, autocast=amp)
+    _, total = plan_steps(len(data["train"].batches(0)), cfg.grad_accum, cfg.epochs,
+                          cfg.max_steps)
+    schedule = build_schedule(cfg, optimizer, total)
+    # no dev set: the trainer keeps the last checkpoint as best/, and --test scores that one
+    evaluate = (lambda m: task.evaluate(m, data["dev"], device)) if "dev" in data else None
+    # a multitask batch uses one head: DDP must expect parameters without gradients
+    net = dist.wrap(model, find_unused_parameters=cfg.task == "multitask", compile=cfg.compile)
+    dist.seed_per_rank(cfg.seed)
+    trainer = Trainer(model, optimizer, schedule, data["train"], evaluate, run, settings, device,
+                      unfreezer=unfreezer,
+                      save_best=lambda d: save_task_model(model, tok, task, d),
+                      dist=dist, net=net, scaler=grad_scaler(precision, device), log=sys.stderr)
+    if resume:
+        trainer.load_state()
+    try:
+        summary = trainer.fit()
+    except Diverged as e:
+        if dist.is_main:
+            write_diagnosis(run.path)
+        raise SystemExit(f"minibert finetune: {e}") from None
+    except OutOfMemory as e:
+        raise SystemExit(f"minibert finetune: {e}") from None
+    if not dist.is_main:
+        return None  # the final evaluation and results.json are rank 0's
+
+    # Final evaluation with the best checkpoint, not the last weights.
+    best_dir = run.find_dir("best")
+    results = {"best_step": summary["best_step"], "train_seconds": summary["train_seconds"],
+               "examples_per_second": summary["examples_per_second"],
+               "checkpoint": "best on dev" if "dev" in data else "last (no dev set)"}
+    if best_dir:
+        best, _ = load_task_model(best_dir, device)
+        which = "best" if "dev" in data else "last"
+        for split in ("dev", "test"):
+            if split in data:
+                m = task.evaluate(best, data[split], device)
+                results[split] = {k: v for k, v in m.items()}
+                print(f"{split} ({which} checkpoint, step {summary['best_step']}): " + ", ".join(
+                    f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float)),
+                    file=sys.stderr)
+    run.write_json("results.json", results)
+    print(f"results: {run.file('results.json')}", file=sys.stderr)
+    write_diagnosis(run.path)  # to stderr and RUN/diagnosis.json
+    return results
+
+
+def cmd_finetune(args):
+    if args.nproc > 1 and not distributed.launched():
+        return distributed.launch(args.argv, args.nproc)  # this command again, under torchrun
+    if args.resume:
+        with open(os.path.join(args.resume, "config.json")) as f:
+            cfg = FinetuneConfig(**json.load(f))
+        with distributed.session(pick_device(cfg.device)) as dist:
+            try:
+                return run_finetune(cfg, resume=True, dist=dist) and 0
+            except ValueError as e:
+                raise SystemExit(f"minibert finetune: {e}") from None
+    # multitask reads its data from --tasks/--tasks-file, not --train
+    needed = ("model",) if args.task == "multitask" else ("model", "train")
+    missing = [f for f in needed if getattr(args, f) is None]
+    if missing:
+        raise SystemExit(f"minibert finetune: --{missing[0]} is required")
+    try:
+        cfg = dataclass_from_args(FinetuneConfig, args)
+    except ValueError as e:
+        raise SystemExit(f"minibert finetune: {e}") from None
+    with distributed.session(pick_device(cfg.device)) as dist:
+        try:
+            run_finetune(cfg, dist=dist)
+        except (DataError, ValueError) as e:
+            raise SystemExit(f"minibert finetune: {e}") from None
+
+
+def register(sub):
+    p = sub.add_parser("finetune", help="fine-tune a checkpoint on a labelled dataset")
+    add_dataclass_flags(p, FinetuneConfig, skip=("batch_size",))
+    p.add_argument("--batch-size", dest="batch_size", type=batch_size_arg,
+                   default=FinetuneConfig.batch_size,
+                   help="examples per micro-batch, or 'auto' (CUDA only): the largest that fits "
+                        f"in GPU memory, less 10%% (default: {FinetuneConfig.batch_size})")
+    p.add_argument("--resume", metavar="RUN", default=None,
+                   help="continue the killed run in RUN with its saved config and state")
+    p.set_defaults(func=cmd_finetune)

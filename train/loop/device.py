@@ -1,0 +1,68 @@
+"""Where a run computes, and with which numbers: the device, the precision of the forward pass,
+and the thread count and random state a run owns.
+
+- `pick_device("auto")` is CUDA when there is one, else the CPU.
+- `resolve_precision(name, device)` turns `--precision auto|fp32|bf16|fp16` into a dtype for
+  torch.autocast (None: plain fp32). `auto` is bf16 on CUDA and fp32 on a CPU. Master weights
+  and optimizer state stay fp32 in every case; fp16 also needs a gradient scaler
+  (`grad_scaler`), since its small gradients underflow.
+- `autocast(device, dtype)` is the one place the forward is put under torch.autocast: the
+  trainer's training steps and evaluations, and the pretraining's final evaluation, call it.
+- `run_state(seed, threads)` is what a run may change in the process: it seeds torch's global
+  generator and sets the thread count for the block, then puts both back as they were. So
+  `run_finetune` called from a bench or a test leaves its caller's random stream alone.
+"""
+
+import contextlib
+
+import torch
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pick_device(name):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def resolve_precision(name, device):
+    """('fp32'|'bf16'|'fp16', autocast dtype or None) for --precision NAME on `device`."""
+    if name == "auto":
+        name = "bf16" if device.type == "cuda" else "fp32"
+    return name, DTYPES[name]
+
+
+def describe_precision(name, dtype):
+    """The precision line a command prints at start."""
+    if dtype is None:
+        return "fp32"
+    return (f"{name} autocast, fp32 master weights"
+            + (" and gradient scaler" if name == "fp16" else ""))
+
+
+def grad_scaler(name, device):
+    """fp16 scales the loss up so that small gradients do not underflow; the others need none."""
+    return torch.amp.GradScaler(device.type) if name == "fp16" else None
+
+
+def autocast(device, dtype):
+    """The forward pass under torch.autocast to `dtype`; a no-op for fp32 (dtype None)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def run_state(seed, threads=None, device=None):
+    """Seed torch's generators and set its thread count for the block; restore both after."""
+    cuda = [device] if device is not None and device.type == "cuda" else []
+    old_threads = torch.get_num_threads()
+    with torch.random.fork_rng(devices=cuda):
+        if threads:
+            torch.set_num_threads(threads)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(old_threads)

@@ -1,0 +1,89 @@
+"""The run directory: everything a run writes, each file so that a kill at any instant loses
+nothing already written.
+
+    RUN/config.json      the resolved run config
+    RUN/metrics.jsonl    one JSON object per log or eval event, appended
+    RUN/results.json     final dev/test metrics, best step, time, throughput
+    RUN/best/            the best model so far (Hugging Face layout plus the task's head)
+    RUN/state/           optimizer, scheduler, RNG, data position and step: what resume needs
+
+metrics.jsonl is appended one line at a time (flushed and fsynced), so a long pretraining run
+costs O(1) per event. A kill in the middle of a line leaves a torn last line without its newline;
+`read_jsonl` ignores it. Resume truncates the file once, to the events the resumed state had
+seen (`load_events`), so that the events of the lost steps are not counted twice.
+
+A directory such as `best/` or `state/` is several files; it is written whole into `NAME.new/`,
+then swapped in by two renames (`NAME` -> `NAME.old`, `NAME.new` -> `NAME`). A run killed between
+the renames leaves `NAME.old`, which `find_dir` falls back to.
+
+In a data-parallel job only rank 0 writes: other ranks get `RunDir(path, writer=False)`, which
+keeps its events in memory (the trainer saves their count with its state) and writes nothing.
+"""
+
+import json
+import os
+import shutil
+
+from minibert.io import atomic_write_json, atomic_write_text, json_line
+
+
+class RunDir:
+    def __init__(self, path, writer=True):
+        self.path, self.writer = path, writer
+        if writer:
+            os.makedirs(path, exist_ok=True)
+        self.events = []
+
+    def file(self, name):
+        return os.path.join(self.path, name)
+
+    def log(self, event):
+        self.events.append(event)
+        if self.writer:
+            line = json_line(event) + "\n"  # strict JSON: a NaN is written as null
+            with open(self.file("metrics.jsonl"), "a", encoding="utf-8") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+
+    def load_events(self, keep):
+        """On resume: the first `keep` events, and metrics.jsonl cut back to them (once)."""
+        self.events = read_jsonl(self.file("metrics.jsonl"))[:keep]
+        if self.writer:
+            atomic_write_text(self.file("metrics.jsonl"),
+                              "".join(json_line(e) + "\n" for e in self.events))
+
+    def write_json(self, name, obj):
+        if self.writer:
+            atomic_write_json(self.file(name), obj)
+
+    def save_dir(self, name, write_fn):
+        """write_fn(tmp_dir) fills a fresh directory, which then replaces RUN/name."""
+        if not self.writer:
+            return
+        final, new, old = self.file(name), self.file(name + ".new"), self.file(name + ".old")
+        shutil.rmtree(new, ignore_errors=True)
+        os.makedirs(new)
+        write_fn(new)
+        if os.path.exists(final):
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(new, final)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def find_dir(self, name):
+        for cand in (name, name + ".old"):
+            if os.path.isdir(self.file(cand)):
+                return self.file(cand)
+        return None
+
+
+def read_jsonl(path):
+    """The events of a metrics.jsonl; a torn last line (a kill mid-append) is left out."""
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    lines = text.split("\n")
+    complete = lines[:-1]  # the part after the last newline is empty, or a torn line
+    return [json.loads(line) for line in complete if line.strip()]

@@ -1,0 +1,85 @@
+"""`minibert tokenizer train`: an uncased WordPiece vocabulary learned from your own text.
+
+Follows BERT's tokenizer (Devlin et al. 2019; Wu et al. 2016 for WordPiece), with the text
+pipeline and the `[CLS] A [SEP]` template of minibert/tokenizer.py, so that a trained tokenizer
+and a loaded one read text the same way. The vocabulary is learned by
+`tokenizers.trainers.WordPieceTrainer`, which, like Hugging Face's BERT tokenizer training, runs
+a BPE-style merge count and then stores the pieces as a WordPiece vocabulary.
+
+Special tokens come first, in BERT's order with [PAD] = 0 (the embedding row the model zeroes):
+[PAD] [UNK] [CLS] [SEP] [MASK].
+
+Limits: uncased only; the trainer reads the whole corpus into its word counts (fine for the
+millions of words this project trains on, not for a web crawl).
+"""
+
+import os
+import sys
+from dataclasses import dataclass
+
+from train.command import option
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers.models import WordPiece
+from tokenizers.trainers import WordPieceTrainer
+
+from minibert.tokenizer import SPECIALS, Tokenizer, bert_normalization, bert_template
+from train.command import add_dataclass_flags, dataclass_from_args, print_config
+
+
+
+@dataclass
+class TokenizerTrainConfig:
+    corpus: list[str] = option(None, "text files to learn the vocabulary from")
+    out: str = option(None, "directory for tokenizer.json, vocab.txt and tokenizer_config.json")
+    vocab_size: int = option(16384, "vocabulary size, special tokens included (BERT: 30522; a "
+                         "small model on a small corpus does better with fewer, commoner pieces)")
+    min_frequency: int = option(2, "a merge must be seen this often: a piece seen once is noise")
+    limit_alphabet: int = option(1000, "keep the most frequent characters only (BERT's vocabulary "
+                             "has about 1000); rarer ones become [UNK]")
+
+
+def train_tokenizer(corpus, vocab_size, min_frequency=2, limit_alphabet=1000):
+    """Learn a WordPiece vocabulary from the files in `corpus`; returns a minibert Tokenizer."""
+    for path in corpus:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"minibert tokenizer train: no such file {path}")
+    if vocab_size <= len(SPECIALS):
+        raise ValueError(f"--vocab-size {vocab_size} leaves no room beside {len(SPECIALS)} "
+                         "special tokens")
+    tok = HFTokenizer(WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
+    bert_normalization(tok, lowercase=True)  # the same pipeline a loaded vocab.txt gets
+    trainer = WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                               special_tokens=list(SPECIALS), limit_alphabet=limit_alphabet,
+                               continuing_subword_prefix="##", show_progress=sys.stderr.isatty())
+    tok.train(list(corpus), trainer)
+    # the trainer puts special tokens first, in the order given; check rather than trust it,
+    # since the model zeroes (and never masks) whatever sits at pad_token_id = 0
+    got = [tok.token_to_id(s) for s in SPECIALS]
+    if got != list(range(len(SPECIALS))):
+        raise RuntimeError(f"special tokens got ids {dict(zip(SPECIALS, got))}, expected 0..4")
+    bert_template(tok)
+    return Tokenizer(tok, source="trained on " + ", ".join(corpus))
+
+
+def cmd_tokenizer_train(args):
+    cfg = dataclass_from_args(TokenizerTrainConfig, args)
+    print_config(cfg, "tokenizer train config")
+    try:
+        tok = train_tokenizer(cfg.corpus, cfg.vocab_size, cfg.min_frequency, cfg.limit_alphabet)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(str(e)) from None
+    tok.save(cfg.out)
+    print(f"tokenizer: {tok.vocab_size} tokens written to {cfg.out}/tokenizer.json and "
+          "vocab.txt", file=sys.stderr)
+
+
+def register(sub):
+    t = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(
+        dest="tokenizer_command", required=True, metavar="ACTION")
+    p = t.add_parser("train", help="learn an uncased WordPiece vocabulary from text files")
+    add_dataclass_flags(p, TokenizerTrainConfig, skip=("corpus", "out"))
+    # one or more files after one flag, as `--corpus a.txt b.txt`
+    p.add_argument("--corpus", nargs="+", required=True, help="text files")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=cmd_tokenizer_train)

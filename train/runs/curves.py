@@ -1,0 +1,147 @@
+"""A run's learning curves, read once from its directory, and the small measures the diagnosis
+rules take of them (the end of a curve, its smoothed shape, warm-up, noise of a dev metric).
+
+Everything comes from RUN/metrics.jsonl (the events train/trainer.py writes), RUN/config.json and
+RUN/best/task.json; a run without best/ or config.json still loads, with those parts empty.
+"""
+
+import json
+import math
+import os
+from dataclasses import dataclass
+
+from train.loop.best import better, metric_mode
+from train.loop.rundir import read_jsonl
+
+# The end of a curve is its last 20% of train logs (at least one). Single logs are averages over
+# `log_every` steps and still jump by +-30% on small batches; a fifth of the run smooths that out
+# while still describing "the end".
+LATE_FRACTION = 0.2
+# Noise of an accuracy-like dev metric: one standard error sqrt(p(1-p)/n) of n dev examples,
+# at least 0.002 so that a tiny dev set with p = 1 still has some tolerance.
+MIN_METRIC_NOISE = 0.002
+
+
+@dataclass
+class Curves:
+    """What the rules look at, read once from a run directory."""
+    train_steps: list
+    train_loss: list
+    lr: dict  # group name -> list of lr at each train log
+    eval_steps: list
+    dev_loss: list
+    dev_metric: list
+    metric: str
+    mode: str  # "max" or "min"
+    diverged: dict | None
+    n_labels: int | None
+    majority: float | None  # accuracy of always answering the most frequent dev label
+    n_dev: int | None
+    config: dict
+
+    @property
+    def chance_loss(self):
+        return math.log(self.n_labels) if self.n_labels else None
+
+    def better(self, a, b):
+        return better(a, b, self.mode)
+
+
+def read_json(path):
+    """The JSON file at `path`, or None when there is none (a run may lack best/ or config)."""
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def run_metric(config, evals, wanted=None):
+    """The dev metric a run is judged by: `wanted`, else the run's --metric if its evaluations
+    report it, else accuracy (fine-tuning) or masked-token accuracy (pretraining), else loss."""
+    dev_keys = evals[0]["dev"] if evals else {}
+    if wanted:
+        return wanted
+    if config.get("metric") in dev_keys:
+        return config["metric"]
+    return next((k for k in ("accuracy", "mlm_accuracy", "loss") if k in dev_keys), "loss")
+
+
+def load_curves(run, n_labels=None):
+    events = read_jsonl(os.path.join(run, "metrics.jsonl"))
+    if not events:
+        raise FileNotFoundError(f"{run}: no metrics.jsonl events to diagnose")
+    config = read_json(os.path.join(run, "config.json")) or {}
+    train = [e for e in events if e["event"] == "train"]
+    evals = [e for e in events if e["event"] == "eval"]
+    metric = run_metric(config, evals)
+    cm = next((e["dev"]["confusion_matrix"] for e in evals if "confusion_matrix" in e["dev"]), None)
+    task = read_json(os.path.join(run, "best", "task.json"))
+    if n_labels is None:  # the labels the head was built for, else the confusion matrix size
+        n_labels = len(task["labels"]) if task and "labels" in task else (len(cm) if cm else None)
+    rows = [sum(r) for r in cm] if cm else None
+    groups = list(train[0]["lr"]) if train else []
+    return Curves(
+        train_steps=[e["step"] for e in train], train_loss=[e["train_loss"] for e in train],
+        lr={g: [e["lr"].get(g, 0.0) for e in train] for g in groups},
+        eval_steps=[e["step"] for e in evals],
+        dev_loss=[e["dev"].get("loss", float("nan")) for e in evals],
+        dev_metric=[e["dev"].get(metric, float("nan")) for e in evals],
+        metric=metric, mode=metric_mode(metric),
+        diverged=next((e for e in events if e["event"] == "diverged"), None),
+        n_labels=n_labels, majority=max(rows) / sum(rows) if rows and sum(rows) else None,
+        n_dev=sum(rows) if rows else None, config=config)
+
+
+def mean(xs):
+    return sum(xs) / len(xs)
+
+
+def late_mean(xs):
+    """Mean of the end of a curve: its last LATE_FRACTION (at least one point)."""
+    return mean(xs[-max(1, round(LATE_FRACTION * len(xs))):])
+
+
+def smooth(xs):
+    """Moving average over a window of LATE_FRACTION of the curve: [(end index, mean)]."""
+    w = max(1, round(LATE_FRACTION * len(xs)))
+    return [(i + w - 1, mean(xs[i:i + w])) for i in range(len(xs) - w + 1)]
+
+
+def warmup_end(c):
+    """Index of the first train log at the peak lr: the end of warm-up."""
+    peak_group = max(c.lr, key=lambda g: max(c.lr[g]))
+    lrs = c.lr[peak_group]
+    return next(i for i, v in enumerate(lrs) if v >= 0.999 * max(lrs))
+
+
+def backbone_peak_lr(c):
+    """The largest lr any non-head group reached (the pretrained weights' lr). Logs come every
+    N steps and can miss the peak (no warm-up: it is step 0), so the configured --lr counts too."""
+    logged = max((max(v) for g, v in c.lr.items() if not g.startswith("head")), default=0.0)
+    return max(logged, c.config.get("lr") or 0.0) if logged > 0 else 0.0
+
+
+def metric_noise(c, value):
+    if c.n_dev and 0.0 <= value <= 1.0:
+        return max(MIN_METRIC_NOISE, math.sqrt(value * (1 - value) / c.n_dev))
+    return MIN_METRIC_NOISE
+
+
+def best_eval(c):
+    best = 0
+    for i, v in enumerate(c.dev_metric):
+        if c.better(v, c.dev_metric[best]):
+            best = i
+    return best
+
+
+def dev_vs_chance(c):
+    return f"last dev {c.metric} {c.dev_metric[-1]:.4f}" + (
+        f" vs always-the-majority-label {c.majority:.4f}" if c.majority else "")
+
+
+def at_chance_on_dev(c):
+    if c.majority is None or c.metric != "accuracy" or not c.dev_metric:
+        return None
+    last = c.dev_metric[-1]
+    return last <= c.majority + metric_noise(c, last)

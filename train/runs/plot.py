@@ -1,0 +1,98 @@
+"""`minibert plot RUN [RUN ...] --out curves.png`: the learning curves of one or more runs.
+
+Three panels, all against the optimizer step, every run in its own colour:
+- loss: train (solid line, the average over each log interval) and dev (dashed, one marker per
+  evaluation); a run that diverged gets an x at the step where the loss stopped being finite;
+- the dev metric (`--metric`, default: the run's config metric, else accuracy);
+- the learning rate of every parameter group, on a log scale. Groups whose lr curves are
+  identical (a decayed group and its `.no_decay` twin, all blocks without layer-wise decay) are
+  drawn once and labelled with the first name and how many share it.
+
+Everything comes from RUN/metrics.jsonl (train/loop/trainer.py's events), so pretraining runs
+plot the same way. matplotlib is an optional dependency (`pip install 'minibert[plot]'`). The
+figure is a `matplotlib.figure.Figure` drawn straight to a file: no pyplot, no display, and the
+process's matplotlib backend is left as the caller set it.
+"""
+
+import os
+import sys
+
+from train.loop.rundir import read_jsonl
+from train.runs.curves import read_json, run_metric
+
+
+def _figure():
+    try:
+        import matplotlib
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise SystemExit("minibert plot needs matplotlib, an optional dependency: "
+                         "pip install 'minibert[plot]'") from None
+    return Figure(figsize=(16, 4.8)), matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+
+
+def lr_curves(train):
+    """[(label, steps, lrs)] with groups of identical curves merged."""
+    steps = [e["step"] for e in train]
+    by_curve = {}
+    for name in (train[0]["lr"] if train else {}):
+        curve = tuple(e["lr"].get(name, 0.0) for e in train)
+        by_curve.setdefault(curve, []).append(name)
+    out = []
+    for curve, names in by_curve.items():
+        label = names[0] + (f" (+{len(names) - 1} groups)" if len(names) > 1 else "")
+        out.append((label, steps, list(curve)))
+    return out
+
+
+def plot_runs(runs, out, metric=None, labels=None):
+    fig, colors = _figure()
+    ax_loss, ax_metric, ax_lr = fig.subplots(1, 3)
+    for i, run in enumerate(runs):
+        events = read_jsonl(os.path.join(run, "metrics.jsonl"))
+        if not events:
+            raise SystemExit(f"minibert plot: {run}: no metrics.jsonl events")
+        name = labels[i] if labels else os.path.basename(os.path.normpath(run))
+        c = colors[i % len(colors)]
+        train = [e for e in events if e["event"] == "train"]
+        evals = [e for e in events if e["event"] == "eval"]
+        m = run_metric(read_json(os.path.join(run, "config.json")) or {}, evals, metric)
+        ax_loss.plot([e["step"] for e in train], [e["train_loss"] for e in train], color=c,
+                     label=f"{name} train")
+        if evals:
+            ax_loss.plot([e["step"] for e in evals], [e["dev"]["loss"] for e in evals], "--o",
+                         color=c, markersize=3, label=f"{name} dev")
+            ax_metric.plot([e["step"] for e in evals], [e["dev"].get(m) for e in evals], "-o",
+                           color=c, markersize=3, label=f"{name} dev {m}")
+        for e in events:
+            if e["event"] == "diverged":
+                ax_loss.plot([e["step"]], [train[-1]["train_loss"] if train else 0], "x",
+                             color=c, markersize=10, label=f"{name} diverged")
+        styles = ["-", "--", ":", "-."]
+        for j, (label, steps, lrs) in enumerate(lr_curves(train)):
+            ax_lr.plot(steps, lrs, styles[j % len(styles)], color=c, label=f"{name} {label}")
+    ax_loss.set(title="loss", xlabel="step", ylabel="cross-entropy (nats)")
+    ax_metric.set(title="dev metric", xlabel="step")
+    ax_lr.set(title="learning rate per parameter group", xlabel="step", yscale="log")
+    for ax in (ax_loss, ax_metric, ax_lr):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def cmd_plot(args):
+    if args.labels and len(args.labels.split(",")) != len(args.runs):
+        raise SystemExit("minibert plot: --labels needs one name per run")
+    plot_runs(args.runs, args.out, args.metric, args.labels.split(",") if args.labels else None)
+    print(f"plot: {args.out}", file=sys.stderr)
+
+
+def register(sub):
+    p = sub.add_parser("plot", help="plot the learning curves of one or more runs")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (metrics.jsonl)")
+    p.add_argument("--out", default="curves.png", help="image file to write (.png, .svg, .pdf)")
+    p.add_argument("--metric", default=None, help="dev metric to plot (default: the run's)")
+    p.add_argument("--labels", default=None, help="comma-separated names for the runs "
+                                                  "(default: the directory names)")
+    p.set_defaults(func=cmd_plot)

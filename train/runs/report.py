@@ -1,0 +1,92 @@
+"""`minibert report RUN`: one screen about a finished (or stopped) run.
+
+It gathers what is spread over the run directory (train/rundir.py): the config options that
+differ from the defaults (RUN/config.json against FinetuneConfig's defaults; every option when
+the run is not a fine-tuning run), the parameter groups and their peak learning rates (from the
+train events' lr dicts), the best step, dev and test metrics (RUN/results.json), the diagnosis
+(RUN/diagnosis.json, or computed now), time, throughput and peak memory (the events' memory
+records). The report goes to stdout: it is the command's data.
+"""
+
+import dataclasses
+import os
+
+from train.runs.curves import read_json
+from train.runs.diagnose import diagnose, format_diagnosis
+from train.finetune.config import FinetuneConfig
+from train.loop.rundir import read_jsonl
+
+# the metrics worth a line; a confusion matrix or per-class lists would not fit on one screen
+SHOWN = ("accuracy", "f1", "macro_f1", "precision", "recall", "loss", "perplexity",
+         "mlm_accuracy")
+
+
+def changed_options(config):
+    """(name, value) of the options that differ from FinetuneConfig's defaults."""
+    defaults = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
+    if not set(config) <= set(defaults):  # not a fine-tuning config: show it all
+        return sorted(config.items())
+    return [(k, v) for k, v in config.items() if v != defaults[k]]
+
+
+def group_lines(train):
+    """Groups with the same peak lr on one line: 'head, head.no_decay: peak lr 1.00e-03'."""
+    peaks = {}
+    for name in (train[0]["lr"] if train else {}):
+        peak = max(e["lr"].get(name, 0.0) for e in train)
+        peaks.setdefault(peak, []).append(name)
+    return [f"  {', '.join(names)}: peak lr {peak:.2e}" for peak, names in peaks.items()]
+
+
+def metrics_line(m):
+    return ", ".join(f"{k} {m[k]:.4f}" for k in SHOWN if isinstance(m.get(k), (int, float)))
+
+
+def report(run):
+    events = read_jsonl(os.path.join(run, "metrics.jsonl"))
+    if not events:
+        raise SystemExit(f"minibert report: {run}: no metrics.jsonl events")
+    config = read_json(os.path.join(run, "config.json")) or {}
+    results = read_json(os.path.join(run, "results.json"))
+    train = [e for e in events if e["event"] == "train"]
+    evals = [e for e in events if e["event"] == "eval"]
+    lines = [f"run: {run}"]
+    opts = changed_options(config)
+    lines.append("config (non-default): " + (", ".join(f"{k}={v}" for k, v in opts) or "none"))
+    lines.append(f"parameter groups ({len(train[0]['lr']) if train else 0}):")
+    lines += group_lines(train)
+    last = train[-1] if train else {}
+    lines.append(f"steps: {last.get('step', 0)} (epoch {last.get('epoch', 0):.2f}), "
+                 f"{len(evals)} evaluations")
+    if results:
+        lines.append(f"best step: {results.get('best_step')}")
+        for split in ("dev", "test"):
+            if split in results:
+                lines.append(f"{split} (best checkpoint): {metrics_line(results[split])}")
+    else:
+        lines.append("no results.json: the run did not finish")
+        if evals:
+            lines.append(f"last dev: {metrics_line(evals[-1]['dev'])} (step {evals[-1]['step']})")
+    d = read_json(os.path.join(run, "diagnosis.json")) or diagnose(run)
+    lines += format_diagnosis(d).splitlines()
+    secs = (results or {}).get("train_seconds", last.get("time", 0.0))
+    eps = (results or {}).get("examples_per_second")
+    toks = [e["tokens_per_second"] for e in train if "tokens_per_second" in e]
+    lines.append(f"time: {secs / 60:.1f} min training" +
+                 (f", {eps} examples/s" if eps is not None else "") +
+                 (f", {sum(toks) / len(toks):,.0f} tokens/s" if toks else ""))
+    mem = [e["memory"] for e in events if "memory" in e]
+    if mem:
+        peak = {k: max(m.get(k, 0.0) for m in mem) for k in mem[-1]}
+        lines.append("peak memory: " + ", ".join(f"{k} {v:,.0f}" for k, v in peak.items()))
+    return "\n".join(lines)
+
+
+def cmd_report(args):
+    print(report(args.run))
+
+
+def register(sub):
+    p = sub.add_parser("report", help="a one-screen summary of a run")
+    p.add_argument("run", help="run directory")
+    p.set_defaults(func=cmd_report)

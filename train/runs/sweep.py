@@ -1,0 +1,203 @@
+"""`minibert sweep`: fine-tune once per point of a grid of hyper-parameters, and rank them.
+
+    minibert sweep --grid lr=2e-5,3e-5,5e-5 --grid batch_size=16,32 [--random N] \\
+        --out runs/sweep -- --model weights/minilm-l6 --train ... --dev ...
+
+Every `--grid NAME=V1,V2,...` names a field of the fine-tuning config (train/finetune/config.py);
+the trials are the cartesian product, or `--random N` of them drawn with `--seed`. Each trial is
+its own run directory under `--out`, named by its values (`lr=2e-5_batch_size=16`), made by
+`minibert finetune` in a subprocess: a trial that crashes, diverges or runs out of memory is
+recorded with its error, and the sweep goes on.
+
+A sweep is resumable: run the same command again. A trial with results.json is done and is only
+read; one with state/ but no results.json was interrupted and continues with `finetune --resume`;
+the others start. OUT/sweep.json (rewritten after every trial) holds every trial's values, status,
+metrics and command; at the end the table, sorted by the dev metric, is printed on stdout and
+saved as OUT/sweep.md, with the best configuration and the command that reproduces it.
+
+Limits: trials run one after another (one machine, one process at a time); the grid is over
+config fields only, with values given as text exactly as on the command line.
+"""
+
+import argparse
+import dataclasses
+import itertools
+import json
+import os
+import random
+import shlex
+import subprocess
+import sys
+import time
+
+from minibert.io import atomic_write_json, atomic_write_text
+from train.command import minibert_argv
+from train.finetune.config import FinetuneConfig
+from train.loop.best import metric_mode, rank_key
+
+
+def parse_grid(specs):
+    """['lr=1e-5,2e-5', ...] -> {'lr': ['1e-5', '2e-5'], ...}, names checked against the config."""
+    fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    grid = {}
+    for spec in specs:
+        name, sep, values = spec.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or not values:
+            raise SystemExit(f"minibert sweep: --grid {spec!r}: expected NAME=V1,V2,...")
+        if name not in fields:
+            raise SystemExit(f"minibert sweep: --grid {name}: not a finetune option")
+        if name == "out":
+            raise SystemExit("minibert sweep: --grid out: the sweep names the run directories")
+        grid[name] = [v for v in values.split(",") if v != ""]
+    if not grid:
+        raise SystemExit("minibert sweep: give at least one --grid NAME=V1,V2,...")
+    return grid
+
+
+def trials(grid, n_random=None, seed=0):
+    """The list of trials, each a dict name -> value (text), in grid order or sampled."""
+    names = list(grid)
+    every = [dict(zip(names, combo)) for combo in itertools.product(*grid.values())]
+    if n_random is not None and n_random < len(every):
+        # sample indices, then keep grid order: the same seed gives the same trials, and the
+        # table's ties stay in a readable order
+        keep = sorted(random.Random(seed).sample(range(len(every)), n_random))
+        every = [every[i] for i in keep]
+    return every
+
+
+def trial_name(values):
+    return "_".join(f"{k}={v}" for k, v in values.items())
+
+
+def finetune_command(base_args, values, out):
+    cmd = ["minibert", "finetune", *base_args]
+    for k, v in values.items():
+        cmd += ["--" + k.replace("_", "-"), v]
+    return cmd + ["--out", out]
+
+
+def run_trial(cmd, run_dir, resume):
+    """Run one `minibert finetune` in a subprocess; its stderr goes to RUN/finetune.log."""
+    argv = minibert_argv() + (
+        ["finetune", "--resume", run_dir] if resume else cmd[1:])
+    os.makedirs(run_dir, exist_ok=True)
+    t0 = time.time()
+    with open(os.path.join(run_dir, "finetune.log"), "a", encoding="utf-8") as log:
+        rc = subprocess.run(argv, stdout=log, stderr=log).returncode
+    return rc, time.time() - t0
+
+
+def last_error(run_dir):
+    """The last line a failed trial printed: finetune's one-line message, or the exception."""
+    with open(os.path.join(run_dir, "finetune.log"), encoding="utf-8") as f:
+        lines = [ln.strip() for ln in f if ln.strip()]
+    return lines[-1] if lines else "no output"
+
+
+def read_results(run_dir, metric):
+    with open(os.path.join(run_dir, "results.json")) as f:
+        r = json.load(f)
+    dev, test = r.get("dev", {}), r.get("test", {})
+    return {"dev_" + metric: dev.get(metric), "dev_loss": dev.get("loss"),
+            "test_" + metric: test.get(metric), "best_step": r.get("best_step"),
+            "train_seconds": r.get("train_seconds")}
+
+
+def sort_key(metric):
+    """Finished trials first, best dev value first (in the metric's own direction)."""
+    mode = metric_mode(metric)
+
+    def key(t):
+        return (t["status"] != "done", rank_key(t.get("dev_" + metric), mode))
+    return key
+
+
+def table(records, names, metric):
+    cols = names + ["status", "dev_" + metric, "dev_loss", "test_" + metric, "best_step",
+                    "train_seconds"]
+
+    def cell(c, v):
+        if isinstance(v, float):
+            return f"{v:.0f}" if c == "train_seconds" else f"{v:.4f}"
+        return "" if v is None else str(v)
+    rows = [[cell(c, r["values"].get(c, r.get(c))) for c in cols] for r in records]
+    keep = [i for i in range(len(cols)) if any(row[i] for row in rows)]  # e.g. no --test
+    cols, rows = [cols[i] for i in keep], [[row[i] for i in keep] for row in rows]
+    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
+    line = "| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths)) + " |"
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    body = ["| " + " | ".join(v.ljust(w) for v, w in zip(row, widths)) + " |" for row in rows]
+    return "\n".join([line, rule] + body)
+
+
+def cmd_sweep(args):
+    base = list(args.finetune_args)
+    if base and base[0] == "--":
+        base = base[1:]
+    if "--out" in base or "--resume" in base:
+        raise SystemExit("minibert sweep: --out/--resume are set by the sweep; drop them")
+    grid = parse_grid(args.grid)
+    todo = trials(grid, args.random, args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    print(f"sweep: {len(todo)} trials into {args.out}", file=sys.stderr)
+    records = []
+    summary = {"grid": grid, "random": args.random, "seed": args.seed, "metric": args.metric,
+               "finetune_args": base, "trials": records}
+    for i, values in enumerate(todo):
+        run_dir = os.path.join(args.out, trial_name(values))
+        cmd = finetune_command(base, values, run_dir)
+        rec = {"name": trial_name(values), "values": values, "run": run_dir,
+               "command": shlex.join(cmd)}
+        if os.path.exists(os.path.join(run_dir, "results.json")):
+            how = "already done"
+        else:
+            resume = os.path.isdir(os.path.join(run_dir, "state"))
+            how = "resumed" if resume else "ran"
+            print(f"[{i + 1}/{len(todo)}] {rec['name']}: "
+                  f"{'resuming' if resume else 'starting'}", file=sys.stderr)
+            rc, secs = run_trial(cmd, run_dir, resume)
+            if rc != 0:
+                rec.update(status="failed", error=last_error(run_dir), exit_code=rc)
+                print(f"[{i + 1}/{len(todo)}] {rec['name']}: FAILED ({rec['error']})",
+                      file=sys.stderr)
+        if "status" not in rec:
+            rec.update(status="done", how=how, **read_results(run_dir, args.metric))
+            print(f"[{i + 1}/{len(todo)}] {rec['name']}: {how}, dev {args.metric} "
+                  f"{rec['dev_' + args.metric]}", file=sys.stderr)
+        records.append(rec)
+        atomic_write_json(os.path.join(args.out, "sweep.json"), summary)  # progress survives
+
+    records.sort(key=sort_key(args.metric))
+    text = table(records, list(grid), args.metric)
+    best = records[0] if records and records[0]["status"] == "done" else None
+    if best:
+        reproduce = finetune_command(base, best["values"], os.path.join(args.out, "best-rerun"))
+        summary["best"] = {"name": best["name"], "values": best["values"],
+                           "dev_" + args.metric: best["dev_" + args.metric],
+                           "command": shlex.join(reproduce)}
+        text += (f"\n\nbest: {best['name']} (dev {args.metric} "
+                 f"{best['dev_' + args.metric]:.4f}, run {best['run']})\n"
+                 f"reproduce: {shlex.join(reproduce)}")
+    else:
+        text += "\n\nno trial finished"
+    atomic_write_json(os.path.join(args.out, "sweep.json"), summary)
+    atomic_write_text(os.path.join(args.out, "sweep.md"), text + "\n")
+    print(text)
+    return 0 if best else 1
+
+
+def register(sub):
+    p = sub.add_parser("sweep", help="fine-tune over a grid of hyper-parameters and rank them",
+                       description="Everything after -- is passed to `minibert finetune`.")
+    p.add_argument("--grid", action="append", default=[], metavar="NAME=V1,V2,...",
+                   help="a finetune option and its values; repeat for a product")
+    p.add_argument("--random", type=int, default=None, metavar="N",
+                   help="run N trials drawn from the grid instead of all of it")
+    p.add_argument("--seed", type=int, default=0, help="seed of --random's draw")
+    p.add_argument("--metric", default="accuracy", help="dev metric that ranks the trials")
+    p.add_argument("--out", default="runs/sweep", help="sweep directory (one run per trial)")
+    p.add_argument("finetune_args", nargs=argparse.REMAINDER,
+                   help="-- then the arguments every trial passes to `minibert finetune`")
+    p.set_defaults(func=cmd_sweep)

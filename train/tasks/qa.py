@@ -1,0 +1,234 @@
+"""Extractive question answering, SQuAD v1.1 style: the answer is a span of the context.
+
+Following BERT (Devlin et al. 2019, section 4.2): the input is `[CLS] question [SEP] context
+[SEP]`, and a linear layer gives each token a start and an end score. A context longer than
+--max-length is cut into overlapping windows; `--doc-stride` is the number of context tokens
+consecutive windows share (what the `tokenizers` library calls stride, and what transformers'
+QA example passes as `doc_stride`). In BERT's original code the name meant the step between
+window starts instead; with max length 384 and stride 128 both give 2-3 windows for a 600-token
+passage. A training window whose context does not hold the whole answer is taught to point at
+[CLS] (index 0) for both start and end, so the model learns to score "not here" low.
+
+At evaluation every window of a question is searched: the 20 best starts and the 20 best ends
+inside the context part, start <= end, at most --max-answer-len tokens; the span with the highest
+start + end score over all windows wins, and its characters come from the token offsets, so the
+answer is a verbatim slice of the context. Scores are SQuAD's EM and F1 (train/squad_eval.py).
+
+Input: SQuAD-format JSON ({"data": [{"paragraphs": [{"context", "qas": [{"id", "question",
+"answers": [{"text", "answer_start"}]}]}]}]}). `predict --text "QUESTION ||| CONTEXT"` also works.
+
+Limits: no unanswerable questions (SQuAD 2.0); the question is never truncated (a question too
+long for --max-length is an error naming it); training uses the first gold answer.
+"""
+
+import json
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from train.tasks.classification import new_linear
+from train.data.examples import DataError, batch_order
+from train.tasks.squad_eval import squad_scores
+from train.tasks.task import run_batches
+
+N_BEST = 20  # candidates per window for start and for end (BERT's reference code uses 20)
+
+
+@dataclass
+class QAExample:
+    id: str
+    question: str
+    context: str
+    answers: list  # [(text, char start)], empty for unlabelled inputs
+    where: str
+
+
+def read_squad(path, need_answers=True):
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)["data"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise DataError(f"{path}: not SQuAD JSON with a top-level 'data' list ({e})") from None
+    out = []
+    for a, article in enumerate(data):
+        for p, para in enumerate(article["paragraphs"]):
+            ctx = para["context"]
+            for q, qa in enumerate(para["qas"]):
+                where = f"{path}: data[{a}].paragraphs[{p}].qas[{q}] (id {qa.get('id')!r})"
+                answers = [(x["text"], x["answer_start"]) for x in qa.get("answers", [])]
+                for text, start in answers:
+                    if ctx[start:start + len(text)] != text:
+                        raise DataError(f"{where}: answer {text!r} is not at character {start} "
+                                        "of the context")
+                if need_answers and not answers:
+                    raise DataError(f"{where}: no answers")
+                out.append(QAExample(str(qa["id"]), qa["question"], ctx, answers, where))
+    if not out:
+        raise DataError(f"{path}: no questions")
+    return out
+
+
+def answer_positions(enc, char_start, char_end):
+    """Token (start, end) of the answer [char_start, char_end) in this window; (0, 0), i.e.
+    [CLS], when the window's context does not hold all of it."""
+    ctx = [t for t, s in enumerate(enc.sequence_ids) if s == 1]
+    offs = enc.offsets
+    if offs[ctx[0]][0] > char_start or offs[ctx[-1]][1] < char_end:
+        return 0, 0
+    start = max(t for t in ctx if offs[t][0] <= char_start)
+    end = min(t for t in ctx if offs[t][1] >= char_end)
+    return start, end
+
+
+class QADataset:
+    """Questions cut into windows; one window is one row of a batch."""
+
+    def __init__(self, examples, tok, max_length, doc_stride, batch_size, seed=0,
+                 group_by_length=False, shuffle=False, labelled=True):
+        self.examples, self.tok = examples, tok
+        self.batch_size, self.seed = batch_size, seed
+        self.group_by_length, self.shuffle = group_by_length, shuffle
+        tok.tok.enable_truncation(max_length=max_length, stride=doc_stride,
+                                  strategy="only_second")
+        self.windows = []  # (example index, Encoding)
+        try:
+            for i, ex in enumerate(examples):
+                try:
+                    enc = tok.tok.encode(ex.question, ex.context)
+                except Exception as e:  # tokenizers says so when the question leaves no room
+                    raise DataError(f"{ex.where}: cannot window this question at --max-length "
+                                    f"{max_length}, --doc-stride {doc_stride} ({e})") from None
+                self.windows += [(i, w) for w in [enc] + enc.overflowing]
+        finally:
+            tok.tok.no_truncation()
+        self.positions = None
+        if labelled:
+            self.positions = []
+            for i, w in self.windows:
+                text, start = examples[i].answers[0]
+                self.positions.append(answer_positions(w, start, start + len(text)))
+        self.lengths = [len(w.ids) for _, w in self.windows]
+
+    def batches(self, epoch):
+        return batch_order(self.lengths, self.batch_size, self.seed, epoch,
+                           self.group_by_length, self.shuffle)
+
+    def collate(self, idx):
+        batch = self.tok.collate([self.windows[i][1] for i in idx])
+        if self.positions is not None:
+            batch["start_positions"] = torch.tensor([self.positions[i][0] for i in idx])
+            batch["end_positions"] = torch.tensor([self.positions[i][1] for i in idx])
+        return batch
+
+
+class QAHead(nn.Module):
+    def __init__(self, hidden_size, dropout):
+        super().__init__()
+        self.drop = nn.Dropout(dropout)
+        self.out = new_linear(hidden_size, 2)  # start and end score of every token
+
+    def forward(self, bert, batch):
+        mask = batch["attention_mask"]
+        h = bert(batch["input_ids"], mask, batch["token_type_ids"])  # (B, T, C)
+        logits = self.out(self.drop(h)).float()  # (B, T, 2)
+        logits = logits.masked_fill(~mask.bool().unsqueeze(-1), -1e4)  # padding is no answer
+        start, end = logits.unbind(-1)  # (B, T) each
+        out = {"start_logits": start, "end_logits": end}
+        if "start_positions" in batch:
+            out["loss"] = (F.cross_entropy(start, batch["start_positions"])
+                           + F.cross_entropy(end, batch["end_positions"])) / 2
+        return out
+
+
+def best_span(windows, max_answer_len):
+    """The best (score, window, start token, end token) over [(Encoding, start (T,), end (T,))]."""
+    best = None
+    for w, (enc, s, e) in enumerate(windows):
+        ctx = torch.tensor([sid == 1 for sid in enc.sequence_ids])
+        s = s[:len(ctx)].masked_fill(~ctx, float("-inf"))
+        e = e[:len(ctx)].masked_fill(~ctx, float("-inf"))
+        k = min(N_BEST, int(ctx.sum()))
+        for i in s.topk(k).indices.tolist():
+            for j in e.topk(k).indices.tolist():
+                if i <= j < i + max_answer_len:
+                    score = float(s[i] + e[j])
+                    if best is None or score > best[0]:
+                        best = (score, w, i, j)
+    return best
+
+
+class QATask:
+    name = "qa"
+    default_metric = "f1"
+
+    def __init__(self, meta):
+        self.meta = meta
+
+    @classmethod
+    def from_data(cls, cfg, tok):
+        task = cls({"task": cls.name, "max_length": cfg.max_length, "doc_stride": cfg.doc_stride,
+                    "max_answer_len": cfg.max_answer_len})
+        data = {}
+        for split in ("train", "dev", "test"):
+            path = getattr(cfg, split)
+            if path:
+                train = split == "train"
+                data[split] = QADataset(read_squad(path), tok, cfg.max_length, cfg.doc_stride,
+                                        cfg.batch_size if train else cfg.eval_batch_size,
+                                        cfg.seed, cfg.group_by_length and train, train)
+        return task, data
+
+    def build_head(self, hidden_size, dropout):
+        return QAHead(hidden_size, dropout)
+
+    def _answers(self, model, ds, device):
+        """{example index: (text, char start, char end, score)}, and the mean window loss."""
+        def fn(out, idx):
+            loss = out["loss"].item() if "loss" in out else None
+            return [(s.cpu(), e.cpu(), loss) for s, e in zip(out["start_logits"],
+                                                              out["end_logits"])]
+        res = run_batches(model, ds, device, fn)
+        per_example = {}
+        for (i, enc), (s, e, _) in zip(ds.windows, res):
+            per_example.setdefault(i, []).append((enc, s, e))
+        answers = {}
+        for i, windows in per_example.items():
+            best = best_span(windows, self.meta["max_answer_len"])
+            if best is None:  # no context token in any window: nothing to answer from
+                answers[i] = ("", 0, 0, float("-inf"))
+                continue
+            score, w, a, b = best
+            offs = windows[w][0].offsets
+            start, end = offs[a][0], offs[b][1]
+            answers[i] = (ds.examples[i].context[start:end], start, end, score)
+        loss = None if res[0][2] is None else sum(r[2] for r in res) / len(res)
+        return answers, loss
+
+    def evaluate(self, model, ds, device):
+        answers, loss = self._answers(model, ds, device)
+        preds = {ds.examples[i].id: a[0] for i, a in answers.items()}
+        golds = {ex.id: [t for t, _ in ex.answers] for ex in ds.examples}
+        m = squad_scores(preds, golds)
+        m["loss"] = loss
+        return m
+
+    def read_inputs(self, texts, path, tok, batch_size):
+        if texts:
+            examples = []
+            for i, t in enumerate(texts):
+                if "|||" not in t:
+                    raise DataError(f"--text {i + 1}: write 'QUESTION ||| CONTEXT'")
+                q, c = (x.strip() for x in t.split("|||", 1))
+                examples.append(QAExample(f"text-{i + 1}", q, c, [], f"--text {i + 1}"))
+        else:
+            examples = read_squad(path, need_answers=False)
+        return QADataset(examples, tok, self.meta["max_length"], self.meta["doc_stride"],
+                         batch_size, labelled=False)
+
+    def predict(self, model, ds, device):
+        answers, _ = self._answers(model, ds, device)
+        return [{"id": ex.id, "question": ex.question, "answer": answers[i][0],
+                 "start": answers[i][1], "end": answers[i][2],
+                 "score": round(answers[i][3], 4)} for i, ex in enumerate(ds.examples)]
