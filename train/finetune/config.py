@@ -41,57 +41,63 @@ class FinetuneConfig:
     label_field: str = option("label", "field holding the label")
     target_field: str = option("score", "regression: field holding the real-valued target")
     standardize_targets: bool = option(False, "regression: train on (y - mean) / std of the train "
-                                   "targets; predictions are mapped back")
+                                       "targets; predictions are mapped back")
     crf: bool = option(False, "tokens: a linear-chain CRF over the words' tag scores")
     bio_constraints: bool = option(False, "tokens with --crf: forbid O->I-X, B-X->I-Y, start->I-X")
     doc_stride: int = option(128, "qa: tokens shared by consecutive windows of a long context")
     max_answer_len: int = option(30, "qa: longest answer span, in tokens")
     tasks: list[str] | None = option(None, "multitask: comma-separated specs "
-                                 "NAME:TYPE:PATH_WITH_{split}[:key=value...] (train/multitask.py)")
-    tasks_file: str | None = option(None, "multitask: a JSON list of {name, type, path, options...}")
+                                     "NAME:TYPE:PATH_WITH_{split}[:key=value...] "
+                                     "(train/multitask.py)")
+    tasks_file: str | None = option(None, "multitask: a JSON list of {name, type, path, "
+                                    "options...}")
     sampling: str = option("proportional", "multitask: which task the next batch comes from",
-                       choices=("proportional", "round-robin", "temperature"))
+                           choices=("proportional", "round-robin", "temperature"))
     sampling_temperature: float = option(2.0, "multitask, --sampling temperature: p_i ~ n_i^(1/T)")
     freeze_head: list[str] | None = option(None, "multitask: names of heads not to train "
-                                       "(comma-separated)")
-    init_heads: list[str] | None = option(None, "start heads from a finetune run's best/ instead of "
-                                      "fresh: DIR (the whole head) or, multitask, NAME=DIR (head "
-                                      "NAME; from DIR's head NAME if DIR is multi-task), "
-                                      "comma-separated")
-    skip_bad_rows: bool = option(False, "skip (and count) bad rows instead of stopping at the first")
+                                           "(comma-separated)")
+    init_heads: list[str] | None = option(None, "start heads from a finetune run's best/ instead "
+                                          "of fresh: DIR (the whole head) or, multitask, NAME=DIR "
+                                          "(head NAME; from DIR's head NAME if DIR is "
+                                          "multi-task), comma-separated")
+    skip_bad_rows: bool = option(False, "skip (and count) bad rows instead of stopping at the "
+                                 "first")
     max_length: int = option(128, "tokens per example after truncation (longest-first for pairs)")
     init: str = option("pretrained", "'random' trains the same architecture from scratch, to show "
-                   "what pretraining is worth", choices=("pretrained", "random"))
+                       "what pretraining is worth", choices=("pretrained", "random"))
     # the head
-    pooling: str = option("mean", "sentence vector: 'cls' is BERT's pooler on [CLS]; 'mean' averages "
-                      "tokens, as MiniLM was trained (its pooler never was)",
-                      choices=("cls", "mean"))
+    pooling: str = option("mean", "sentence vector: 'cls' is BERT's pooler on [CLS]; 'mean' "
+                          "averages tokens, as MiniLM was trained (its pooler never was)",
+                          choices=("cls", "mean"))
     # optimisation
     epochs: int = option(3, "passes over the training data (BERT: 2-4)")
     max_steps: int | None = option(None, "stop after this many optimizer steps (overrides epochs)")
     # int, or "auto": the largest that fits in GPU memory, less 10% (train/memory.py; CUDA only)
     batch_size: int | str = option(32, "examples per micro-batch, or 'auto' (CUDA only)")
-    grad_accum: int = option(1, "micro-batches per optimizer step: a bigger batch in the same memory")
-    effective_batch_size: int | None = option(None, "examples per optimizer step: sets --grad-accum "
-                                          "(and lowers --batch-size to the largest divisor of N "
-                                          "that is not above it)")
-    eval_batch_size: int = option(128, "examples per evaluation batch (no gradients: can be larger)")
-    lr: float = option(1e-4, "base learning rate: the top block's. BERT's flat recipe is 2e-5..5e-5; "
-                   "with layer-wise decay the top may go higher, the lower blocks stay in range")
+    grad_accum: int = option(1, "micro-batches per optimizer step: a bigger batch in the same "
+                             "memory")
+    effective_batch_size: int | None = option(None, "examples per optimizer step: sets "
+                                              "--grad-accum (and lowers --batch-size to the "
+                                              "largest divisor of N that is not above it)")
+    eval_batch_size: int = option(128, "examples per evaluation batch (no gradients: can be "
+                                  "larger)")
+    lr: float = option(1e-4, "base learning rate: the top block's. BERT's flat recipe is "
+                       "2e-5..5e-5; with layer-wise decay the top may go higher, the lower blocks "
+                       "stay in range")
     lr_head: float | None = option(1e-3, "learning rate of the new head; a random layer needs a "
-                               "larger step than pretrained ones")
+                                   "larger step than pretrained ones")
     layer_lr_decay: float = option(0.9, "each block below the top gets this times the lr above it; "
-                               "embeddings last (0.8-0.95 is common; 1 turns it off). With lr "
-                               "1e-4 and 6 blocks the bottom block trains at 5.9e-5")
+                                   "embeddings last (0.8-0.95 is common; 1 turns it off). With lr "
+                                   "1e-4 and 6 blocks the bottom block trains at 5.9e-5")
     lr_embeddings: float | None = option(None, "explicit lr for the embeddings (overrides decay)")
     lr_encoder: float | None = option(None, "explicit lr for every block (overrides decay)")
     weight_decay: float = option(0.01, "decoupled weight decay; never on biases or LayerNorm")
     adam_beta1: float = option(0.9, "AdamW beta1")
     adam_beta2: float = option(0.999, "AdamW beta2")
     adam_eps: float = option(1e-8, "AdamW epsilon")
-    schedule: str = option("linear", "lr after warm-up: decay to 0 linearly or by cosine, constant, "
-                       "or reduce on plateau of the dev metric",
-                       choices=("linear", "cosine", "constant", "plateau"))
+    schedule: str = option("linear", "lr after warm-up: decay to 0 linearly or by cosine, "
+                           "constant, or reduce on plateau of the dev metric",
+                           choices=("linear", "cosine", "constant", "plateau"))
     warmup_ratio: float = option(0.1, "warm-up as a fraction of all steps (BERT: 10%)")
     warmup_steps: int | None = option(None, "warm-up in steps (overrides warmup-ratio)")
     plateau_factor: float = option(0.5, "plateau: multiply the lr by this when the metric stalls")
@@ -99,39 +105,42 @@ class FinetuneConfig:
     plateau_cooldown: int = option(0, "plateau: evaluations to wait after a cut")
     plateau_threshold: float = option(1e-4, "plateau: relative change that counts as improvement")
     plateau_min_lr: float = option(0.0, "plateau: lower bound of the lr")
-    clip_grad_norm: float | None = option(1.0, "clip the global gradient norm to this ('none': off)")
+    clip_grad_norm: float | None = option(1.0, "clip the global gradient norm to this ('none': "
+                                          "off)")
     seed: int = option(42, "seeds weights of the head, dropout and data order")
-    hidden_dropout: float | None = option(None, "override the checkpoint's hidden dropout (BERT 0.1)")
+    hidden_dropout: float | None = option(None, "override the checkpoint's hidden dropout (BERT "
+                                          "0.1)")
     attention_dropout: float | None = option(None, "override the checkpoint's attention dropout")
-    classifier_dropout: float | None = option(None, "dropout before the head (default: hidden dropout)")
+    classifier_dropout: float | None = option(None, "dropout before the head (default: hidden "
+                                              "dropout)")
     # freezing
     freeze_embeddings: bool = option(False, "do not train the embeddings")
     freeze_layers: int = option(0, "do not train the bottom N blocks")
     freeze_backbone: bool = option(False, "train the head only (a linear probe on frozen features)")
     unfreeze_every: float | None = option(None, "gradual unfreezing: stage 0 trains the head, then "
-                                      "one more block from the top every this many units")
+                                          "one more block from the top every this many units")
     unfreeze_unit: str = option("epoch", "unit of --unfreeze-every", choices=("epoch", "step"))
-    stage_lrs: list[float] | None = option(None, "base lr of each unfreezing stage, comma-separated, "
-                                       "e.g. 1e-3,1e-4 (the last repeats)")
+    stage_lrs: list[float] | None = option(None, "base lr of each unfreezing stage, "
+                                           "comma-separated, e.g. 1e-3,1e-4 (the last repeats)")
     # evaluation and bookkeeping
     eval_every: int | None = option(100, "evaluate on dev every N steps (and at each epoch end)")
     log_every: int = option(20, "log train loss, lr, speed and memory every N steps")
     metric: str | None = option(None, "dev metric for early stopping and the best checkpoint "
-                            "(default: the task's, see DEFAULT_METRIC)")
+                                "(default: the task's, see DEFAULT_METRIC)")
     early_stopping_patience: int | None = option(None, "stop after N evaluations without a better "
-                                             "dev metric ('none': never)")
+                                                 "dev metric ('none': never)")
     save_every: int | None = option(None, "also save resume state every N steps (always at evals)")
     group_by_length: bool = option(True, "batch examples of similar length: less padding, faster")
     attention: str = option("sdpa", "attention implementation",
-                        choices=("eager", "sdpa", "triton", "triton-varlen"))
+                            choices=("eager", "sdpa", "triton", "triton-varlen"))
     device: str = option("auto", "cpu, cuda, or auto")
     threads: int | None = option(None, "CPU threads for torch (default: torch's choice)")
     # scale (train/distributed.py)
     nproc: int = option(1, "data-parallel processes: N > 1 relaunches the command under torchrun "
-                    "(one per GPU; gloo on CPU); --batch-size is per process")
+                        "(one per GPU; gloo on CPU); --batch-size is per process")
     precision: str = option("auto", "autocast dtype of the forward, fp32 master weights and "
-                        "optimizer state: auto = bf16 on CUDA, fp32 on CPU; fp16 adds a "
-                        "gradient scaler", choices=("auto", "fp32", "bf16", "fp16"))
+                            "optimizer state: auto = bf16 on CUDA, fp32 on CPU; fp16 adds a "
+                            "gradient scaler", choices=("auto", "fp32", "bf16", "fp16"))
     compile: bool = option(False, "torch.compile the model for training (the first steps compile)")
 
     def __post_init__(self):

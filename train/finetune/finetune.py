@@ -12,7 +12,6 @@ import json
 import os
 import sys
 
-import torch
 from safetensors.torch import load_file
 
 from minibert.checkpoint import load_model, save_model
@@ -20,11 +19,9 @@ from minibert.config import BertConfig
 from minibert.io import atomic_save_safetensors, atomic_write_json
 from minibert.model import BertEncoder
 from minibert.tokenizer import Tokenizer
-from train.loop import distributed
-from train.data.examples import DataError
 from train.runs.diagnose import write_diagnosis
 from train.finetune.config import FinetuneConfig, batch_size_arg, head_spec
-from train.command import add_dataclass_flags, dataclass_from_args, print_config
+from train.command import add_dataclass_flags
 from train.runs.memory import auto_batch_size, plan_accumulation
 from train.tasks.multitask import MultiTask
 from train.loop.optim import AdamW
@@ -33,8 +30,8 @@ from train.loop.params import (GradualUnfreezer, LrPolicy, frozen_units, param_g
 from train.loop.schedules import LambdaSchedule, WarmupThenPlateau, lr_multiplier
 from train.tasks.registry import SINGLE_TASKS
 from train.tasks.task import TaskModel
-from train.loop.device import (describe_precision, grad_scaler, pick_device, resolve_precision,
-                               run_state)
+from train.loop.device import grad_scaler
+from train.loop.launch import command, open_run, run_in_state
 from train.loop.trainer import Diverged, LoopSettings, OutOfMemory, Trainer, plan_steps
 
 # --task NAME -> the class that knows its head, data and metrics (train/tasks/task.py)
@@ -152,14 +149,11 @@ def run_finetune(cfg: FinetuneConfig, resume=False, dist=None):
 
     `dist` is this process's place in a data-parallel job (train/loop/distributed.py); None:
     one process. The run seeds torch and sets its thread count for its own duration only."""
-    dist = dist if dist is not None else distributed.single(pick_device(cfg.device))
-    with run_state(cfg.seed, cfg.threads, dist.device):
-        return _finetune(cfg, resume, dist)
+    return run_in_state(_finetune, cfg, resume, dist)
 
 
 def _finetune(cfg, resume, dist):
     device = dist.device
-    cfg = distributed.fit_to_world(cfg, dist, resume)
     if dist.world > 1 and cfg.unfreeze_every is not None:
         raise ValueError("--unfreeze-every changes which parameters train mid-run, which "
                          "DistributedDataParallel cannot follow; use one process")
@@ -170,14 +164,7 @@ def _finetune(cfg, resume, dist):
         raise SystemExit("minibert finetune: --batch-size auto measures GPU memory and needs a "
                          "CUDA device; on CPU give --batch-size N (`minibert memory` estimates "
                          "the memory of a batch)")
-    run = distributed.run_dir(cfg.out, dist)  # rank 0 writes; other ranks only read
-    print_config(cfg, "finetune config")
-    precision, amp = resolve_precision(cfg.precision, device)
-    print(f"device: {device}, torch threads: {torch.get_num_threads()}, processes: {dist.world}, "
-          f"precision: {describe_precision(precision, amp)}, attention: {cfg.attention}, "
-          f"compile: {cfg.compile}", file=sys.stderr)
-    if not resume:
-        run.write_json("config.json", dataclasses.asdict(cfg))
+    cfg, run, precision, amp = open_run(cfg, dist, resume, "finetune config")
 
     tok = Tokenizer.from_dir(cfg.model)
     task, data = TASKS[cfg.task].from_data(cfg, tok)
@@ -269,31 +256,16 @@ def _finetune(cfg, resume, dist):
     return results
 
 
-def cmd_finetune(args):
-    if args.nproc > 1 and not distributed.launched():
-        return distributed.launch(args.argv, args.nproc)  # this command again, under torchrun
-    if args.resume:
-        with open(os.path.join(args.resume, "config.json")) as f:
-            cfg = FinetuneConfig(**json.load(f))
-        with distributed.session(pick_device(cfg.device)) as dist:
-            try:
-                return run_finetune(cfg, resume=True, dist=dist) and 0
-            except ValueError as e:
-                raise SystemExit(f"minibert finetune: {e}") from None
+def required_inputs(cfg):
     # multitask reads its data from --tasks/--tasks-file, not --train
-    needed = ("model",) if args.task == "multitask" else ("model", "train")
-    missing = [f for f in needed if getattr(args, f) is None]
+    needed = ("model",) if cfg.task == "multitask" else ("model", "train")
+    missing = [f for f in needed if getattr(cfg, f) is None]
     if missing:
-        raise SystemExit(f"minibert finetune: --{missing[0]} is required")
-    try:
-        cfg = dataclass_from_args(FinetuneConfig, args)
-    except ValueError as e:
-        raise SystemExit(f"minibert finetune: {e}") from None
-    with distributed.session(pick_device(cfg.device)) as dist:
-        try:
-            run_finetune(cfg, dist=dist)
-        except (DataError, ValueError) as e:
-            raise SystemExit(f"minibert finetune: {e}") from None
+        raise ValueError(f"--{missing[0]} is required")
+
+
+def cmd_finetune(args):
+    return command(args, "finetune", FinetuneConfig, run_finetune, check=required_inputs)
 
 
 def register(sub):

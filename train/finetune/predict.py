@@ -6,7 +6,8 @@ import os
 import sys
 
 from minibert.tokenizer import Tokenizer
-from train.finetune.finetune import load_task_model, pick_device
+from train.finetune.finetune import load_task_model
+from train.loop.device import pick_device
 
 
 def cmd_predict(args):

@@ -8,12 +8,14 @@ and the thread count and random state a run owns.
   (`grad_scaler`), since its small gradients underflow.
 - `autocast(device, dtype)` is the one place the forward is put under torch.autocast: the
   trainer's training steps and evaluations, and the pretraining's final evaluation, call it.
+- `memory_stats(device)`: the peaks the trainer logs (resident memory; CUDA allocated/reserved).
 - `run_state(seed, threads)` is what a run may change in the process: it seeds torch's global
   generator and sets the thread count for the block, then puts both back as they were. So
   `run_finetune` called from a bench or a test leaves its caller's random stream alone.
 """
 
 import contextlib
+import resource
 
 import torch
 
@@ -66,3 +68,13 @@ def run_state(seed, threads=None, device=None):
             yield
         finally:
             torch.set_num_threads(old_threads)
+
+
+def memory_stats(device):
+    """Peak resident memory of the process and, on CUDA, peak allocated/reserved (MB)."""
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+    out = {"rss_peak_mb": round(rss_kb / 1024, 1)}
+    if device.type == "cuda":
+        out["cuda_peak_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+        out["cuda_peak_reserved_mb"] = round(torch.cuda.max_memory_reserved(device) / 2**20, 1)
+    return out

@@ -28,7 +28,6 @@ process, where reading a value costs nothing, each loss is checked as it comes.
 """
 
 import math
-import resource
 import time
 from dataclasses import dataclass
 
@@ -36,7 +35,7 @@ import torch
 
 from train.loop import state
 from train.loop.best import better
-from train.loop.device import autocast
+from train.loop.device import autocast, memory_stats
 from train.loop.distributed import single
 from train.loop.progress import Progress
 from train.loop.schedules import WarmupThenPlateau
@@ -71,16 +70,6 @@ class Diverged(RuntimeError):
 
 class OutOfMemory(RuntimeError):
     pass
-
-
-def memory_stats(device):
-    """Peak resident memory of the process and, on CUDA, peak allocated/reserved (MB)."""
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
-    out = {"rss_peak_mb": round(rss_kb / 1024, 1)}
-    if device.type == "cuda":
-        out["cuda_peak_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-        out["cuda_peak_reserved_mb"] = round(torch.cuda.max_memory_reserved(device) / 2**20, 1)
-    return out
 
 
 class Trainer:

@@ -60,61 +60,65 @@ class PretrainConfig:
     valid: str | None = option(None, "validation text (same format): loss, perplexity, accuracy")
     out: str = option("runs/pretrain", "run directory")
     cache_dir: str | None = option(None, "where token caches go (default: $MINIBERT_CACHE/tokens, "
-                                     "else ~/.cache/minibert/tokens)")
+                                         "else ~/.cache/minibert/tokens)")
     max_len: int = option(128, "tokens per packed sequence, [CLS] and [SEP] included (BERT spent "
-                      "90% of its steps at 128)")
+                          "90% of its steps at 128)")
     # tokenizer and model
-    tokenizer: str | None = option(None, "reuse this tokenizer directory (e.g. weights/minilm-l6); "
-                               "default: train a WordPiece one on the corpus into RUN/tokenizer")
+    tokenizer: str | None = option(None, "reuse this tokenizer directory (e.g. "
+                                   "weights/minilm-l6); default: train a WordPiece one on the "
+                                   "corpus into RUN/tokenizer")
     vocab_size: int = option(16384, "size of the tokenizer trained when --tokenizer is not given; "
-                         "a small model spends fewer parameters on a small vocabulary")
+                             "a small model spends fewer parameters on a small vocabulary")
     config: str | None = option(None, "model size (tiny, mini, small, medium, base) or a "
-                            "config.json; required unless --init-from")
-    init_from: str | None = option(None, "continue pretraining this checkpoint (and its tokenizer), "
-                               "e.g. weights/minilm-l6 for domain adaptation")
+                                "config.json; required unless --init-from")
+    init_from: str | None = option(None, "continue pretraining this checkpoint (and its "
+                                   "tokenizer), e.g. weights/minilm-l6 for domain adaptation")
     attention: str = option("sdpa", "attention implementation",
-                        choices=("eager", "sdpa", "triton", "triton-varlen"))
+                            choices=("eager", "sdpa", "triton", "triton-varlen"))
     # masking
     mask_prob: float = option(0.15, "fraction of tokens to predict; BERT's 0.15 (MosaicBERT, "
-                          "Portes et al. 2023, found 0.30 better for BERT-base)")
+                              "Portes et al. 2023, found 0.30 better for BERT-base)")
     whole_word_mask: bool = option(False, "mask every piece of a word together (pieces starting "
-                               "with ## belong to the word before)")
+                                   "with ## belong to the word before)")
     # optimisation
     max_steps: int | None = option(None, "stop after this many optimizer steps (overrides epochs)")
-    max_minutes: float | None = option(None, "wall-time budget: stop, evaluate and save after M min")
+    max_minutes: float | None = option(None, "wall-time budget: stop, evaluate and save after M "
+                                       "min")
     epochs: int = option(10, "passes over the packed corpus, when --max-steps is not given")
     batch_size: int = option(64, "sequences per micro-batch")
     grad_accum: int = option(1, "micro-batches per optimizer step")
     lr: float = option(1e-3, "peak learning rate; small BERTs take large ones (tiny/mini: 1e-3 "
-                   "trains fast and stably with warm-up; BERT-base used 1e-4)")
+                       "trains fast and stably with warm-up; BERT-base used 1e-4)")
     weight_decay: float = option(0.01, "decoupled weight decay (BERT's); never on 1-D params")
     adam_beta1: float = option(0.9, "AdamW beta1")
-    adam_beta2: float = option(0.98, "AdamW beta2: RoBERTa's 0.98 is steadier than 0.999 at large lr")
+    adam_beta2: float = option(0.98, "AdamW beta2: RoBERTa's 0.98 is steadier than 0.999 at large "
+                               "lr")
     adam_eps: float = option(1e-6, "AdamW epsilon (BERT and RoBERTa: 1e-6)")
     schedule: str = option("linear", "lr after warm-up: linear or cosine decay to 0",
-                       choices=("linear", "cosine"))
+                           choices=("linear", "cosine"))
     warmup_steps: int | None = option(None, "warm-up steps (overrides --warmup-ratio)")
     warmup_ratio: float = option(0.06, "warm-up as a fraction of the steps (RoBERTa: 6%)")
     clip_grad_norm: float | None = option(1.0, "clip the global gradient norm ('none': off)")
     dropout: float = option(0.1, "hidden and attention dropout (BERT's)")
     seed: int = option(0, "seeds the weights, the data order, the masking and dropout")
     # evaluation and bookkeeping
-    eval_every: int | None = option(500, "evaluate on --valid every N steps (and at each epoch end)")
+    eval_every: int | None = option(500, "evaluate on --valid every N steps (and at each epoch "
+                                    "end)")
     eval_max_sequences: int = option(1024, "evaluate on at most this many packed valid sequences "
-                                 "(the first ones: the same every time)")
+                                     "(the first ones: the same every time)")
     eval_batch_size: int = option(128, "sequences per evaluation batch")
     log_every: int = option(50, "log loss, lr, tokens/s and memory every N steps")
     save_every: int | None = option(None, "also save resume state every N steps (always at evals)")
     precision: str = option("auto", "autocast dtype: auto = bf16 on CUDA, fp32 on CPU; bf16 on a "
-                        "CPU pays only with bf16 instructions (AVX512-BF16, AMX), and most with "
-                        "--compile; fp16 adds a gradient scaler",
-                        choices=("auto", "fp32", "bf16", "fp16"))
+                            "CPU pays only with bf16 instructions (AVX512-BF16, AMX), and most "
+                            "with --compile; fp16 adds a gradient scaler",
+                            choices=("auto", "fp32", "bf16", "fp16"))
     peak_tflops: float | None = option(None, "peak dense TFLOP/s of the GPU for model FLOPs "
-                                   "utilisation (default: looked up from the GPU's name)")
+                                       "utilisation (default: looked up from the GPU's name)")
     device: str = option("auto", "cpu, cuda, or auto")
     threads: int | None = option(None, "CPU threads for torch (default: torch's choice)")
     nproc: int = option(1, "data-parallel processes: N > 1 relaunches the command under torchrun "
-                    "(one per GPU; gloo on CPU); --batch-size is per process")
+                        "(one per GPU; gloo on CPU); --batch-size is per process")
     compile: bool = option(False, "torch.compile the model for training (the first steps compile)")
 
     def __post_init__(self):

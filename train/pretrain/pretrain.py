@@ -18,7 +18,6 @@ simple form does, so it slightly understates.
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import sys
@@ -29,8 +28,7 @@ import torch.nn as nn
 from minibert.checkpoint import load_model, save_model
 from minibert.model import BertForMLM
 from minibert.tokenizer import Tokenizer
-from train.loop import distributed
-from train.command import add_dataclass_flags, dataclass_from_args, print_config
+from train.command import add_dataclass_flags
 from train.pretrain.masking import Masker, mlm_loss_sparse
 from train.pretrain.corpus import BatchIndices, MLMData, load_corpus
 from train.loop.optim import AdamW
@@ -39,8 +37,8 @@ from train.pretrain.config import PretrainConfig, model_config
 from train.loop.rundir import RunDir
 from train.loop.schedules import LambdaSchedule, lr_multiplier
 from train.pretrain.tokenizer import train_tokenizer
-from train.loop.device import (autocast, describe_precision, grad_scaler, pick_device,
-                               resolve_precision, run_state)
+from train.loop.device import autocast, grad_scaler
+from train.loop.launch import command, open_run, run_in_state
 from train.loop.trainer import Diverged, LoopSettings, Trainer, plan_steps
 
 # Dense bf16 peak of the GPUs we expect, TFLOP/s (vendor datasheets, without sparsity).
@@ -140,22 +138,12 @@ def run_pretrain(cfg: PretrainConfig, resume=False, dist=None):
 
     `dist` is this process's place in a data-parallel job (train/loop/distributed.py); None:
     one process. The run seeds torch and sets its thread count for its own duration only."""
-    dist = dist if dist is not None else distributed.single(pick_device(cfg.device))
-    with run_state(cfg.seed, cfg.threads, dist.device):
-        return _pretrain(cfg, resume, dist)
+    return run_in_state(_pretrain, cfg, resume, dist)
 
 
 def _pretrain(cfg, resume, dist):
     device = dist.device
-    cfg = distributed.fit_to_world(cfg, dist, resume)
-    run = distributed.run_dir(cfg.out, dist)  # rank 0 writes; other ranks only read
-    print_config(cfg, "pretrain config")
-    if not resume:
-        run.write_json("config.json", dataclasses.asdict(cfg))
-    precision, amp = resolve_precision(cfg.precision, device)
-    print(f"device: {device}, torch threads: {torch.get_num_threads()}, processes: {dist.world}, "
-          f"precision: {describe_precision(precision, amp)}, attention: {cfg.attention}, "
-          f"compile: {cfg.compile}", file=sys.stderr)
+    cfg, run, precision, amp = open_run(cfg, dist, resume, "pretrain config")
 
     with dist.main_first():  # rank 0 may train and save the tokenizer; the others read it
         tok = get_tokenizer(cfg, run)
@@ -248,29 +236,16 @@ def _pretrain(cfg, resume, dist):
     return results
 
 
+def required_inputs(cfg):
+    if not cfg.corpus:
+        raise ValueError("--corpus is required")
+    if not cfg.config and not cfg.init_from:
+        raise ValueError("give --config (tiny, mini, small, medium, base or a config.json) "
+                         "or --init-from a checkpoint")
+
+
 def cmd_pretrain(args):
-    if args.nproc > 1 and not distributed.launched():
-        return distributed.launch(args.argv, args.nproc)  # this command again, under torchrun
-    if args.resume:
-        with open(os.path.join(args.resume, "config.json")) as f:
-            cfg = PretrainConfig(**json.load(f))
-        with distributed.session(pick_device(cfg.device)) as dist:
-            run_pretrain(cfg, resume=True, dist=dist)
-        return 0
-    if not args.corpus:
-        raise SystemExit("minibert pretrain: --corpus is required")
-    try:
-        cfg = dataclass_from_args(PretrainConfig, args)
-        if not cfg.config and not cfg.init_from:
-            raise ValueError("give --config (tiny, mini, small, medium, base or a config.json) "
-                             "or --init-from a checkpoint")
-    except ValueError as e:
-        raise SystemExit(f"minibert pretrain: {e}") from None
-    with distributed.session(pick_device(cfg.device)) as dist:
-        try:
-            run_pretrain(cfg, dist=dist)
-        except (ValueError, FileNotFoundError) as e:
-            raise SystemExit(f"minibert pretrain: {e}") from None
+    return command(args, "pretrain", PretrainConfig, run_pretrain, check=required_inputs)
 
 
 def register(sub):

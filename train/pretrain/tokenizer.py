@@ -33,10 +33,11 @@ class TokenizerTrainConfig:
     corpus: list[str] = option(None, "text files to learn the vocabulary from")
     out: str = option(None, "directory for tokenizer.json, vocab.txt and tokenizer_config.json")
     vocab_size: int = option(16384, "vocabulary size, special tokens included (BERT: 30522; a "
-                         "small model on a small corpus does better with fewer, commoner pieces)")
+                             "small model on a small corpus does better with fewer, commoner "
+                             "pieces)")
     min_frequency: int = option(2, "a merge must be seen this often: a piece seen once is noise")
     limit_alphabet: int = option(1000, "keep the most frequent characters only (BERT's vocabulary "
-                             "has about 1000); rarer ones become [UNK]")
+                                 "has about 1000); rarer ones become [UNK]")
 
 
 def train_tokenizer(corpus, vocab_size, min_frequency=2, limit_alphabet=1000):
