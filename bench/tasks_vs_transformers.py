@@ -9,8 +9,8 @@ get_linear_schedule_with_warmup (10% warm-up), gradient clipping at 1.0, the sam
 epochs and max length. Both sides evaluate on dev at each epoch end and report the best epoch.
 minibert runs `minibert finetune` with the same recipe (`--layer-lr-decay 1.0
 --no-group-by-length`), and `--pooling cls` for regression (the reference's head is BERT's
-pooler). Both are scored by the same code (train/seqeval.py, train/squad_eval.py, and
-the QA span search of train/qa.py), so the numbers differ only by model and training.
+pooler). Both are scored by the same code (train/tasks/seqeval.py, train/tasks/squad_eval.py, and
+the QA span search of train/tasks/qa.py), so the numbers differ only by model and training.
 
     python bench/tasks_vs_transformers.py --only wnut,wnut-crf,pos,regression,qa \
         [--max-train N] [--max-eval N] [--epochs E] [--threads 1]

@@ -22,8 +22,8 @@ then `--steps` timed steps between two synchronisations. Peak memory is
 `torch.cuda.max_memory_allocated` of that measurement alone.
 
 Model FLOPs utilisation counts the useful FLOPs of the step, 6 N per token (N: matmul weights;
-the decoder counted at masked positions only, as train/pretrain.py's `flops_per_token`), over
-the GPU's dense bf16 peak. The same count is used for both libraries, so transformers' dense
+the decoder counted at masked positions only, as `flops_per_token` in train/pretrain/pretrain.py),
+over the GPU's dense bf16 peak. The same count is used for both libraries, so transformers' dense
 decoder does more work than it is credited for: the MFU ratio is the throughput ratio.
 
     python bench/throughput.py [--batch 64] [--ft-batch 32] [--steps 30] [--model DIR] [--compile]

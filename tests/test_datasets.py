@@ -1,4 +1,4 @@
-"""train/datasets.py and train/wikitext.py on small handmade files: the split rule, each source
+"""train/data/ (datasets, sources, wikitext) on small handmade files: the split rule, each source
 format, the Quoref -> SQuAD conversion, the MediaWiki stripper and the sha256 checks.
 
 No network and no real archive: every archive here is built in tmp_path. The real files are

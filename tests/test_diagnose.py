@@ -1,4 +1,4 @@
-"""The run diagnosis (train/diagnose.py) on synthetic learning curves, one per verdict.
+"""The run diagnosis (train/runs/diagnose.py) on synthetic learning curves, one per verdict.
 
 Each curve is written as a RUN/metrics.jsonl in the trainer's event format, with the shapes the
 rules are meant to catch (and, for healthy, shapes they must not): a curve drawn by hand is the

@@ -1,4 +1,4 @@
-"""Data-parallel fine-tuning (train/distributed.py) with 2 gloo processes on the CPU, against one
+"""Data-parallel fine-tuning (train/loop/distributed.py), 2 gloo processes on the CPU, against one
 process that sees the same global batches:
 
 - after a few steps the 2-process weights equal the 1-process weights (uneven last batch and

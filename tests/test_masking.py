@@ -1,4 +1,4 @@
-"""BERT's masking (train/masking.py): the proportions, what is never masked, whole words, and the
+"""BERT's masking (train/pretrain/masking.py): proportions, what is never masked, whole words, the
 sparse loss against the dense reference.
 
 Proportions are checked statistically. For a rate p measured over n independent draws the

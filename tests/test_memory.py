@@ -1,4 +1,4 @@
-"""The memory estimate of train/memory.py against two things we did not write:
+"""The memory estimate of train/runs/memory.py against two things we did not write:
 
 - autograd's own record of what it saves for backward (torch.autograd.graph.saved_tensors_hooks),
   for the activation formula, op by op in aggregate;

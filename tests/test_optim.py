@@ -1,4 +1,4 @@
-"""train/optim.py's AdamW against torch.optim.AdamW, and its two paths against each other.
+"""train/loop/optim.py's AdamW against torch.optim.AdamW, and its two paths against each other.
 
 Each test trains two copies of a small model on the same batches, one with each optimizer, and
 compares the parameters (and the optimizer's moments) after the run.

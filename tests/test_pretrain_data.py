@@ -1,4 +1,4 @@
-"""The pretraining data pipeline (train/mlm_data.py): the token cache, FULL-SENTENCES packing
+"""The pretraining data pipeline (train/pretrain/corpus.py): the token cache, FULL-SENTENCES packing
 (no token lost or duplicated, document boundaries kept) and batches that are a pure function of
 (seed, epoch, batch)."""
 

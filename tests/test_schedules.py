@@ -1,4 +1,4 @@
-"""train/schedules.py against transformers' schedules and torch's ReduceLROnPlateau.
+"""train/loop/schedules.py against transformers' schedules and torch's ReduceLROnPlateau.
 
 The schedules compute the same float operations as the references, so the lrs are compared for
 exact equality: any difference is a different formula, not rounding.

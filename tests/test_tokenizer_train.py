@@ -1,4 +1,4 @@
-"""`minibert tokenizer train` (train/tokenizer_train.py): the vocabulary it learns must tokenize
+"""`minibert tokenizer train` (train/pretrain/tokenizer.py): the vocabulary it learns must tokenize
 exactly as transformers' BertTokenizerFast does when given the same vocab.txt, since that is how
 anyone else will read the checkpoint."""
 

@@ -1,6 +1,6 @@
 """Plain text out of a MediaWiki XML dump: the pages, then their markup stripped.
 
-Used for the `wiki-sample` pretraining corpus (train/datasets.py). This is a small, readable
+Used for the `wiki-sample` pretraining corpus (train/data/datasets.py). This is a small, readable
 stripper in the spirit of WikiExtractor, not a wikitext parser: it removes what would otherwise
 reach the model as noise (templates, tables, file and category links, references, HTML, list
 bullets) and keeps the visible words of the article.

@@ -48,7 +48,7 @@ class FinetuneConfig:
     max_answer_len: int = option(30, "qa: longest answer span, in tokens")
     tasks: list[str] | None = option(None, "multitask: comma-separated specs "
                                      "NAME:TYPE:PATH_WITH_{split}[:key=value...] "
-                                     "(train/multitask.py)")
+                                     "(train/tasks/multitask.py)")
     tasks_file: str | None = option(None, "multitask: a JSON list of {name, type, path, "
                                     "options...}")
     sampling: str = option("proportional", "multitask: which task the next batch comes from",
@@ -72,7 +72,7 @@ class FinetuneConfig:
     # optimisation
     epochs: int = option(3, "passes over the training data (BERT: 2-4)")
     max_steps: int | None = option(None, "stop after this many optimizer steps (overrides epochs)")
-    # int, or "auto": the largest that fits in GPU memory, less 10% (train/memory.py; CUDA only)
+    # int, or "auto": the largest that fits in GPU memory, less 10% (runs/memory.py; CUDA only)
     batch_size: int | str = option(32, "examples per micro-batch, or 'auto' (CUDA only)")
     grad_accum: int = option(1, "micro-batches per optimizer step: a bigger batch in the same "
                              "memory")
@@ -135,7 +135,7 @@ class FinetuneConfig:
                             choices=("eager", "sdpa", "triton", "triton-varlen"))
     device: str = option("auto", "cpu, cuda, or auto")
     threads: int | None = option(None, "CPU threads for torch (default: torch's choice)")
-    # scale (train/distributed.py)
+    # scale (train/loop/distributed.py)
     nproc: int = option(1, "data-parallel processes: N > 1 relaunches the command under torchrun "
                         "(one per GPU; gloo on CPU); --batch-size is per process")
     precision: str = option("auto", "autocast dtype of the forward, fp32 master weights and "

@@ -2,7 +2,7 @@
 
 Reads top to bottom: device and seed -> data -> model and head -> freezing and parameter groups
 -> optimizer and schedule -> trainer -> final test evaluation with the best checkpoint.
-The run directory layout is described in train/rundir.py; `--resume RUN` continues a killed run
+The run directory layout is described in train/loop/rundir.py; `--resume RUN` continues a killed run
 from its `state/` with the config saved in `RUN/config.json`.
 """
 

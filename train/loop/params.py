@@ -79,7 +79,7 @@ def decays(p):
 def param_groups(model, units, policy, lr_scale=1.0, exclude=()):
     """Param groups for the trainable parameters of `units`, skipping params in `exclude`
     (params with requires_grad=False are never included). Each group carries its `name` and
-    `initial_lr`, the base lr that train/schedules.py scales."""
+    `initial_lr`, the base lr that train/loop/schedules.py scales."""
     n_layers = model.bert.config.num_hidden_layers
     by_group = {}
     for name, p in model.named_parameters():

@@ -140,7 +140,7 @@ class BatchIndices(list):
         self.shard = shard  # (rank, world) for one data-parallel rank's part, else ()
 
     def part(self, rank, world):
-        """Rank `rank`'s strided share of this batch (train/distributed.py). The share keeps
+        """Rank `rank`'s strided share of this batch (train/loop/distributed.py). The share keeps
         the batch's numbers and adds its own, so each rank masks its sequences with a stream
         of its own rather than repeating rank 0's mask pattern."""
         return BatchIndices(self[rank::world], self.epoch, self.number, (rank, world))

@@ -1,12 +1,12 @@
 """`minibert pretrain`: masked-language-model pretraining, from scratch or continued.
 
 Reads top to bottom: device and seed -> tokenizer (given, the checkpoint's, or trained on the
-corpus) -> token cache and packing (train/mlm_data.py) -> model (a size from
-train/pretrain_config.py, or --init-from a checkpoint) -> AdamW and warm-up + decay -> the generic
-Trainer (train/trainer.py) -> results with the best checkpoint.
+corpus) -> token cache and packing (train/pretrain/corpus.py) -> model (a size from
+train/pretrain/config.py, or --init-from a checkpoint) -> AdamW and warm-up + decay -> the generic
+Trainer (train/loop/trainer.py) -> results with the best checkpoint.
 
 The objective is BERT's masked LM without next-sentence prediction (RoBERTa showed NSP does not
-help), with dynamic masking and sparse prediction (train/masking.py). `RUN/best/` is a Hugging
+help), with dynamic masking and sparse prediction (pretrain/masking.py). `RUN/best/` is a Hugging
 Face `BertForMaskedLM` checkpoint, so `transformers`, `minibert finetune` and `minibert fill-mask`
 read it as is.
 

@@ -1,7 +1,7 @@
 """A run's learning curves, read once from its directory, and the small measures the diagnosis
 rules take of them (the end of a curve, its smoothed shape, warm-up, noise of a dev metric).
 
-Everything comes from RUN/metrics.jsonl (the events train/trainer.py writes), RUN/config.json and
+Everything comes from RUN/metrics.jsonl (the events loop/trainer.py writes), RUN/config.json and
 RUN/best/task.json; a run without best/ or config.json still loads, with those parts empty.
 """
 

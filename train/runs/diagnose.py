@@ -4,7 +4,7 @@ diverging (including catastrophic forgetting) or stalled, with the numbers and w
 `minibert finetune` calls `write_diagnosis(RUN)` when it ends (also when it diverged): the text
 goes to stderr, the same content as JSON to RUN/diagnosis.json. `minibert diagnose RUN` prints
 it again (`--json`: the JSON on stdout). Everything is read from RUN/metrics.jsonl (the events
-written by train/trainer.py), RUN/config.json and RUN/best/task.json, so pretraining runs that
+written by train/loop/trainer.py), RUN/config.json and RUN/best/task.json, so pretraining runs that
 log the same events are diagnosed by the same code.
 
 The rules follow the usual reading of learning curves (e.g. Goodfellow et al., "Deep Learning",

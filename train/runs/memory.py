@@ -5,7 +5,7 @@ planning (`--effective-batch-size`, `--batch-size auto`).
 
     weights       4 bytes x every parameter
     gradients     4 bytes x trainable parameters (frozen ones get none)
-    optimizer     2 x 4 bytes x trainable parameters (AdamW's m and v; train/optim.py)
+    optimizer     2 x 4 bytes x trainable parameters (AdamW's m and v; train/loop/optim.py)
     activations   what autograd saves for backward, per block of post-LN BERT (below)
     peak          the larger of two moments of a step:
                   backward starts: weights + optimizer + activations + backward temporaries
@@ -14,7 +14,7 @@ planning (`--effective-batch-size`, `--batch-size auto`).
 Gradients and activations are never all alive at once: gradients are allocated during backward
 while activations are being freed, and set to None after each optimizer step. The backward
 temporaries are the gradients of the top block's largest tensors; the optimizer's is the
-`sqrt(v)` that the foreach AdamW (train/optim.py) computes for a whole param group at once.
+`sqrt(v)` that the foreach AdamW (train/loop/optim.py) computes for a whole param group at once.
 
 Activations per block, B x T tokens, C hidden, H = intermediate size, nh heads, fp32, derived
 from what each op saves (checked op by op with torch.autograd.graph.saved_tensors_hooks):

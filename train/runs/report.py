@@ -1,6 +1,6 @@
 """`minibert report RUN`: one screen about a finished (or stopped) run.
 
-It gathers what is spread over the run directory (train/rundir.py): the config options that
+It gathers what is spread over the run directory (train/loop/rundir.py): the config options that
 differ from the defaults (RUN/config.json against FinetuneConfig's defaults; every option when
 the run is not a fine-tuning run), the parameter groups and their peak learning rates (from the
 train events' lr dicts), the best step, dev and test metrics (RUN/results.json), the diagnosis

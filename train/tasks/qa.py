@@ -12,7 +12,7 @@ passage. A training window whose context does not hold the whole answer is taugh
 At evaluation every window of a question is searched: the 20 best starts and the 20 best ends
 inside the context part, start <= end, at most --max-answer-len tokens; the span with the highest
 start + end score over all windows wins, and its characters come from the token offsets, so the
-answer is a verbatim slice of the context. Scores are SQuAD's EM and F1 (train/squad_eval.py).
+answer is a verbatim slice of the context. Scores are SQuAD's EM and F1 (train/tasks/squad_eval.py).
 
 Input: SQuAD-format JSON ({"data": [{"paragraphs": [{"context", "qas": [{"id", "question",
 "answers": [{"text", "answer_start"}]}]}]}]}). `predict --text "QUESTION ||| CONTEXT"` also works.

@@ -5,10 +5,10 @@ column; a blank or whitespace-only line between sentences) or JSONL rows with `t
 lists. Words are split into word pieces; as in BERT's NER experiments (Devlin et al. 2019, 5.3)
 the label sits on the first piece of each word and the other pieces get -100, which the loss
 ignores. The head is dropout + linear(C, K) on every piece, read at first pieces only; with
-`--crf` a linear-chain CRF (train/crf.py) scores whole tag sequences over those first pieces, with
+`--crf` a linear-chain CRF (tasks/crf.py) scores whole tag sequences over those first pieces, with
 `--bio-constraints` forbidding invalid BIO transitions.
 
-Decoding repairs invalid BIO (I-X not continuing an X entity becomes B-X, train/seqeval.py).
+Decoding repairs invalid BIO (I-X not continuing an X entity becomes B-X, train/tasks/seqeval.py).
 Scoring: tag sets that are BIO get strict entity precision/recall/F1 (`f1` is the default
 metric); other tag sets (POS) get token accuracy, reported also as `f1` (micro-F1 over tokens
 equals accuracy), so `--metric f1` fits both.

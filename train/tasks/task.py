@@ -12,7 +12,7 @@ A task is a class with these members (classification.py is the worked example):
     read_inputs(texts, path, tok)     -> a dataset of unlabelled inputs, for `minibert predict`
     predict(model, ds, device)        -> list of JSON-able rows, one per input
 
-A dataset has `batches(epoch)`, `collate(indices)` and `lengths`, as train/trainer.py expects.
+A dataset has `batches(epoch)`, `collate(indices)` and `lengths`, as train/loop/trainer.py expects.
 """
 
 import torch
