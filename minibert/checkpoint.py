@@ -16,15 +16,12 @@ import os
 import re
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from minibert.config import BertConfig
+from minibert.errors import CheckpointError
 from minibert.io import atomic_save_safetensors
 from minibert.model import BertEncoder, BertForMLM
-
-
-class CheckpointError(ValueError):
-    pass
 
 
 # minibert name -> Hugging Face name(s), per block `{i}` where it applies. A tuple means the
@@ -98,9 +95,14 @@ def _canonical(raw, path):
 
 
 def read_safetensors(path):
-    """All tensors of a safetensors file, as fp32 CPU tensors (no pickle involved)."""
-    with safe_open(path, framework="pt", device="cpu") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
+    """All tensors of a safetensors file, on the CPU (no pickle involved). A file cut short or
+    not safetensors at all is a CheckpointError that names it."""
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e}); it may be "
+                              "truncated: copy or download it again") from None
 
 
 def load_state_into(model, ckpt_dir, with_head, allow_missing_head=False):
@@ -108,8 +110,10 @@ def load_state_into(model, ckpt_dir, with_head, allow_missing_head=False):
     Returns notes, "PATH: what", on what was dropped or created fresh, and why."""
     path = os.path.join(ckpt_dir, "model.safetensors")
     if not os.path.exists(path):
-        raise CheckpointError(f"{ckpt_dir}: no model.safetensors (minibert never reads pickle "
-                              "files such as pytorch_model.bin)")
+        bin_ = os.path.exists(os.path.join(ckpt_dir, "pytorch_model.bin"))
+        raise CheckpointError(f"{ckpt_dir}: no model.safetensors" + (
+            "; it holds pytorch_model.bin, a pickle, which minibert never reads: convert it "
+            "with transformers (save_pretrained(..., safe_serialization=True))" if bin_ else ""))
     tensors, notes = _canonical(read_safetensors(path), path)
 
     enc = model.bert if with_head else model
@@ -146,6 +150,9 @@ def load_state_into(model, ckpt_dir, with_head, allow_missing_head=False):
                                 for n in absent)
             continue
         parts = [tensors[n] for n in names]
+        wrong_type = [n for n, t in zip(names, parts) if not t.is_floating_point()]
+        problems.extend(f"wrong dtype: {n} is {tensors[n].dtype}, expected floating point"
+                        for n in wrong_type)
         want = _part_shape(own[ours], len(names))
         wrong = [(n, t) for n, t in zip(names, parts) if tuple(t.shape) != want]
         problems.extend(f"wrong shape: {n} expected {want}, found {tuple(t.shape)}"
@@ -176,6 +183,8 @@ def load_model(ckpt_dir, with_head=False, allow_missing_head=False, notes=None, 
     nothing: what was dropped or created fresh is appended to the list `notes`, when given, for
     the command to report."""
     cfg_path = os.path.join(ckpt_dir, "config.json")
+    if not os.path.isdir(ckpt_dir):
+        raise CheckpointError(f"{ckpt_dir}: no such checkpoint directory")
     if not os.path.exists(cfg_path):
         raise CheckpointError(f"{ckpt_dir}: no config.json; a checkpoint directory holds "
                               "config.json, model.safetensors and tokenizer.json or vocab.txt")
@@ -187,6 +196,15 @@ def load_model(ckpt_dir, with_head=False, allow_missing_head=False, notes=None, 
     if notes is not None:
         notes.extend(found)
     return model.eval()
+
+
+def check_vocabulary(config, tokenizer, ckpt_dir):
+    """The tokenizer's ids must index the embedding: a vocabulary larger than the config's
+    vocab_size would look rows up past its end (a smaller one is fine: rows left unused)."""
+    if tokenizer.vocab_size > config.vocab_size:
+        raise CheckpointError(f"{tokenizer.source}: {tokenizer.vocab_size} tokens, but "
+                              f"{ckpt_dir}/config.json has vocab_size {config.vocab_size}: the "
+                              "tokenizer belongs to another model")
 
 
 def hf_state_dict(model):
@@ -211,10 +229,11 @@ def hf_state_dict(model):
 
 
 def save_model(model, out_dir, tokenizer=None):
-    """Write `out_dir` in the Hugging Face layout, every file atomically."""
+    """Write `out_dir` in the Hugging Face layout, every file atomically. config.json's
+    `architectures` says what is there: BertForMaskedLM with an MLM head, else BertModel."""
     os.makedirs(out_dir, exist_ok=True)
-    cfg = model.config
-    cfg.save_json(os.path.join(out_dir, "config.json"))
+    arch = "BertForMaskedLM" if isinstance(model, BertForMLM) else "BertModel"
+    model.config.save_json(os.path.join(out_dir, "config.json"), arch)
     atomic_save_safetensors(os.path.join(out_dir, "model.safetensors"), hf_state_dict(model),
                             metadata={"format": "pt"})
     if tokenizer is not None:

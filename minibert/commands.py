@@ -5,9 +5,32 @@ import sys
 
 import torch
 
-from minibert.checkpoint import load_model
+from minibert.checkpoint import check_vocabulary, load_model
 from minibert.model import mean_pool
 from minibert.tokenizer import Tokenizer
+
+
+def add_model_argument(p, help_):
+    """`--model DIR`, the one spelling every command uses for a model or run. A bare DIR before
+    the other arguments, the first spelling these commands had, still works."""
+    p.add_argument("--model", dest="model_flag", metavar="DIR", help=help_)
+    p.add_argument("model", nargs="?", metavar="DIR",
+                   help="the same as --model (older spelling, kept working)")
+
+
+def resolve_model(args, command, rest=None):
+    """Set args.model from either spelling. With --model given, a bare word taken for the model
+    belongs to the positional list `rest` (fill-mask's texts) instead."""
+    flag = vars(args).get("model_flag")  # absent in a Namespace built by hand, not by argparse
+    if flag is not None:
+        if args.model is not None:
+            if rest is None:
+                raise SystemExit(f"minibert {command}: the model is given twice, as --model "
+                                 f"{flag} and as {args.model}")
+            getattr(args, rest).insert(0, args.model)
+        args.model = flag
+    if args.model is None:
+        raise SystemExit(f"minibert {command}: --model is required")
 
 
 def load_and_report(path, with_head=False):
@@ -30,8 +53,10 @@ def cmd_weights_import(args):
 @torch.no_grad()
 def cmd_embed(args):
     """Mean-pooled, L2-normalised sentence vectors: sentence-transformers' convention."""
+    resolve_model(args, "embed")
     model = load_and_report(args.model)
     tok = Tokenizer.from_dir(args.model)
+    check_vocabulary(model.config, tok, args.model)
     vectors = []
     for i in range(0, len(args.text), args.batch_size):
         b = tok.encode_batch(args.text[i:i + args.batch_size], max_length=args.max_length)
@@ -44,8 +69,12 @@ def cmd_embed(args):
 
 @torch.no_grad()
 def cmd_fill_mask(args):
+    resolve_model(args, "fill-mask", rest="text")
+    if not args.text:
+        raise SystemExit("minibert fill-mask: give a text with [MASK]")
     model = load_and_report(args.model, with_head=True)
     tok = Tokenizer.from_dir(args.model)
+    check_vocabulary(model.config, tok, args.model)
     for text in args.text:
         b = tok.encode_batch([text])
         where = (b["input_ids"][0] == tok.mask_id).nonzero().flatten()
@@ -70,14 +99,14 @@ def register(sub):
     p.set_defaults(func=cmd_weights_import)
 
     p = sub.add_parser("embed", help="print mean-pooled, L2-normalised sentence vectors as JSON")
-    p.add_argument("model", help="checkpoint directory")
+    add_model_argument(p, "checkpoint directory")
     p.add_argument("--text", action="append", required=True, help="a sentence (repeatable)")
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32)
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("fill-mask", help="top tokens for each [MASK] in a text, as JSON lines")
-    p.add_argument("model", help="checkpoint directory with an MLM head")
-    p.add_argument("text", nargs="+", help="text with one or more [MASK]")
+    add_model_argument(p, "checkpoint directory with an MLM head")
+    p.add_argument("text", nargs="*", help="text with one or more [MASK]")
     p.add_argument("--top-k", type=int, default=5)
     p.set_defaults(func=cmd_fill_mask)

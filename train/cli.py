@@ -11,10 +11,14 @@ see train/command.py).
 """
 
 import argparse
+import os
 import sys
+import traceback
 
 import minibert.commands  # weights import, embed, fill-mask
+from minibert.errors import UserError
 import train.data.datasets  # data get
+import train.deploy.commands  # export, quantize
 import train.finetune.finetune  # finetune
 import train.finetune.predict  # predict
 import train.pretrain.pretrain  # pretrain
@@ -28,11 +32,20 @@ import train.runs.sweep  # sweep
 COMMANDS = [minibert.commands, train.data.datasets, train.finetune.finetune,
             train.finetune.predict, train.pretrain.tokenizer, train.pretrain.pretrain,
             train.runs.diagnose, train.runs.memory, train.runs.sweep, train.runs.plot,
-            train.runs.report]
+            train.runs.report, train.deploy.commands]
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a wrong flag reported as one line (the usage is one --help away)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="minibert", description=__doc__.splitlines()[0])
+    parser = Parser(prog="minibert", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an input error too (or MINIBERT_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in COMMANDS:
         module.register(sub)
@@ -48,6 +61,21 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("minibert: interrupted", file=sys.stderr)
         return 130
+    except (UserError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
+        # The error boundary: an input the user can fix is one line, `minibert CMD: WHERE: what
+        # is wrong; what to do`. Anything else is a bug, and keeps its traceback.
+        if args.debug or os.environ.get("MINIBERT_DEBUG") == "1":
+            traceback.print_exc()
+        print(f"minibert {args.command}: {describe(e)}", file=sys.stderr)
+        return 2
+
+
+def describe(e):
+    """The one line for an input error; an OSError says the path first, as the others do."""
+    if isinstance(e, OSError) and e.filename is not None:
+        return f"{e.filename}: {e.strerror.lower()}"
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return "; ".join(lines).replace(":; ", ": ")  # "X does not fit:\n  missing: ..." -> one line
 
 
 if __name__ == "__main__":

@@ -57,19 +57,24 @@ def add_dataclass_flags(parser, cls, skip=()):
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
+        # `spelled`: the flag users see first, the field's own name kept as the older spelling
+        flags = [f.metadata["spelled"], flag] if "spelled" in f.metadata else [flag]
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         help_ = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
+        if len(flags) > 1:
+            help_ += f" ({flag}: its older spelling, still accepted)"
         choices = f.metadata.get("choices")
         tp = hints[f.name]
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         if tp is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=default, help=help_)
         else:
-            parser.add_argument(flag, dest=f.name, type=_converter(tp), default=default,
+            named = {"metavar": "DIR"} if len(flags) > 1 else {}
+            parser.add_argument(*flags, dest=f.name, type=_converter(tp), default=default,
                                 choices=choices, required=required,
-                                help=f"{help_} (default: {default})")
+                                help=f"{help_} (default: {default})", **named)
 
 
 def dataclass_from_args(cls, ns):

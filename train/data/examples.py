@@ -17,8 +17,10 @@ import random
 import sys
 from dataclasses import dataclass, field
 
+from minibert.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
     """A data file not in the form expected; the message names the file and the line."""
 
 
@@ -49,7 +51,10 @@ def _rows(path):
     if ext not in (".jsonl", ".json", ".csv", ".tsv"):
         raise DataError(f"{path}: unknown format {ext!r}; use .jsonl, .csv or .tsv")
     with open(path, "rb") as fb:
-        raw_lines = fb.read().split(b"\n")
+        data = fb.read()
+    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark, as many Windows tools write
+        data = data[3:]
+    raw_lines = data.split(b"\n")  # a CRLF line keeps its "\r": JSON and csv both allow it
     if ext in (".jsonl", ".json"):
         for i, raw in enumerate(raw_lines, 1):
             try:
@@ -99,8 +104,11 @@ def read_examples(path, text_field, pair_field, target_field, skip_bad_rows=Fals
         if missing:
             bad(where, f"missing field {missing[0]!r}")
             continue
-        text = str(row[text_field])
-        pair = str(row[pair_field]) if pair_field else None
+        not_text = [f for f in (text_field, pair_field) if f and not isinstance(row[f], str)]
+        if not_text:
+            bad(where, f"field {not_text[0]!r} is {row[not_text[0]]!r}, not a text")
+            continue
+        text, pair = row[text_field], row[pair_field] if pair_field else None
         if not text.strip() or (pair is not None and not pair.strip()):
             bad(where, "empty text")
             continue
@@ -119,21 +127,42 @@ def read_examples(path, text_field, pair_field, target_field, skip_bad_rows=Fals
 
 
 def label_key(v):
-    """Labels are compared as strings so that 1, "1" and 1.0-free ints agree across file types."""
-    return str(v)
+    """Labels are compared as strings, so that 1 (JSON), "1" (CSV) and 1.0 are one class."""
+    s = str(v).strip()
+    return str(int(float(s))) if _is_number(s) and float(s).is_integer() else s
 
 
 def build_label_map(examples):
-    """Sorted label -> index map from the training data (numeric labels sort numerically)."""
-    labels = sorted({label_key(e.target) for e in examples},
-                    key=lambda s: (0, float(s), s) if _is_number(s) else (1, 0.0, s))
+    """Sorted label -> index map from the training data (integer labels sort numerically).
+
+    Refused, naming a row: a label that is a non-integer number (a score: --task regression),
+    labels that mix numbers and names ("pos" and 0 would become two unrelated classes), and a
+    single class (a one-class model scores 1.0 on anything and learns nothing)."""
+    first = {}
+    for e in examples:
+        first.setdefault(label_key(e.target), e)
+    kinds = {}
+    for key, e in first.items():
+        if isinstance(e.target, bool) or not isinstance(e.target, (int, float, str)):
+            raise DataError(f"{e.where}: label {e.target!r} is not a class name or an integer")
+        if _is_number(key) and not float(key).is_integer():
+            raise DataError(f"{e.where}: label {e.target!r} is not an integer class; for a "
+                            "real-valued target use --task regression")
+        kinds.setdefault("number" if _is_number(key) else "name", e)
+    if len(kinds) > 1:
+        raise DataError(f"{kinds['name'].where}: label {kinds['name'].target!r} is a name, but "
+                        f"{kinds['number'].where} has the number {kinds['number'].target!r}; "
+                        "give every label in one form")
+    if len(first) < 2:
+        raise DataError(f"{examples[0].where.rsplit(':', 1)[0]}: every row has the label "
+                        f"{next(iter(first))!r}; a classifier needs at least two classes")
+    labels = sorted(first, key=lambda s: (int(float(s)), s) if _is_number(s) else (0, s))
     return {lab: i for i, lab in enumerate(labels)}
 
 
 def _is_number(s):
     try:
-        float(s)
-        return True
+        return float(s) == float(s)  # not NaN
     except ValueError:
         return False
 

@@ -12,9 +12,8 @@ import json
 import os
 import sys
 
-from safetensors.torch import load_file
 
-from minibert.checkpoint import load_model, save_model
+from minibert.checkpoint import check_vocabulary, load_model, read_safetensors, save_model
 from minibert.config import BertConfig
 from minibert.io import atomic_save_safetensors, atomic_write_json
 from minibert.model import BertEncoder
@@ -72,7 +71,7 @@ def init_heads(head, specs, task_name):
                              "finetune run's best/ directory)")
         with open(os.path.join(src, "task.json")) as f:
             src_task = json.load(f)["task"]
-        weights = load_file(path)
+        weights = read_safetensors(path)
         if name and src_task == "multitask":
             weights = {k[len(name) + 1:]: v for k, v in weights.items()
                        if k.startswith(name + ".")}
@@ -118,7 +117,7 @@ def load_task_model(best_dir, device):
     task = TASKS[meta["task"]](meta)
     bert = load_model(best_dir)
     head = task.build_head(bert.config.hidden_size, 0.0)
-    head.load_state_dict(load_file(os.path.join(best_dir, "head.safetensors")))
+    head.load_state_dict(read_safetensors(os.path.join(best_dir, "head.safetensors")))
     return TaskModel(bert, head).to(device).eval(), task
 
 
@@ -170,6 +169,7 @@ def _finetune(cfg, resume, dist):
     task, data = TASKS[cfg.task].from_data(cfg, tok)
     print(f"task: {json.dumps(task.meta)}", file=sys.stderr)
     model = build_model(cfg, task)
+    check_vocabulary(model.bert.config, tok, cfg.model)
     if cfg.init_heads and not resume:  # on resume the saved state holds the heads
         init_heads(model.head, cfg.init_heads, cfg.task)
     model = model.to(device)

@@ -1,5 +1,10 @@
-"""`minibert predict RUN --text T ... | --input F [--output F]`: predictions as JSON lines (one per
-input, on stdout unless --output) from the best checkpoint of a fine-tuning run."""
+"""`minibert predict RUN --text T ... | --input F [--output F] [--backend torch|onnx]`: predictions
+as JSON lines (one per input, on stdout unless --output).
+
+--backend torch (the default) reads a fine-tuning run's best checkpoint; --backend onnx reads a
+directory written by `minibert export --to onnx` or `minibert quantize` and runs its graph with
+onnxruntime (train/deploy/onnx_run.py), on the CPU. Both go through the task's own read_inputs
+and predict, so they answer the same JSON lines."""
 
 import json
 import os
@@ -8,19 +13,46 @@ import sys
 from minibert.tokenizer import Tokenizer
 from train.finetune.finetune import load_task_model
 from train.loop.device import pick_device
+from train.loop.rundir import RunDir
+
+
+def find_best(run, command):
+    """RUN's best/ checkpoint (best.old after a kill between renames), or RUN itself when it is
+    one; SystemExit naming RUN when it holds no fine-tuned model."""
+    best = RunDir(run, writer=False).find_dir("best") or run
+    if not os.path.exists(os.path.join(best, "task.json")) or \
+            not os.path.exists(os.path.join(best, "head.safetensors")):
+        raise SystemExit(f"minibert {command}: {run} holds no fine-tuned model "
+                         "(no best/task.json and best/head.safetensors)")
+    return best
+
+
+def load_onnx(export_dir, threads):
+    try:
+        from train.deploy.onnx_run import load_onnx_task_model
+    except ImportError as e:
+        raise SystemExit(f"minibert predict: --backend onnx needs {e.name} (pip install "
+                         "'minibert[deploy]')") from None
+    try:
+        return load_onnx_task_model(export_dir, threads)
+    except FileNotFoundError as e:
+        raise SystemExit(f"minibert predict: {e}") from None
 
 
 def cmd_predict(args):
-    best = os.path.join(args.run, "best") if os.path.isdir(os.path.join(args.run, "best")) \
-        else args.run
-    if not os.path.exists(os.path.join(best, "task.json")):
-        raise SystemExit(f"minibert predict: {args.run} holds no fine-tuned model "
-                         "(no best/task.json)")
     if not args.text and not args.input:
         raise SystemExit("minibert predict: give --text or --input")
-    device = pick_device(args.device)
-    model, task = load_task_model(best, device)
-    data = task.read_inputs(args.text, args.input, Tokenizer.from_dir(best), args.batch_size)
+    # Callers that build `args` by hand (tests/test_tagging.py, test_multitask.py) predate
+    # --backend and --threads; without them this is the torch backend, as it always was.
+    if getattr(args, "backend", "torch") == "onnx":
+        device = "cpu"  # onnxruntime's CPU provider; batches stay on the CPU
+        model, task = load_onnx(args.run, getattr(args, "threads", None))
+        tok_dir = args.run
+    else:
+        tok_dir = find_best(args.run, "predict")
+        device = pick_device(args.device)
+        model, task = load_task_model(tok_dir, device)
+    data = task.read_inputs(args.text, args.input, Tokenizer.from_dir(tok_dir), args.batch_size)
     rows = task.predict(model, data, device)
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
     for row in rows:
@@ -32,10 +64,15 @@ def cmd_predict(args):
 
 def register(sub):
     p = sub.add_parser("predict", help="predict with a fine-tuned run, as JSON lines")
-    p.add_argument("run", help="run directory (or its best/)")
+    p.add_argument("run", help="run directory (or its best/); with --backend onnx, a directory "
+                               "written by `minibert export --to onnx` or `minibert quantize`")
     p.add_argument("--text", action="append", help="an input text (repeatable)")
     p.add_argument("--input", help="a file in the run's training format")
     p.add_argument("--output", help="write JSON lines here instead of stdout")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="torch backend: cpu, cuda, auto")
+    p.add_argument("--backend", choices=("torch", "onnx"), default="torch",
+                   help="torch: the run's checkpoint; onnx: an exported graph, by onnxruntime")
+    p.add_argument("--threads", type=int, default=None,
+                   help="onnx backend: onnxruntime's intra-op threads (default: its own choice)")
     p.set_defaults(func=cmd_predict)

@@ -40,6 +40,7 @@ import sys
 import torch
 import torch.distributed as tdist
 
+from minibert.errors import UserError
 from train.command import minibert_argv
 from train.loop.rundir import RunDir
 
@@ -235,11 +236,11 @@ def session(device):
 
     try:
         yield Dist(rank, world, device)
-    except SystemExit as e:
+    except (SystemExit, UserError) as e:
         # a deliberate stop (divergence, a data error) happens on every rank alike; rank 0
         # reports it, the others leave with the same status and no second copy of the message
         if rank != 0:
-            raise SystemExit(1 if e.code not in (0, None) else 0) from None
+            raise SystemExit(getattr(e, "code", 2) not in (0, None)) from None
         raise
     except BaseException as e:
         speak()  # the interpreter prints the traceback after this line

@@ -4,12 +4,14 @@
   the config saved in RUN/config.json, a fresh run the flags; the run then goes inside this
   process's distributed session, and the project's own errors become one line.
 - `run_in_state(body, cfg, ...)`: the run seeds torch and sets its thread count for its own
-  duration only (train/loop/device.py), so a library caller's random stream is left alone.
+  duration only (train/loop/device.py), so a library caller's random stream is left alone; it
+  holds RUN/.lock, and a fresh run refuses a directory that holds a run (train/loop/rundir.py).
 - `open_run(cfg, dist, resume, title)`: the config fitted to the job's process count, the run
   directory (only rank 0 writes), the resolved config printed and saved, and the line that says
   where and in which precision the run computes.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -17,15 +19,21 @@ import sys
 
 import torch
 
+from minibert.errors import UserError
 from train.command import dataclass_from_args, print_config
 from train.loop import distributed
 from train.loop.device import describe_precision, pick_device, resolve_precision, run_state
+from train.loop.rundir import check_fresh, exclusive
 
 
 def run_in_state(body, cfg, resume=False, dist=None):
-    """body(cfg, resume, dist) with the run's seed and threads; `dist` None: one process."""
+    """body(cfg, resume, dist) with the run's seed and threads; `dist` None: one process. Rank 0
+    holds the run directory's lock throughout; a fresh run refuses a directory holding a run."""
     dist = dist if dist is not None else distributed.single(pick_device(cfg.device))
-    with run_state(cfg.seed, cfg.threads, dist.device):
+    lock = exclusive(cfg.out) if dist.is_main else contextlib.nullcontext()
+    with lock, run_state(cfg.seed, cfg.threads, dist.device):
+        if dist.is_main and not resume:
+            check_fresh(cfg.out)
         return body(cfg, resume, dist)
 
 
@@ -35,12 +43,25 @@ def open_run(cfg, dist, resume, title):
     run = distributed.run_dir(cfg.out, dist)
     print_config(cfg, title)
     if not resume:
+        run.start_fresh()
         run.write_json("config.json", dataclasses.asdict(cfg))
     precision, amp = resolve_precision(cfg.precision, dist.device)
     print(f"device: {dist.device}, torch threads: {torch.get_num_threads()}, processes: "
           f"{dist.world}, precision: {describe_precision(precision, amp)}, attention: "
           f"{cfg.attention}, compile: {cfg.compile}", file=sys.stderr)
     return cfg, run, precision, amp
+
+
+def read_run_config(run):
+    """RUN/config.json, the resolved config a run saved at its start."""
+    path = os.path.join(run, "config.json")
+    if not os.path.isfile(path):
+        raise UserError(f"{run}: no config.json: not a minibert run directory")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (ValueError, OSError) as e:
+        raise UserError(f"{path}: not readable JSON ({e})") from None
 
 
 def command(args, name, config_cls, run_fn, check=None):
@@ -50,17 +71,20 @@ def command(args, name, config_cls, run_fn, check=None):
         return distributed.launch(args.argv, args.nproc)  # this command again, under torchrun
     try:
         if args.resume:
-            with open(os.path.join(args.resume, "config.json"), encoding="utf-8") as f:
-                cfg = config_cls(**json.load(f))
+            cfg = config_cls(**read_run_config(args.resume))
         else:
             cfg = dataclass_from_args(config_cls, args)
             if check is not None:
                 check(cfg)
-    except (ValueError, OSError) as e:
+    except UserError:
+        raise  # train/cli.py says it in one line
+    except (ValueError, OSError) as e:  # a config that refuses its flags
         raise SystemExit(f"minibert {name}: {e}") from None
     with distributed.session(pick_device(cfg.device)) as dist:
         try:
             run_fn(cfg, resume=bool(args.resume), dist=dist)
-        except (ValueError, FileNotFoundError) as e:  # a DataError is a ValueError
+        except UserError:
+            raise
+        except ValueError as e:
             raise SystemExit(f"minibert {name}: {e}") from None
     return 0

@@ -18,12 +18,22 @@ the renames leaves `NAME.old`, which `find_dir` falls back to.
 
 In a data-parallel job only rank 0 writes: other ranks get `RunDir(path, writer=False)`, which
 keeps its events in memory (the trainer saves their count with its state) and writes nothing.
+
+Two guards keep one run's files from mixing with another's: `exclusive(path)` holds RUN/.lock
+(an flock, released by the kernel even on kill -9) for the duration of a run, so a second run
+pointed at the same --out refuses; and `check_fresh(path)` refuses to start a new run where a
+resumable or finished one lives (state/ or results.json). A full disk while saving leaves the
+previous best/ or state/ in place and stops with one line that says so.
 """
 
+import contextlib
+import errno
+import fcntl
 import json
 import os
 import shutil
 
+from minibert.errors import UserError
 from minibert.io import atomic_write_json, atomic_write_text, json_line
 
 
@@ -33,6 +43,12 @@ class RunDir:
         if writer:
             os.makedirs(path, exist_ok=True)
         self.events = []
+
+    def start_fresh(self):
+        """A new run: drop the events of one killed before it saved anything (check_fresh
+        has made sure there was nothing to resume)."""
+        if self.writer and os.path.exists(self.file("metrics.jsonl")):
+            os.remove(self.file("metrics.jsonl"))
 
     def file(self, name):
         return os.path.join(self.path, name)
@@ -64,7 +80,17 @@ class RunDir:
         final, new, old = self.file(name), self.file(name + ".new"), self.file(name + ".old")
         shutil.rmtree(new, ignore_errors=True)
         os.makedirs(new)
-        write_fn(new)
+        try:
+            write_fn(new)
+        except OSError as e:
+            shutil.rmtree(new, ignore_errors=True)
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            kept = self.find_dir(name)
+            raise UserError(f"{final}: the disk is full ({e.strerror}); "
+                            + (f"the previous {os.path.basename(kept)}/ is intact" if kept else
+                               "nothing had been saved yet")
+                            + ": free some space, then --resume") from None
         if os.path.exists(final):
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
@@ -76,6 +102,38 @@ class RunDir:
             if os.path.isdir(self.file(cand)):
                 return self.file(cand)
         return None
+
+
+def check_fresh(path):
+    """Refuse to start a new run in a directory that holds one (resumable or finished)."""
+    held = [n for n in ("state", "state.old", "results.json")
+            if os.path.exists(os.path.join(path, n))]
+    if held:
+        raise UserError(f"{os.path.join(path, held[0])}: {path} holds a run already; continue "
+                        f"it with --resume {path}, or give another --out")
+
+
+@contextlib.contextmanager
+def exclusive(path):
+    """Hold RUN/.lock for the block: one run writes into a directory at a time."""
+    os.makedirs(path, exist_ok=True)
+    lock = os.path.join(path, ".lock")
+    with open(lock, "a+", encoding="utf-8") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            pid = f.read().strip() or "?"
+            raise UserError(f"{lock}: another minibert run (pid {pid}) is writing into {path}; "
+                            "wait for it to end, or give another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def read_jsonl(path):

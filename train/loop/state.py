@@ -17,8 +17,9 @@ import json
 import os
 
 import torch
-from safetensors.torch import load_file
 
+from minibert.checkpoint import read_safetensors
+from minibert.errors import UserError
 from minibert.io import atomic_save_safetensors, atomic_torch_save, atomic_write_json
 
 
@@ -57,32 +58,53 @@ def save(t):
     t.run.save_dir("state", write)
 
 
+# what trainer.json must hold (the scaler's state too, in an fp16 run)
+KEYS = ("step", "epoch", "micro", "best", "best_step", "bad_evals", "seconds", "examples_seen",
+        "n_events", "schedule")
+
+
 def load(t):
     """Restore trainer `t` from RUN/state/ (or state.old/, left by a kill between renames)."""
     d = t.run.find_dir("state")
     if d is None:
-        raise FileNotFoundError(f"{t.run.path}: no state/ to resume from")
-    with open(os.path.join(d, "trainer.json"), encoding="utf-8") as f:
-        info = json.load(f)
+        raise UserError(f"{t.run.path}: no state/ to resume from (the run was killed before "
+                        "its first save: start it again without --resume)")
+    try:
+        with open(os.path.join(d, "trainer.json"), encoding="utf-8") as f:
+            info = json.load(f)
+        opt_state = torch.load(os.path.join(d, "optimizer.pt"), weights_only=True)
+        rng = torch.load(os.path.join(d, "rng.pt"), weights_only=True)
+        model_state = read_safetensors(os.path.join(d, "model.safetensors"))
+        missing = [k for k in KEYS if k not in info]
+        if missing:
+            raise KeyError(f"trainer.json lacks {missing[0]!r}")
+    except Exception as e:  # noqa: BLE001 (whatever a damaged file raises, it is damaged)
+        why = (str(e).splitlines() or [""])[0][:160]
+        raise UserError(f"{d}: damaged resume state ({type(e).__name__}: {why}); resume from a "
+                        "copy, or start the run again") from None
     t.step, t.epoch, t.micro = info["step"], info["epoch"], info["micro"]
     t.best, t.best_step, t.bad_evals = info["best"], info["best_step"], info["bad_evals"]
     t.seconds, t.examples_seen = info["seconds"], info["examples_seen"]
     t.schedule.load_state_dict(info["schedule"])
     # save() stores each tied tensor once; the other names of it are the only keys allowed to be
     # missing, and nothing may be unexpected
-    result = t.model.load_state_dict(load_file(os.path.join(d, "model.safetensors")),
-                                     strict=False)
     own = t.model.state_dict()
+    shapes = [k for k, v in model_state.items() if k in own and own[k].shape != v.shape]
+    if shapes:
+        raise UserError(f"{d}/model.safetensors: {shapes[0]} has shape "
+                        f"{tuple(model_state[shapes[0]].shape)}, the model's is "
+                        f"{tuple(own[shapes[0]].shape)}: this state belongs to another model")
+    result = t.model.load_state_dict(model_state, strict=False)
     stored = {own[k].data_ptr() for k in own if k not in result.missing_keys}
     lost = [k for k in result.missing_keys if own[k].data_ptr() not in stored]
     if lost or result.unexpected_keys:
-        raise RuntimeError(f"{d}/model.safetensors does not fit the model: missing {lost}, "
-                           f"unexpected {result.unexpected_keys}")
+        raise UserError(f"{d}/model.safetensors does not fit the model: missing {lost}, "
+                        f"unexpected {result.unexpected_keys}: this state belongs to another "
+                        "model")
     t._update_stage()  # rebuild the param groups of the saved stage before loading them
-    t.opt.load_state_dict(torch.load(os.path.join(d, "optimizer.pt"), weights_only=True))
+    t.opt.load_state_dict(opt_state)
     if t.scaler is not None:
         t.scaler.load_state_dict(info["scaler"])
-    rng = torch.load(os.path.join(d, "rng.pt"), weights_only=True)
     ranks = rng["ranks"] if "ranks" in rng else [rng]  # a one-process state has no "ranks"
     if len(ranks) == t.dist.world:
         mine = ranks[t.dist.rank]

@@ -72,7 +72,8 @@ class PretrainConfig:
     config: str | None = option(None, "model size (tiny, mini, small, medium, base) or a "
                                 "config.json; required unless --init-from")
     init_from: str | None = option(None, "continue pretraining this checkpoint (and its "
-                                   "tokenizer), e.g. weights/minilm-l6 for domain adaptation")
+                                   "tokenizer), e.g. weights/minilm-l6 for domain adaptation",
+                                   spelled="--model")
     attention: str = option("sdpa", "attention implementation",
                             choices=("eager", "sdpa", "triton", "triton-varlen"))
     # masking

@@ -25,7 +25,7 @@ import sys
 import torch
 import torch.nn as nn
 
-from minibert.checkpoint import load_model, save_model
+from minibert.checkpoint import check_vocabulary, load_model, save_model
 from minibert.model import BertForMLM
 from minibert.tokenizer import Tokenizer
 from train.command import add_dataclass_flags
@@ -106,9 +106,7 @@ def build_model(cfg: PretrainConfig, tok):
                          attention_probs_dropout_prob=cfg.dropout)
         for n in notes:
             print(f"init: {n}", file=sys.stderr)
-        if mlm.config.vocab_size != tok.vocab_size:
-            raise ValueError(f"{cfg.init_from}: config vocab_size {mlm.config.vocab_size} but "
-                             f"its tokenizer has {tok.vocab_size} tokens")
+        check_vocabulary(mlm.config, tok, cfg.init_from)
         return mlm
     mc = model_config(cfg.config, tok.vocab_size, cfg.max_len, cfg.attention, tok.pad_id)
     mc = dataclasses.replace(mc, hidden_dropout_prob=cfg.dropout,

@@ -51,14 +51,21 @@ def read_squad(path, need_answers=True):
             data = json.load(f)["data"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise DataError(f"{path}: not SQuAD JSON with a top-level 'data' list ({e})") from None
-    out = []
+    out, seen = [], {}
     for a, article in enumerate(data):
         for p, para in enumerate(article["paragraphs"]):
             ctx = para["context"]
             for q, qa in enumerate(para["qas"]):
                 where = f"{path}: data[{a}].paragraphs[{p}].qas[{q}] (id {qa.get('id')!r})"
+                if str(qa.get("id")) in seen:
+                    raise DataError(f"{where}: id already used at {seen[str(qa['id'])]}; "
+                                    "every question needs its own id")
+                seen[str(qa.get("id"))] = where.split(": ", 1)[1]
                 answers = [(x["text"], x["answer_start"]) for x in qa.get("answers", [])]
                 for text, start in answers:
+                    if not text.strip():
+                        raise DataError(f"{where}: an empty answer text; give the answer span "
+                                        "or leave the question out")
                     if ctx[start:start + len(text)] != text:
                         raise DataError(f"{where}: answer {text!r} is not at character {start} "
                                         "of the context")

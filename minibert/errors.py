@@ -1,0 +1,25 @@
+"""The errors a user fixes by changing an input, as opposed to bugs.
+
+`UserError` is a file, a checkpoint, a config or a flag that is wrong. Its message names the
+place (a file, `file:line` or `file:key`), says what is wrong and, where it can, what to do. The
+`minibert` command prints such an error as one line and exits with status 2, without a traceback
+(`minibert --debug ...` or MINIBERT_DEBUG=1 shows it); any other exception is a bug and keeps its
+traceback. The kinds below are also ValueErrors (or RuntimeErrors), as they were before this
+module existed, so code that catches those still does.
+"""
+
+
+class UserError(Exception):
+    """An input that is wrong: the message says where, what, and what to do."""
+
+
+class ConfigError(UserError, ValueError):
+    """A model config (config.json) or its values."""
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint directory: missing files, keys or shapes that do not fit, a damaged file."""
+
+
+class FetchError(UserError, RuntimeError):
+    """A pinned archive that cannot be fetched, or whose sha256 differs."""
