@@ -91,6 +91,9 @@ def _canonical(raw, path):
     dec_bias = out.pop("cls.predictions.decoder.bias", None)
     if dec_bias is not None and "cls.predictions.bias" not in out:
         out["cls.predictions.bias"] = dec_bias
+    elif dec_bias is not None and not torch.equal(dec_bias, out["cls.predictions.bias"]):
+        notes.append("cls.predictions.decoder.bias differs from cls.predictions.bias; minibert "
+                     "has one output bias and uses cls.predictions.bias")
     return out, notes
 
 

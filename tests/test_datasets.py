@@ -10,10 +10,12 @@ import bz2
 import hashlib
 import io
 import json
+import math
 import os
 import random
 import tarfile
 import zipfile
+from collections import Counter
 
 import pytest
 
@@ -39,10 +41,20 @@ def test_split_rule_on_known_strings():
 
 
 def test_split_rule_proportions():
-    counts = {"train": 0, "dev": 0, "test": 0}
-    for i in range(10_000):
-        counts[split_of(f"sentence number {i}")] += 1
-    assert 700 < counts["test"] < 1300 and 700 < counts["dev"] < 1300
+    # sha1 buckets of distinct strings behave as independent draws: a count over n strings is
+    # binomial, standard deviation sqrt(n p (1 - p)). 5 of them: a correct rule falls outside
+    # with probability < 1e-6, while a wrong share (12.5% for 10%: +250 here, over 8 sigma) cannot
+    # hide inside.
+    n = 10_000
+
+    def check(counts, shares):
+        assert sum(counts.values()) == n
+        for split, p in shares.items():
+            assert abs(counts[split] - n * p) < 5 * math.sqrt(n * p * (1 - p)), (split, counts)
+
+    texts = [f"sentence number {i}" for i in range(n)]
+    check(Counter(split_of(t) for t in texts), {"test": 0.1, "dev": 0.1, "train": 0.8})
+    check(Counter(corpus_split_of(t) for t in texts), {"valid": 0.05, "train": 0.95})
 
 
 def test_splits_do_not_depend_on_row_order(tmp_path):

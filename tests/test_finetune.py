@@ -1,8 +1,11 @@
 """Fine-tuning: freezing, gradual unfreezing, layer-wise learning rates, resume after kill -9,
-strict data reading, prediction. All on a tiny checkpoint and dataset built here."""
+strict data reading, prediction, and the options end to end (early stopping, --pooling cls,
+--init random, sentence pairs, fp16 resume). All on a tiny checkpoint and dataset built here."""
 
 import json
 import os
+import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.tiny import make_checkpoint, make_sentiment
+from tests.tiny import FILLER, NEGATIVE, POSITIVE, make_checkpoint, make_sentiment
 from train.tasks.classification import ClassificationTask
 from train.data.examples import DataError, read_examples
 from train.finetune.finetune import build_model, run_finetune
@@ -80,12 +83,20 @@ def test_layerwise_learning_rates_follow_the_formula(setup):
     assert groups["embeddings"]["lr"] == 1e-6
 
 
+PREFIX = {"head": "head.", "layer.1": "bert.blocks.1.", "layer.0": "bert.blocks.0.",
+          "embeddings": "bert.embeddings."}
+
+
 def test_gradual_unfreezing_follows_its_stages(setup, tmp_path):
     # 8 steps per epoch; a new stage every 2 steps, stage lrs 1e-3 then 1e-4.
-    run_finetune(cfg_for(setup, tmp_path / "r", unfreeze_every=2, unfreeze_unit="step",
-                         stage_lrs=[1e-3, 1e-4], warmup_steps=0, schedule="constant",
-                         layer_lr_decay=1.0, lr_head=None))
+    def run(out, **kw):
+        run_finetune(cfg_for(setup, out, unfreeze_every=2, unfreeze_unit="step",
+                             stage_lrs=[1e-3, 1e-4], warmup_steps=0, schedule="constant",
+                             layer_lr_decay=1.0, lr_head=None, **kw))
+
+    run(tmp_path / "r")
     events = [e for e in read_jsonl(tmp_path / "r" / "metrics.jsonl") if e["event"] == "train"]
+    assert [e["step"] for e in events] == list(range(1, 9))  # log_every=1: every step logged
     expected = [["head"], ["head", "layer.1"], ["head", "layer.1", "layer.0"],
                 ["head", "layer.1", "layer.0", "embeddings"]]
     for e in events:
@@ -96,6 +107,24 @@ def test_gradual_unfreezing_follows_its_stages(setup, tmp_path):
         assert units == sorted(expected[stage]), f"step {step}: {units}"
         want = 1e-3 if stage == 0 else 1e-4
         assert all(lr == pytest.approx(want) for lr in e["lr"].values()), (step, e["lr"])
+
+    # The weights: stopped after 2, 4 and 6 steps, exactly the units unfrozen by then have moved
+    # from their start (the checkpoint, and the head as the run initialises it), every tensor of
+    # them; the others are bit-identical. The pooler is unused with mean pooling: never moves.
+    torch.manual_seed(0)
+    before = build_model(cfg_for(setup, tmp_path / "unused"), _task()).state_dict()
+    for stage, steps in enumerate((2, 4, 6)):
+        run(tmp_path / f"s{steps}", max_steps=steps)
+        after = state_weights(tmp_path / f"s{steps}")
+        assert after.keys() == before.keys()
+        moved = set(expected[stage])
+        for name, t in after.items():
+            unit = next((u for u, p in PREFIX.items() if name.startswith(p)), None)
+            assert torch.equal(t, before[name]) == (unit not in moved), \
+                f"after {steps} steps {name} {'did not move' if unit in moved else 'moved'}"
+    # and the full run's last stage (steps 7 and 8) moved the embeddings too
+    assert not torch.equal(after["bert.embeddings.word.weight"],
+                           state_weights(tmp_path / "r")["bert.embeddings.word.weight"])
 
 
 def _cli(*args):
@@ -181,3 +210,137 @@ def test_learns_and_predicts(setup, tmp_path):
 
 def _task():
     return ClassificationTask({"labels": ["0", "1"], "pooling": "mean"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Options end to end: early stopping, --pooling cls, --init random, pairs, fp16 resume
+
+
+def test_early_stopping_stops_at_the_patience_th_eval_without_improvement(setup, tmp_path):
+    # 20 epochs of 8 steps, an eval every 4: the dev accuracy stops improving long before the
+    # end, and the run must stop at the 2nd eval in a row that is not strictly better
+    res = run_finetune(cfg_for(setup, tmp_path / "r", epochs=20, eval_every=4, lr=3e-3,
+                               lr_head=3e-3, early_stopping_patience=2))
+    events = read_jsonl(tmp_path / "r" / "metrics.jsonl")
+    evals = [e for e in events if e["event"] == "eval"]
+    best, best_step, bad, stop = None, None, 0, None  # the rule, replayed on the logged values
+    for e in evals:
+        value = e["dev"]["accuracy"]
+        if best is None or value > best:
+            best, best_step, bad = value, e["step"], 0
+        else:
+            bad += 1
+        if bad == 2:
+            stop = e["step"]
+            break
+    assert stop is not None and stop < 160, [e["dev"]["accuracy"] for e in evals]
+    assert evals[-1]["step"] == stop  # no eval after the stop ...
+    assert max(e["step"] for e in events if e["event"] == "train") == stop  # ... nor a step
+    assert res["best_step"] == best_step and res["dev"]["accuracy"] == best
+
+
+def test_pooling_cls_is_berts_pooler_as_transformers_computes_it(setup, tmp_path):
+    ckpt, data = setup
+    run = tmp_path / "r"
+    run_finetune(cfg_for(setup, run, pooling="cls", epochs=2, lr=3e-3, lr_head=3e-3))
+    # the pooler is trained (with mean pooling it is frozen and unused)
+    start = load_file(os.path.join(ckpt, "model.safetensors"))
+    assert not torch.equal(state_weights(run)["bert.pooler.weight"],
+                           start["bert.pooler.dense.weight"])
+    # predictions: the head's linear layer on transformers' pooler_output of best/
+    from transformers import BertModel
+
+    from minibert.tokenizer import Tokenizer
+    from train.finetune.finetune import load_task_model
+    best = str(run / "best")
+    model, task = load_task_model(best, "cpu")
+    tok = Tokenizer.from_dir(best)
+    rows = task.predict(model, task.read_inputs(None, f"{data}/test.jsonl", tok, 16), "cpu")
+    head = load_file(os.path.join(best, "head.safetensors"))
+    ref = BertModel.from_pretrained(best).eval()
+    with torch.no_grad():
+        for row in rows:
+            pooled = ref(**tok.encode_batch([row["text"]])).pooler_output[0]  # tanh(W h_CLS + b)
+            probs = (pooled @ head["out.weight"].T + head["out.bias"]).softmax(-1)
+            # printed to 5 decimals; fp32 differences between the two models are ~1e-6
+            assert [row["probabilities"][lab] for lab in task.labels] == \
+                pytest.approx(probs.tolist(), abs=2e-5), row
+
+
+def test_init_random_trains_the_architecture_from_scratch(setup, tmp_path):
+    ckpt, _ = setup
+    # a frozen backbone keeps its initial weights, so best/ shows what --init random started from
+    run_finetune(cfg_for(setup, tmp_path / "r", init="random", freeze_backbone=True,
+                         max_steps=2))
+    best = str(tmp_path / "r" / "best")
+    with open(os.path.join(ckpt, "config.json")) as f, \
+            open(os.path.join(best, "config.json")) as g:
+        assert json.load(f) == json.load(g)  # the same architecture
+    start = load_file(os.path.join(ckpt, "model.safetensors"))
+    fresh = load_file(os.path.join(best, "model.safetensors"))
+    assert fresh.keys() == start.keys()
+    mats = [k for k, v in fresh.items() if v.ndim == 2]
+    for k in mats:  # not one matrix of the checkpoint survives ...
+        assert not torch.equal(fresh[k], start[k]), k
+    # ... and they are BERT's initialisation, N(0, 0.02): the sample std of n draws has standard
+    # error 0.02 / sqrt(2 n); allow 5
+    w = torch.cat([fresh[k].flatten() for k in mats if "word_embeddings" not in k])
+    assert abs(w.std().item() - 0.02) < 5 * 0.02 / (2 * w.numel()) ** 0.5
+
+
+def make_pairs(path, seed=0):
+    """Label = the polarity of the *second* text's sentiment word; the first text holds one of
+    either polarity at random. A model that drops the pair scores ~50%."""
+    rng = random.Random(seed)
+    os.makedirs(path, exist_ok=True)
+    for split, n in (("train", 128), ("dev", 32), ("test", 64)):
+        with open(os.path.join(path, f"{split}.jsonl"), "w") as f:
+            for _ in range(n):
+                label = rng.random() < 0.5
+                a, b = rng.sample(FILLER, 3), rng.sample(FILLER, 3)
+                a.insert(rng.randint(0, 3), rng.choice(POSITIVE + NEGATIVE))
+                b.insert(rng.randint(0, 3), rng.choice(POSITIVE if label else NEGATIVE))
+                f.write(json.dumps({"premise": " ".join(a), "hypothesis": " ".join(b),
+                                    "label": int(label)}) + "\n")
+    return str(path)
+
+
+def test_sentence_pairs_are_read_and_learned(setup, tmp_path):
+    data = make_pairs(tmp_path / "pairs")
+    res = run_finetune(cfg_for(setup, tmp_path / "r", train=f"{data}/train.jsonl",
+                               dev=f"{data}/dev.jsonl", test=f"{data}/test.jsonl",
+                               text_field="premise", pair_field="hypothesis", epochs=6,
+                               eval_every=16, lr=3e-3, lr_head=3e-3))
+    assert res["test"]["accuracy"] >= 0.9, res["test"]  # only the second text tells the label
+    with open(tmp_path / "r" / "best" / "task.json") as f:
+        assert json.load(f)["pair_field"] == "hypothesis"
+
+
+def test_fp16_resume_restores_the_grad_scaler(setup, tmp_path):
+    def fp16(out, steps):
+        return cfg_for(setup, out, precision="fp16", device="cpu", schedule="constant",
+                       warmup_steps=0, eval_every=2, max_steps=steps)
+
+    def scaler(run):
+        with open(os.path.join(run, "state", "trainer.json")) as f:
+            return json.load(f)["scaler"]
+
+    run_finetune(fp16(tmp_path / "straight", 8))
+    # GradScaler counts steps without inf/nan towards growing the scale: 8 here
+    assert scaler(tmp_path / "straight")["_growth_tracker"] == 8
+    run_finetune(fp16(tmp_path / "cut", 4))
+    assert scaler(tmp_path / "cut")["_growth_tracker"] == 4
+    # a second copy whose saved scale is not the default, as overflows would have left it
+    shutil.copytree(tmp_path / "cut", tmp_path / "backed-off")
+    state = tmp_path / "backed-off" / "state" / "trainer.json"
+    info = json.loads(state.read_text())
+    info["scaler"]["scale"] = 1024.0
+    state.write_text(json.dumps(info))
+
+    run_finetune(fp16(tmp_path / "cut", 8), resume=True)
+    assert scaler(tmp_path / "cut") == scaler(tmp_path / "straight")  # a fresh one would say 4
+    a, b = state_weights(tmp_path / "straight"), state_weights(tmp_path / "cut")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    run_finetune(fp16(tmp_path / "backed-off", 8), resume=True)
+    assert scaler(tmp_path / "backed-off")["scale"] == 1024.0  # a fresh one would say 65536

@@ -142,15 +142,35 @@ def test_rejects_unsupported_inputs():
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_dropout_mask_statistics(p):
-    B, nh, T = 2, 4, 128  # 131072 links
+    B, nh, T = 2, 4, 128  # 131072 links; each head's mask is 2 x 2 tiles of 64 x 64
     keep = dropout_keep_mask(1234, B, nh, T, p, DEVICE).float()
     n = keep.numel()
     sigma = (p * (1 - p) / n) ** 0.5
     assert abs(keep.mean().item() - (1 - p)) < 5 * sigma
-    # Different heads and batch rows draw independent masks: they agree as often as chance says.
-    agree = (keep[0, 0] == keep[1, 3]).float().mean().item()
     chance = p * p + (1 - p) * (1 - p)
-    assert abs(agree - chance) < 5 * (chance * (1 - chance) / (T * T)) ** 0.5
+
+    def z(a, b):
+        """How many standard errors two equally shaped parts of the mask are from agreeing as
+        often as chance says. Below 5 for independent draws (~40 checks here: a correct mask
+        fails one with probability < 1e-4); a copied tile agrees everywhere: 85 or more."""
+        agree = (a == b).float().mean().item()
+        return abs(agree - chance) / (chance * (1 - chance) / a.numel()) ** 0.5
+
+    heads = keep.reshape(B * nh, T, T)
+    # every (batch row, head) draws its own mask, not only some pair of them
+    for i in range(B * nh):
+        for j in range(i):
+            assert z(heads[i], heads[j]) < 5, ("heads", i, j)
+    # within a head, the tiles (one kernel program each) are not copies of each other...
+    tiles = [heads[:, r:r + 64, c:c + 64] for r in (0, 64) for c in (0, 64)]
+    for i in range(len(tiles)):
+        for j in range(i):
+            assert z(tiles[i], tiles[j]) < 5, ("tiles", i, j)
+    # ... and neighbouring rows, columns and diagonals are not shifted copies either
+    assert z(heads[:, 1:], heads[:, :-1]) < 5
+    assert z(heads[:, :, 1:], heads[:, :, :-1]) < 5
+    assert z(heads[:, 1:, 1:], heads[:, :-1, :-1]) < 5
+    assert z(heads[:, 1:, :-1], heads[:, :-1, 1:]) < 5
     assert not torch.equal(keep, dropout_keep_mask(1235, B, nh, T, p, DEVICE).float())
 
 

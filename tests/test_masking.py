@@ -1,5 +1,5 @@
 """BERT's masking (train/pretrain/masking.py): proportions, what is never masked, whole words, the
-sparse loss against the dense reference.
+sparse loss against transformers' BertForMaskedLM.
 
 Proportions are checked statistically. For a rate p measured over n independent draws the
 standard error is sqrt(p (1 - p) / n); every check allows 5 standard errors, which a correct
@@ -12,9 +12,12 @@ import math
 
 import torch
 
+from conftest import ATOL_FP32
+
+from minibert.checkpoint import save_model
 from minibert.config import BertConfig
 from minibert.model import BertForMLM
-from train.pretrain.masking import IGNORE, Masker, mlm_loss_dense, mlm_loss_sparse
+from train.pretrain.masking import IGNORE, Masker, mlm_loss_sparse
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 PAD, UNK, CLS, SEP, MASK = range(5)
@@ -101,26 +104,39 @@ def test_whole_word_masking_masks_words_together():
     assert within((out[chosen] == MASK).float().mean().item(), 0.8, int(chosen.sum()))
 
 
-def test_sparse_loss_equals_dense_reference():
+def test_sparse_loss_equals_transformers_masked_lm_loss(tmp_path):
+    """The sparse loss (the head on masked positions only) against transformers'
+    BertForMaskedLM(labels=...), which decodes every position and ignores label -100: same loss,
+    same gradient, and the accuracy counts transformers' argmax hits."""
+    from transformers import BertForMaskedLM
+
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2,
                      num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     mlm = BertForMLM(cfg).eval()
+    with torch.no_grad():  # BERT's init has zero biases and unit LayerNorms: make each count
+        for p in mlm.parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    save_model(mlm, str(tmp_path))
+    ref = BertForMaskedLM.from_pretrained(str(tmp_path)).eval()
     ids = batch_with_specials(B=4, T=48)
     attention = (ids != PAD).long()
     out, labels = Masker(VOCAB, range(5), MASK)(ids, torch.Generator().manual_seed(0))
+    assert IGNORE == -100  # transformers' ignored label
     sparse, correct, n = mlm_loss_sparse(mlm, out, attention, labels)
-    dense = mlm_loss_dense(mlm, out, attention, labels)
+    want = ref(input_ids=out, attention_mask=attention, labels=labels)
     assert n == int((labels != IGNORE).sum()) > 0
-    # same terms, the same fp32 matmuls on fewer rows: equal to rounding (~1e-7 relative)
-    torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-6)
-    # gradients agree too: the sparse path must not cut the graph anywhere
+    # fp32, two implementations of the same sums: the logits agree to ATOL_FP32 (conftest), and a
+    # mean of log-softmaxes moves by at most twice the largest logit difference (~1e-6 here)
+    torch.testing.assert_close(sparse, want.loss, rtol=0, atol=ATOL_FP32)
+    # gradients agree too: the sparse path must not cut the graph anywhere (the word embeddings
+    # get gradients through the input and through the tied decoder, in both models)
     g_sparse = torch.autograd.grad(sparse, mlm.bert.embeddings.word.weight)[0]
-    g_dense = torch.autograd.grad(mlm_loss_dense(mlm, out, attention, labels),
-                                  mlm.bert.embeddings.word.weight)[0]
-    torch.testing.assert_close(g_sparse, g_dense, rtol=1e-4, atol=1e-7)
-    # accuracy counts argmax hits at the masked positions of the full logits
-    logits = mlm(out, attention)
+    g_ref = torch.autograd.grad(want.loss, ref.bert.embeddings.word_embeddings.weight)[0]
+    assert ref.cls.predictions.decoder.weight is ref.bert.embeddings.word_embeddings.weight
+    torch.testing.assert_close(g_sparse, g_ref, rtol=1e-4, atol=1e-6)
+    # accuracy counts argmax hits at the masked positions of transformers' full logits
     where = labels != IGNORE
-    assert int(correct) == int((logits[where].argmax(-1) == labels[where]).sum())
+    assert int(correct) == int((want.logits[where].argmax(-1) == labels[where]).sum())

@@ -15,7 +15,7 @@ from tests.tiny import FILLER, NEGATIVE, POSITIVE, make_checkpoint
 from train.finetune.finetune import TASKS, build_model, run_finetune
 from train.finetune.config import FinetuneConfig
 from train.tasks.multitask import MultiDataset, parse_specs
-from train.finetune.predict import cmd_predict
+from train.cli import main
 
 
 def make_snippets(path, seed):
@@ -94,12 +94,26 @@ def test_sampling_rules():
     assert prop == MultiDataset(parts, "proportional", 1.0, 0).batches(0)  # pure function
     rr = MultiDataset(parts, "round-robin", 1.0, 0)
     assert [task_of(rr, b) for b in rr.batches(0)][:6] == ["big", "small"] * 3
-    # temperature: p_small = 30^(1/T) / (300^(1/T) + 30^(1/T)); T = 1e6 is uniform
-    for T, p_small in ((1.0, 30 / 330), (1e6, 0.5)):
+    # temperature: p_small = 30^(1/T) / (300^(1/T) + 30^(1/T)), worked out for T = 1
+    # (proportional: 30/330), the default T = 2 (sqrt(30) / (sqrt(300) + sqrt(30)) =
+    # 1 / (1 + sqrt(10))) and T = 1e6 (uniform). A rule right only at the two ends (say
+    # n^(1/T^2): 0.360 at T = 2) misses T = 2 by 16 standard errors.
+    default = FinetuneConfig(task="multitask", sampling="temperature").sampling_temperature
+    assert default == 2.0
+    for T, p_small in ((1.0, 30 / 330), (default, 1 / (1 + 10 ** 0.5)), (1e6, 0.5)):
         ds = MultiDataset(parts, "temperature", T, 0)
-        draws = [task_of(ds, b) for e in range(30) for b in ds.batches(e)]
+        draws = [task_of(ds, b) for e in range(100) for b in ds.batches(e)]
         frac = draws.count("small") / len(draws)
-        assert abs(frac - p_small) < 0.05, (T, frac)
+        # each batch's task is an independent draw: 5 standard errors of a binomial share
+        assert abs(frac - p_small) < 5 * (p_small * (1 - p_small) / len(draws)) ** 0.5, (T, frac)
+
+
+def test_default_temperature_reaches_the_sampler(setup):
+    ckpt, _ = setup
+    cfg = cfg_for(setup, "unused", sampling="temperature")
+    task, data = TASKS["multitask"].from_data(cfg, Tokenizer.from_dir(ckpt))
+    assert task.meta["sampling_temperature"] == 2.0
+    assert {(d.sampling, d.temperature) for d in data.values()} == {("temperature", 2.0)}
 
 
 def head_params(run):
@@ -116,10 +130,8 @@ def test_trains_both_heads_and_predicts_with_every_head(setup, tmp_path):
     assert {"polarity.out.weight", "intensity.out.weight"} <= keys
     out = tmp_path / "pred.jsonl"
 
-    class Args:
-        run, text, input, output, batch_size, device = \
-            str(tmp_path / "r"), ["the film was superb"], None, str(out), 8, "cpu"
-    cmd_predict(Args)
+    assert main(["predict", "--model", str(tmp_path / "r"), "--text", "the film was superb",
+                 "--output", str(out), "--batch-size", "8", "--device", "cpu"]) == 0
     row = json.loads(out.read_text())
     assert row["polarity"]["label"] == "1" and row["intensity"]["score"] > 0, row
 

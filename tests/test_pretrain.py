@@ -1,13 +1,12 @@
 """`minibert pretrain` end to end on a corpus the test writes: BERT's initialisation, the model
-sizes, a tiny run whose `best/` transformers' BertForMaskedLM reads with the same logits, exact
-resume (including the tied decoder), and continued pretraining from a checkpoint without a head.
+sizes, a tiny run whose `best/` transformers' BertForMaskedLM reads with the same logits (and
+whose fill-mask output is transformers'), exact resume (including the tied decoder), continued
+pretraining from a checkpoint without a head, and a checkpoint whose decoder is not tied.
 
 Each run is a 2-layer, 128-wide model on a few thousand tokens for a handful of steps: seconds.
 """
 
-import argparse
 import json
-import os
 import random
 
 import pytest
@@ -107,20 +106,45 @@ def test_best_serves_fill_mask_and_finetune(tiny_run, tmp_path, capsys):
     best = str(out / "best")
     assert isinstance(load_model(best), BertEncoder)  # what `minibert finetune --model` loads
 
-    from minibert.commands import cmd_fill_mask
-    cmd_fill_mask(argparse.Namespace(model=best, text=["the senate [MASK] on it."], top_k=3))
-    line = json.loads(capsys.readouterr().out)
-    assert len(line["masks"]) == 1 and len(line["masks"][0]) == 3
+    # fill-mask: the top tokens and their probabilities are transformers' at the [MASK]
+    from transformers import BertForMaskedLM
 
-    from train.finetune.finetune import run_finetune
+    from train.cli import main
+    text = "the senate [MASK] on it."
+    assert main(["fill-mask", best, text, "--top-k", "5"]) == 0
+    (mask,) = json.loads(capsys.readouterr().out)["masks"]
+    tok = Tokenizer.from_dir(best)
+    b = tok.encode_batch([text])
+    (where,) = (b["input_ids"][0] == tok.mask_id).nonzero()[:, 0].tolist()
+    with torch.no_grad():
+        probs = BertForMaskedLM.from_pretrained(best).eval()(**b).logits[0, where].softmax(-1)
+    top = probs.topk(5)
+    assert [m["token"] for m in mask] == [tok.id_to_token(i) for i in top.indices.tolist()]
+    # printed rounded to 4 decimals: 5e-5, plus fp32 rounding between the two models
+    assert [m["prob"] for m in mask] == pytest.approx(top.values.tolist(), abs=6e-5)
+
+    # fine-tuning starts from best/'s encoder: with the backbone frozen (a linear probe) the
+    # fine-tuned checkpoint holds it bit for bit
+    from train.finetune.finetune import load_task_model, run_finetune
     from train.finetune.config import FinetuneConfig
     rows = [{"text": " ".join(WORDS[i:i + 6]), "label": i % 2} for i in range(12)]
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     res = run_finetune(FinetuneConfig(model=best, train=str(data), dev=str(data),
                                       out=str(tmp_path / "ft"), max_steps=2, batch_size=4,
-                                      threads=1, device="cpu"))
-    assert 0.0 <= res["dev"]["accuracy"] <= 1.0
+                                      threads=1, device="cpu", freeze_backbone=True,
+                                      warmup_steps=0, lr_head=1e-2))
+    pretrained = load_model(best).state_dict()
+    tuned, task = load_task_model(str(tmp_path / "ft" / "best"), "cpu")
+    assert tuned.bert.state_dict().keys() == pretrained.keys()
+    for k, v in tuned.bert.state_dict().items():
+        assert torch.equal(v, pretrained[k]), k
+    # and the dev accuracy reported is that model's, recomputed here text by text
+    with torch.no_grad():
+        pred = [task.labels[tuned(tok.encode_batch([r["text"]]))["logits"].argmax().item()]
+                for r in rows]
+    acc = sum(p == str(r["label"]) for p, r in zip(pred, rows)) / len(rows)
+    assert res["dev"]["accuracy"] == pytest.approx(acc)
 
 
 def test_exact_resume_after_time_budget_with_tied_weights(corpus, tiny_run, tmp_path, capsys):
@@ -185,6 +209,54 @@ def test_continued_pretraining_creates_a_missing_head(corpus, tiny_run, tmp_path
     run_pretrain(cfg)
     assert "no MLM head (cls.predictions.*) in the checkpoint; created fresh" in \
         capsys.readouterr().err
-    assert os.path.exists(tmp_path / "cont" / "best" / "model.safetensors")
+    # it continued from the checkpoint: AdamW moves a weight by at most ~lr per step (|m/sqrt(v)|
+    # <= 1.001 in the first steps with betas (0.9, 0.98); weight decay adds lr * 0.01 * |w|), so
+    # after 2 steps at lr <= 1e-3 no encoder weight is more than 2.5e-3 from the checkpoint's.
+    # An encoder initialised afresh differs by ~0.03 (N(0, 0.02) draws on both sides).
+    assert (cfg.max_steps, cfg.lr) == (2, 1e-3)
+    start = load_model(enc_dir).state_dict()
+    cont = load_model(str(tmp_path / "cont" / "best")).state_dict()
+    assert cont.keys() == start.keys()
+    drift = {k: (cont[k] - start[k]).abs().max().item() for k in start}
+    assert max(drift.values()) < 2.5e-3, drift
+    assert max(drift.values()) > 0  # and it did train
     with pytest.raises(ValueError, match="drop --config"):
         config(corpus, tmp_path / "x", init_from=enc_dir)
+
+
+def test_a_decoder_that_differs_from_the_embeddings_is_reported_and_tied(tmp_path):
+    """A checkpoint trained with an untied decoder (tie_word_embeddings=False): minibert ties
+    the decoder to the word embeddings (minibert/checkpoint.py), says so, and then computes what
+    transformers computes with the decoder tied the same way, not the untied model's logits."""
+    from transformers import BertConfig as HFConfig
+    from transformers import BertForMaskedLM
+
+    from conftest import randomize_
+    cfg = HFConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                   intermediate_size=64, max_position_embeddings=64, tie_word_embeddings=False)
+    ref = randomize_(BertForMaskedLM(cfg), seed=0).eval()
+    decoder = ref.cls.predictions.decoder.weight
+    assert decoder is not ref.bert.embeddings.word_embeddings.weight
+    with torch.no_grad():
+        decoder.copy_(torch.randn(decoder.shape, generator=torch.Generator().manual_seed(1)))
+        # untied, transformers 5 gives the decoder its own bias too; a checkpoint written by
+        # transformers 4 (which always linked them) has one bias, as here
+        ref.cls.predictions.decoder.bias.copy_(ref.cls.predictions.bias)
+    ref.save_pretrained(str(tmp_path))
+    assert "cls.predictions.decoder.weight" in load_file(str(tmp_path / "model.safetensors"))
+
+    notes = []
+    ours = load_model(str(tmp_path), with_head=True, notes=notes)
+    assert any("cls.predictions.decoder.weight differs from the word embeddings; minibert ties "
+               "them and uses the word embeddings" in n for n in notes), notes
+    assert torch.equal(ours.head.word_embeddings.weight,
+                       ref.bert.embeddings.word_embeddings.weight)
+    ids = torch.randint(5, 60, (2, 12), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        untied = ref(input_ids=ids, attention_mask=mask).logits
+        decoder.copy_(ref.bert.embeddings.word_embeddings.weight)
+        tied = ref(input_ids=ids, attention_mask=mask).logits
+        got = ours(ids, mask)
+    torch.testing.assert_close(got, tied, atol=ATOL_FP32, rtol=0)
+    assert (got - untied).abs().max() > 100 * ATOL_FP32

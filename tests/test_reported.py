@@ -103,6 +103,7 @@ def test_one_spelling_for_the_model(tiny, capsys):
         assert run_cli([*argv, "--text", "good"], capsys)[0] == 0
     from train.cli import build_parser
     sub = build_parser()._subparsers._group_actions[0].choices
-    for command in ("embed", "fill-mask", "finetune", "pretrain", "memory"):
+    for command in ("embed", "fill-mask", "predict", "export", "quantize", "finetune", "pretrain",
+                    "memory"):
         assert "--model" in sub[command].format_help(), command
     assert "older spelling" in sub["embed"].format_help()

@@ -186,10 +186,12 @@ WARMUP, EVAL_EVERY, TOTAL = 20, 5, 150
 
 @pytest.mark.parametrize("resume_at", [12, 80])
 def test_warmup_then_plateau(resume_at):
-    """The reference: the ramp written out here, then torch's ReduceLROnPlateau fed only the
-    evaluations from the end of warm-up on."""
+    """The reference: transformers' constant schedule with warm-up for the ramp, stepped until it
+    reaches the base lr, then torch's ReduceLROnPlateau fed only the evaluations from the end of
+    warm-up on."""
     args = dict(factor=0.5, patience=1, cooldown=1)
     ref_opt, opt = make_optimizer(), make_optimizer()
+    ref_ramp = get_constant_schedule_with_warmup(ref_opt, WARMUP)
     ref_plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(ref_opt, **args)
     ours = WarmupThenPlateau(opt, WARMUP, **args)
     # rising (bad) during warm-up: counted, they would cut the lr twice before it got to base
@@ -204,13 +206,12 @@ def test_warmup_then_plateau(resume_at):
             opt.load_state_dict(saved_opt)
             ours = WarmupThenPlateau(opt, WARMUP, **args)
             ours.load_state_dict(saved)
-        if step <= WARMUP:
-            for group, base in zip(ref_opt.param_groups, BASE_LRS):
-                group["lr"] = base * (step / WARMUP)
         assert lrs(opt) == lrs(ref_opt), step
         ref_opt.step()
         opt.step()
         ours.step()
+        if step < WARMUP:  # after WARMUP steps the ramp's factor is 1 and it is done
+            ref_ramp.step()
         if (step + 1) % EVAL_EVERY == 0:
             metric = metrics[(step + 1) // EVAL_EVERY - 1]
             seen.append(ours.evaluate(metric))
@@ -233,3 +234,50 @@ def test_warmup_then_plateau_group_added_during_warmup():
     assert lrs(opt) == BASE_LRS + [1e-2]   # all at their base lr at the end of warm-up
     assert sched.evaluate(1.0) and sched.evaluate(2.0)
     assert lrs(opt) == [lr * 0.1 for lr in BASE_LRS + [1e-2]]
+
+
+# ----------------------------------------------------------------------------------------------
+# --schedule plateau in a real fine-tuning run, in the metric's own direction
+
+
+@pytest.mark.parametrize("metric,mode", [("accuracy", "max"), ("loss", "min")])
+def test_plateau_in_a_finetuning_run_follows_torch(tmp_path, metric, mode):
+    """Replays the run's logged dev values through torch's ReduceLROnPlateau, in `mode`: every
+    eval's logged lrs must be the reference's, and the other mode must have given other lrs."""
+    from tests.tiny import make_checkpoint, make_sentiment
+    from train.finetune.config import FinetuneConfig
+    from train.finetune.finetune import run_finetune
+    from train.loop.rundir import read_jsonl
+
+    make_checkpoint(tmp_path / "ckpt")
+    data = make_sentiment(tmp_path / "data")
+    cfg = FinetuneConfig(model=str(tmp_path / "ckpt"), train=f"{data}/train.jsonl",
+                         dev=f"{data}/dev.jsonl", out=str(tmp_path / "r"), batch_size=8,
+                         epochs=4, eval_every=2, log_every=1, threads=1, lr=3e-3, lr_head=3e-3,
+                         schedule="plateau", metric=metric, warmup_steps=0, plateau_patience=1,
+                         plateau_factor=0.5, plateau_threshold=0.05)  # 5%: cuts in both modes
+    assert cfg.metric_mode == mode
+    run_finetune(cfg)
+    events = read_jsonl(tmp_path / "r" / "metrics.jsonl")
+    base = next(e for e in events if e["event"] == "train")["lr"]  # step 1: no eval yet
+    evals = [e for e in events if e["event"] == "eval"]
+    assert len(evals) == 16
+
+    def replay(mode):
+        names = list(base)
+        opt = torch.optim.SGD([dict(params=[torch.nn.Parameter(torch.zeros(1))], lr=base[n])
+                               for n in names])
+        ref = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt, mode=mode, factor=cfg.plateau_factor, patience=cfg.plateau_patience,
+            threshold=cfg.plateau_threshold, cooldown=cfg.plateau_cooldown,
+            min_lr=cfg.plateau_min_lr)
+        out = []
+        for e in evals:
+            ref.step(e["dev"][metric])
+            out.append(dict(zip(names, lrs(opt))))
+        return out
+
+    want = replay(mode)
+    assert [e["lr"] for e in evals] == want
+    assert want[-1]["head"] < base["head"]  # the plateau did cut
+    assert replay("min" if mode == "max" else "max") != want  # the mode made a difference

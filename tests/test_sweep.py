@@ -26,30 +26,42 @@ def tiny_setup(tmp_path_factory):
 def sweep_args(root, out, grid):
     return (["sweep", "--out", str(out)] + [a for g in grid for a in ("--grid", g)] +
             ["--", "--model", str(root / "model"), "--train", str(root / "train.jsonl"),
-             "--dev", str(root / "dev.jsonl"), "--max-steps", "4", "--batch-size", "8",
-             "--eval-every", "2", "--threads", "1", "--max-length", "16"])
+             "--dev", str(root / "dev.jsonl"), "--max-steps", "16", "--batch-size", "8",
+             "--eval-every", "4", "--threads", "1", "--max-length", "16", "--lr-head", "1e-2",
+             "--warmup-steps", "0"])
 
 
 def test_sweep_records_failures_sorts_and_resumes(tiny_setup, tmp_path, capsys):
     out = tmp_path / "sweep"
-    # "oops" is not a float: that trial fails at argument parsing, the others must still run
-    args = sweep_args(tiny_setup, out, ["lr=1e-3,oops,3e-2"])
+    # "oops" is not a float: that trial fails at argument parsing, the others must still run.
+    # In 16 steps lr 1e-2 learns the task (dev accuracy ~0.9) and 1e-5 does not (~0.5): the
+    # two finished trials must not tie, or a table sorted the wrong way would pass. The grid
+    # lists the worse one first, so an unsorted table fails too.
+    args = sweep_args(tiny_setup, out, ["lr=1e-5,oops,1e-2"])
     assert main(args) == 0
     printed = capsys.readouterr().out
     s = json.loads((out / "sweep.json").read_text())
     by_name = {t["name"]: t for t in s["trials"]}
-    assert set(by_name) == {"lr=1e-3", "lr=oops", "lr=3e-2"}
+    assert set(by_name) == {"lr=1e-5", "lr=oops", "lr=1e-2"}
     assert by_name["lr=oops"]["status"] == "failed"
     assert "invalid" in by_name["lr=oops"]["error"]
     done = [t for t in s["trials"] if t["status"] == "done"]
-    assert len(done) == 2 and all(os.path.exists(os.path.join(t["run"], "results.json"))
-                                  for t in done)
-    accs = [t["dev_accuracy"] for t in s["trials"] if t["status"] == "done"]
-    assert accs == sorted(accs, reverse=True)  # best first, the failure last
-    assert s["trials"][-1]["name"] == "lr=oops"
-    assert s["best"]["name"] == s["trials"][0]["name"]
+    assert len(done) == 2
+    # the ranking is checked against each run's own results.json, not the sweep's copy
+    dev_acc = {t["name"]: json.loads(open(os.path.join(t["run"], "results.json")).read())
+               ["dev"]["accuracy"] for t in done}
+    assert dev_acc["lr=1e-2"] > dev_acc["lr=1e-5"] + 0.2, dev_acc  # no tie: see above
+    assert [t["name"] for t in s["trials"]] == ["lr=1e-2", "lr=1e-5", "lr=oops"]  # best first
+    assert [t["dev_accuracy"] for t in done] == [dev_acc["lr=1e-2"], dev_acc["lr=1e-5"]]
+    assert s["best"]["name"] == "lr=1e-2" and s["best"]["values"] == {"lr": "1e-2"}
     assert s["best"]["command"].startswith("minibert finetune --model")
-    assert "reproduce: minibert finetune" in printed and (out / "sweep.md").exists()
+    assert "--lr 1e-2 " in s["best"]["command"]
+    # the printed table (and sweep.md) lists the rows in the same order
+    header, *rows = [line for line in printed.splitlines() if line.startswith("| ")]
+    assert header.split("|")[1].strip() == "lr"
+    assert [r.split("|")[1].strip() for r in rows] == ["1e-2", "1e-5", "oops"], printed
+    assert "reproduce: minibert finetune" in printed
+    assert (out / "sweep.md").read_text().strip() == printed.strip()
 
     # Interrupted sweep: one trial lost its results (killed after its last save), one never
     # ran. The rerun resumes the first from state/, runs the second, and only reads the third.

@@ -12,7 +12,7 @@ from tests.tiny import FILLER, NEGATIVE, POSITIVE, make_checkpoint, tiny_tokeniz
 from train.data.examples import DataError
 from train.finetune.finetune import run_finetune
 from train.finetune.config import FinetuneConfig
-from train.finetune.predict import cmd_predict
+from train.cli import main
 from train.tasks.seqeval import entity_scores, is_bio, repair_bio, spans
 from train.tasks.tagging import TaggedDataset, read_tagged
 
@@ -126,10 +126,8 @@ def test_learns_entities_and_predicts_spans(ner, tmp_path, crf):
     assert res["dev"]["f1"] > (0.95 if crf else 0.6), res["dev"]
     out = tmp_path / "pred.jsonl"
 
-    class Args:
-        run, text, input, output, batch_size, device = \
-            str(tmp_path / "r"), ["the film was superb story and dull"], None, str(out), 8, "cpu"
-    cmd_predict(Args)
+    assert main(["predict", "--model", str(tmp_path / "r"), "--text", "the film was superb story and dull",
+                 "--output", str(out), "--batch-size", "8", "--device", "cpu"]) == 0
     row = json.loads(out.read_text())
     ents = {(e["type"], e["text"]) for e in row["entities"]}
     assert ("POS", "superb story") in ents and ("NEG", "dull") in ents, row

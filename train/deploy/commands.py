@@ -17,6 +17,7 @@ import os
 import sys
 import warnings
 
+from minibert.commands import add_model_argument, resolve_model
 from minibert.tokenizer import Tokenizer
 from train.deploy.hf import NotExportable, export_hf
 from train.deploy.int8 import encoder_matmuls, int8_card, quantize_graph, weight_qmax
@@ -61,7 +62,8 @@ def mb(path):
 
 
 def cmd_export(args):
-    model, task, tok, best = load_run(args.run, "export")
+    resolve_model(args, "export")
+    model, task, tok, best = load_run(args.model, "export")
     if args.to == "hf":
         if args.optimize:
             raise SystemExit("minibert export: --optimize applies to --to onnx only")
@@ -91,7 +93,8 @@ def cmd_export(args):
 
 
 def cmd_quantize(args):
-    model, task, tok, best = load_run(args.run, "quantize")
+    resolve_model(args, "quantize")
+    model, task, tok, best = load_run(args.model, "quantize")
     if args.reduce_range is None:
         qmax = weight_qmax()
         why = "this CPU " + ("has VNNI or is not x86" if qmax == 127 else "is x86 without VNNI")
@@ -115,7 +118,7 @@ def cmd_quantize(args):
 
 def register(sub):
     p = sub.add_parser("export", help="write a fine-tuned run as transformers or ONNX")
-    p.add_argument("run", help="finetune run directory (or its best/)")
+    add_model_argument(p, "finetune run directory (or its best/)")
     p.add_argument("--to", required=True, choices=("hf", "onnx"),
                    help="hf: the transformers class of the task; onnx: one graph, encoder to head")
     p.add_argument("--out", required=True, help="directory to write")
@@ -124,7 +127,7 @@ def register(sub):
     p.set_defaults(func=cmd_export)
 
     q = sub.add_parser("quantize", help="write a fine-tuned run as an int8 ONNX graph")
-    q.add_argument("run", help="finetune run directory (or its best/)")
+    add_model_argument(q, "finetune run directory (or its best/)")
     q.add_argument("--out", required=True, help="directory to write")
     q.add_argument("--reduce-range", action=argparse.BooleanOptionalAction, default=None,
                    help="7-bit weights, for x86 CPUs without VNNI (default: read from the CPU)")

@@ -6,10 +6,11 @@ directory written by `minibert export --to onnx` or `minibert quantize` and runs
 onnxruntime (train/deploy/onnx_run.py), on the CPU. Both go through the task's own read_inputs
 and predict, so they answer the same JSON lines."""
 
-import json
 import os
 import sys
 
+from minibert.commands import add_model_argument, resolve_model
+from minibert.io import atomic_write_text, json_line
 from minibert.tokenizer import Tokenizer
 from train.finetune.finetune import load_task_model
 from train.loop.device import pick_device
@@ -40,32 +41,31 @@ def load_onnx(export_dir, threads):
 
 
 def cmd_predict(args):
+    resolve_model(args, "predict")
     if not args.text and not args.input:
         raise SystemExit("minibert predict: give --text or --input")
-    # Callers that build `args` by hand (tests/test_tagging.py, test_multitask.py) predate
-    # --backend and --threads; without them this is the torch backend, as it always was.
-    if getattr(args, "backend", "torch") == "onnx":
+    if args.backend == "onnx":
         device = "cpu"  # onnxruntime's CPU provider; batches stay on the CPU
-        model, task = load_onnx(args.run, getattr(args, "threads", None))
-        tok_dir = args.run
+        model, task = load_onnx(args.model, args.threads)
+        tok_dir = args.model
     else:
-        tok_dir = find_best(args.run, "predict")
+        tok_dir = find_best(args.model, "predict")
         device = pick_device(args.device)
         model, task = load_task_model(tok_dir, device)
     data = task.read_inputs(args.text, args.input, Tokenizer.from_dir(tok_dir), args.batch_size)
     rows = task.predict(model, data, device)
-    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
-    for row in rows:
-        out.write(json.dumps(row) + "\n")
-    if args.output:
-        out.close()
+    lines = "".join(json_line(row) + "\n" for row in rows)
+    if args.output:  # atomically: a killed predict leaves the old file, never half a new one
+        atomic_write_text(args.output, lines)
         print(f"predict: wrote {len(rows)} predictions to {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(lines)
 
 
 def register(sub):
     p = sub.add_parser("predict", help="predict with a fine-tuned run, as JSON lines")
-    p.add_argument("run", help="run directory (or its best/); with --backend onnx, a directory "
-                               "written by `minibert export --to onnx` or `minibert quantize`")
+    add_model_argument(p, "run directory (or its best/); with --backend onnx, a directory "
+                          "written by `minibert export --to onnx` or `minibert quantize`")
     p.add_argument("--text", action="append", help="an input text (repeatable)")
     p.add_argument("--input", help="a file in the run's training format")
     p.add_argument("--output", help="write JSON lines here instead of stdout")

@@ -46,7 +46,10 @@ def squad_scores(predictions, golds):
     Every gold question counts; one without a prediction scores 0."""
     if not golds:
         raise ValueError("no gold questions to score")
-    em = sum(max(exact_match(predictions.get(q, ""), a) for a in answers)
-             for q, answers in golds.items())
-    f = sum(max(f1(predictions.get(q, ""), a) for a in answers) for q, answers in golds.items())
+    # a missing prediction is not the empty string: an answer that normalises to "" ("The")
+    # would then match it, where the official script scores a missing prediction 0
+    answered = {q: a for q, a in golds.items() if q in predictions}
+    em = sum(max(exact_match(predictions[q], a) for a in answers)
+             for q, answers in answered.items())
+    f = sum(max(f1(predictions[q], a) for a in answers) for q, answers in answered.items())
     return {"exact_match": 100.0 * em / len(golds), "f1": 100.0 * f / len(golds)}
