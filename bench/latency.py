@@ -15,6 +15,9 @@ The run is the quick start's default (MiniLM-L6, mean pooling, rt-snippets). Its
 | onnxruntime optimized      | `minibert export RUN --to onnx --optimize`                         |
 | onnxruntime int8           | `minibert quantize RUN`: minibert's int8 fast path                 |
 
+`--profile` prints, instead of the table, where onnxruntime spends its time at batch 32 in the
+fp32 and int8 graphs (its own profiler, summed by operator type over the first 10 batches).
+
 Every row is scored by the task's own evaluate (test accuracy) and timed on the same inputs:
 latency per example at batch 1 (p50, p95 over --n-latency test sentences, after warm-up) and
 throughput at batch 32 (the whole test set in file order, each batch padded to its longest).
@@ -110,6 +113,28 @@ def timed(model, ds, n_latency, warmup=10):
     return statistics.median(times), q[18], eps
 
 
+def profile(export_dir, ds, threads, n_batches=10):
+    """{operator type: share of kernel time} of onnxruntime on batches of 32."""
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.enable_profiling, opts.intra_op_num_threads = True, threads
+    opts.profile_file_prefix = os.path.join(tempfile.mkdtemp(), "ort")
+    session = ort.InferenceSession(os.path.join(export_dir, "model.onnx"), opts,
+                                   providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    for s in range(0, 32 * n_batches, 32):
+        batch = ds.collate(list(range(s, s + 32)))
+        session.run(None, {n: batch[n].numpy() for n in names})
+    with open(session.end_profiling()) as f:
+        events = json.load(f)
+    by_op = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            by_op[e["args"]["op_name"]] = by_op.get(e["args"]["op_name"], 0) + e["dur"]
+    total = sum(by_op.values())
+    return {op: t / total for op, t in sorted(by_op.items(), key=lambda kv: -kv[1])}
+
+
 def minibert_cli(*args):
     subprocess.run([sys.executable, "-P", "-m", "train.cli", *map(str, args)], check=True,
                    stdout=subprocess.DEVNULL)
@@ -123,6 +148,8 @@ def main():
     p.add_argument("--n-latency", type=int, default=300)
     p.add_argument("--out", default=None, help="where the exports go (default: a temp dir)")
     p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--profile", action="store_true",
+                   help="print onnxruntime's time per operator type instead of the table")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -140,6 +167,13 @@ def main():
     examples, _ = read_examples(os.path.join(a.data, "test.jsonl"), "text", None, "label")
     targets = [task.index[str(e.target)] for e in examples]
     ds = EncodedDataset(examples, tok, task.meta["max_length"], targets, 32)
+    if a.profile:
+        print(f"machine: {machine()}; {cpu_flags()}; onnxruntime threads {threads}")
+        for name in ("onnx", "onnx-int8"):
+            shares = profile(dirs[name], ds, threads)
+            print(f"{name} at batch 32: " + ", ".join(
+                f"{op} {100 * v:.1f}%" for op, v in list(shares.items())[:10]))
+        return
     weights = [os.path.join(best, f) for f in ("model.safetensors", "head.safetensors")]
     rows = [
         ("transformers fp32", TransformersModel(best), size_mb(*weights)),

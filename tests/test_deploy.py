@@ -47,7 +47,8 @@ from tests.test_tagging import make_ner
 from tests.tiny import FILLER, NEGATIVE, POSITIVE, tiny_config, tiny_tokenizer
 from train.cli import main
 from train.deploy.int8 import (ENCODER_LINEARS, int8_linear, quantize_activations,
-                               quantize_encoder, quantize_graph, quantize_weight, weight_qmax)
+                               quantize_encoder, quantize_graph, quantize_table, quantize_weight,
+                               weight_qmax)
 from train.deploy.onnx_export import check_dynamic, heads_of
 from train.finetune.config import FinetuneConfig
 from train.finetune.finetune import load_task_model, run_finetune
@@ -397,6 +398,16 @@ def test_quantize_command_matches_the_reference_model(lab, tmp_path, capsys):
     qmax = card["int8"]["weight_qmax"]
     model, _ = best(lab, "cls")
     assert card["int8"]["layers"] == 4 * model.bert.config.num_hidden_layers
+    # the embedding tables: onnxruntime's uint8 tables, scales and zero points are the
+    # reference's (quantize_table), byte for byte
+    init = {i.name: numpy_helper.to_array(i) for i in onnx.load(
+        os.path.join(out, "model.onnx")).graph.initializer}
+    for table in ("word", "position", "token_type"):
+        q, scale, zero = quantize_table(getattr(model.bert.embeddings, table).weight)
+        key = f"bert.embeddings.{table}.weight"
+        assert np.array_equal(init[key + "_quantized"], q.numpy()), table
+        assert np.array_equal(init[key + "_scale"], scale.numpy()), table
+        assert np.array_equal(init[key + "_zero_point"], zero.numpy()), table
     batch = padded_batch(37, 40, model.bert.config.vocab_size, True, seed=5)
     session = ort.InferenceSession(os.path.join(out, "model.onnx"),
                                    providers=["CPUExecutionProvider"])

@@ -20,7 +20,8 @@ import warnings
 from minibert.commands import add_model_argument, resolve_model
 from minibert.tokenizer import Tokenizer
 from train.deploy.hf import NotExportable, export_hf
-from train.deploy.int8 import encoder_matmuls, int8_card, quantize_graph, weight_qmax
+from train.deploy.int8 import (embedding_gathers, encoder_matmuls, int8_card, quantize_graph,
+                               weight_qmax)
 from train.deploy.onnx_export import export_graph, optimize_graph, write_onnx_dir
 from train.finetune.finetune import load_task_model
 from train.finetune.predict import find_best
@@ -106,13 +107,14 @@ def cmd_quantize(args):
     proto, meanings = onnx_graph(model, task, "quantize")
     fp32_mb = len(proto.SerializeToString()) / 2 ** 20
     layers = encoder_matmuls(proto, model.bert.config.num_hidden_layers)
+    tables = embedding_gathers(proto)
     with deploy_extra("quantize"):
-        q = quantize_graph(proto, layers, qmax)
-    notes = {"fusions": None, "int8": int8_card(qmax, len(layers))}
+        q = quantize_graph(proto, layers, qmax, tables)
+    notes = {"fusions": None, "int8": int8_card(qmax, len(layers), len(tables))}
     write_onnx_dir(args.out, q, meanings, tok, task.meta, model.head, notes)
     print(f"quantize: {best} -> {args.out}/model.onnx: {len(layers)} encoder Linear layers in "
-          f"int8, {fp32_mb:.1f} MB fp32 -> {mb(os.path.join(args.out, 'model.onnx')):.1f} MB",
-          file=sys.stderr)
+          f"int8, {len(tables)} embedding tables in uint8, {fp32_mb:.1f} MB fp32 -> "
+          f"{mb(os.path.join(args.out, 'model.onnx')):.1f} MB", file=sys.stderr)
     return 0
 
 

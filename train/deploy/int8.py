@@ -14,9 +14,11 @@ activations as in LLM.int8() and SmoothQuant's W8A8 baseline):
     rescale   y[t, n] = s_x[t] s_w[n] acc[t, n] + b[n]
 
 Which layers: the four Linear layers of every encoder block (qkv, attention output, MLP in and
-out), which hold nearly all of BERT's multiply-adds. Embeddings, LayerNorms, softmax(QK^T)V, the
-pooler and the task head stay fp32: they are a small share of the work, and the head's error
-would land on the output undamped.
+out), which hold nearly all of BERT's multiply-adds. The embedding tables are stored in uint8
+too (`quantize_table`, one asymmetric scale per table, as onnxruntime quantises a Gather): they
+cost no compute but hold most of a small BERT's bytes (MiniLM-L6's word table is 44.7 of its
+86.7 MB). LayerNorms, softmax(QK^T)V, the pooler and the task head stay fp32: they are a small
+share of the work, and the head's error would land on the output undamped.
 
 The fast path is onnxruntime's `quantize_dynamic` on the exported graph (onnx_export.py): its
 MatMulInteger kernels (MLAS) do the same integer product. Why this one, in torch 2.13 (2026):
@@ -55,6 +57,7 @@ import torch
 import torch.nn as nn
 
 ENCODER_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc_in", "mlp.fc_out")
+EMBEDDINGS = ("word", "position", "token_type")
 
 
 def weight_qmax():
@@ -126,9 +129,38 @@ class Int8Linear(nn.Module):
         return int8_linear(x, self.wq, self.w_scale, self.bias, self.scheme)
 
 
+def quantize_table(w):
+    """An embedding table (V, C) -> (q uint8 (V, C), scale, zero point): one asymmetric uint8
+    scale for the whole table, as onnxruntime quantises a Gather's weights:
+    s = (max(w, 0) - min(w, 0)) / 255, z = round(-min(w, 0) / s), q = clip(round(w / s) + z)."""
+    w = w.detach().float()
+    # the range (always holding 0), its scale and the zero point in float64, the scale then
+    # stored in fp32: onnxruntime's arithmetic, so that the tables agree to the last bit
+    lo, hi = w.min().clamp(max=0).double(), w.max().clamp(min=0).double()
+    scale64 = (hi - lo) / 255 if hi > lo else torch.ones((), dtype=torch.float64)
+    zero = torch.round(-lo / scale64).clamp(0, 255)
+    scale = scale64.float()
+    q = (torch.round(w / scale) + zero.float()).clamp(0, 255)
+    return q.to(torch.uint8), scale, zero.to(torch.uint8)
+
+
+class Int8Embedding(nn.Module):
+    """An nn.Embedding's uint8 stand-in: rows are looked up in uint8, then dequantised."""
+
+    def __init__(self, emb: nn.Embedding):
+        super().__init__()
+        q, scale, zero = quantize_table(emb.weight)
+        self.register_buffer("q", q)  # (V, C) uint8
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero", zero)
+
+    def forward(self, ids):  # (B, T) -> (B, T, C)
+        return (self.q[ids].to(torch.int32) - self.zero.to(torch.int32)).float() * self.scale
+
+
 def quantize_encoder(model, qmax=127, scheme="token"):
-    """A copy of a TaskModel whose encoder blocks' Linear layers are Int8Linear; the original is
-    left as it was. Returns (copy, [names of the replaced layers])."""
+    """A copy of a TaskModel whose encoder blocks' Linear layers are Int8Linear and whose embedding
+    tables are Int8Embedding; the original is left as it was. Returns (copy, [names replaced])."""
     q = copy.deepcopy(model).eval()
     names = []
     for i, block in enumerate(q.bert.blocks):
@@ -137,6 +169,9 @@ def quantize_encoder(model, qmax=127, scheme="token"):
             parent = getattr(block, parent_name)
             setattr(parent, attr, Int8Linear(getattr(parent, attr), qmax, scheme))
             names.append(f"bert.blocks.{i}.{path}")
+    for table in EMBEDDINGS:
+        setattr(q.bert.embeddings, table, Int8Embedding(getattr(q.bert.embeddings, table)))
+        names.append(f"bert.embeddings.{table}")
     return q, names
 
 
@@ -163,9 +198,17 @@ def encoder_matmuls(proto, n_layers):
     return [found[w] for w in sorted(found)]
 
 
-def quantize_graph(proto, nodes, qmax):
-    """onnxruntime's dynamic int8 quantisation of the MatMul nodes `nodes` of an fp32 ONNX graph:
-    per-channel symmetric int8 weights (7-bit when qmax is 64), per-tensor uint8 activations.
+def embedding_gathers(proto):
+    """Names of the graph's Gather nodes that look rows up in a weight table (an initializer):
+    the word, position and token-type embeddings."""
+    tables = {t.name for t in proto.graph.initializer}
+    return [n.name for n in proto.graph.node if n.op_type == "Gather" and n.input[0] in tables]
+
+
+def quantize_graph(proto, nodes, qmax, gathers=()):
+    """onnxruntime's dynamic int8 quantisation of the MatMul nodes `nodes` of an fp32 ONNX graph
+    (per-channel symmetric int8 weights, 7-bit when qmax is 64; per-tensor uint8 activations),
+    and of the embedding tables of the Gather nodes `gathers` (uint8, one scale per table).
     Returns the int8 ModelProto."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -179,22 +222,26 @@ def quantize_graph(proto, nodes, qmax):
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "int8.onnx")
             quantize_dynamic(proto, out, per_channel=True, reduce_range=qmax == 64,
-                             weight_type=QuantType.QInt8, nodes_to_quantize=list(nodes),
-                             op_types_to_quantize=["MatMul"],
+                             weight_type=QuantType.QInt8,
+                             nodes_to_quantize=list(nodes) + list(gathers),
+                             op_types_to_quantize=["MatMul", "Gather"] if gathers else ["MatMul"],
                              extra_options={"MatMulConstBOnly": True})
             q = onnx.load(out)
     finally:
         root.setLevel(level)
     done = sum(n.op_type == "MatMulInteger" for n in q.graph.node)
-    if done != len(nodes):
-        raise ValueError(f"onnxruntime quantised {done} MatMul nodes, {len(nodes)} were asked")
+    tables = sum(n.op_type == "DequantizeLinear" and n.name.startswith("embedding")
+                 for n in q.graph.node)
+    if done != len(nodes) or tables != len(gathers):
+        raise ValueError(f"onnxruntime quantised {done} MatMul nodes and {tables} embedding "
+                         f"tables; {len(nodes)} and {len(gathers)} were asked")
     return q
 
 
-def int8_card(qmax, layers):
+def int8_card(qmax, layers, tables):
     """What model.json says about an int8 graph."""
     return {"path": "onnxruntime.quantization.quantize_dynamic",
             "weights": "int8, symmetric, per output channel", "weight_qmax": qmax,
             "activations": "uint8, asymmetric, per tensor, at every call (DynamicQuantizeLinear)",
-            "layers": layers,
-            "fp32": "embeddings, LayerNorms, attention scores, pooler, task head"}
+            "layers": layers, "embedding_tables": f"{tables}, uint8, one scale per table",
+            "fp32": "LayerNorms, attention scores, pooler, task head"}
