@@ -152,6 +152,16 @@ def same_run(a, b):
     assert strip[0] == strip[1]
 
 
+def survives(name, fresh, tmp_path, seed):
+    """An uninterrupted run, then the campaign (evaluations every 3 steps), then the comparison;
+    every kind of moment must have been hit at least once."""
+    ref = tmp_path / "reference"
+    subprocess.run(fresh(ref), check=True, env=ENV, capture_output=True)
+    LANDED[name] = campaign(fresh(tmp_path / "killed"), str(tmp_path / "killed"), 3, seed)
+    same_run(ref, tmp_path / "killed")
+    assert min(LANDED[name][w] for w in ("step", "evaluation", "checkpoint write")) >= 1
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("kill")
@@ -168,11 +178,7 @@ def test_finetune_survives_twenty_kills(tiny, tmp_path):
                         "--max-steps", "40", "--eval-every", "3", "--log-every", "1",
                         "--save-every", "1", "--threads", "1", "--max-length", "16",
                         "--hidden-dropout", "0.1")
-    ref = tmp_path / "reference"
-    subprocess.run(fresh(ref), check=True, env=ENV, capture_output=True)
-    LANDED["finetune"] = campaign(fresh(tmp_path / "killed"), str(tmp_path / "killed"), 3, 1)
-    same_run(ref, tmp_path / "killed")
-    assert min(LANDED["finetune"][w] for w in ("step", "evaluation", "checkpoint write")) >= 1
+    survives("finetune", fresh, tmp_path, seed=1)
 
 
 def test_pretraining_survives_twenty_kills(tiny, tmp_path):
@@ -194,11 +200,7 @@ def test_pretraining_survives_twenty_kills(tiny, tmp_path):
                         "--max-len", "32", "--batch-size", "8", "--max-steps", "40",
                         "--eval-every", "3", "--log-every", "1", "--save-every", "1",
                         "--threads", "1")
-    ref = tmp_path / "reference"
-    subprocess.run(fresh(ref), check=True, env=ENV, capture_output=True)
-    LANDED["pretrain"] = campaign(fresh(tmp_path / "killed"), str(tmp_path / "killed"), 3, 2)
-    same_run(ref, tmp_path / "killed")
-    assert min(LANDED["pretrain"][w] for w in ("step", "evaluation", "checkpoint write")) >= 1
+    survives("pretrain", fresh, tmp_path, seed=2)
 
 
 def test_report(capsys):

@@ -62,3 +62,37 @@ def test_bad_inputs_fail_loudly(tmp_path):
     (tmp_path / "c.txt").write_text("hello\n")
     with pytest.raises(ValueError, match="special"):
         train_tokenizer([str(tmp_path / "c.txt")], vocab_size=5)
+
+
+def test_command_line_writes_a_tokenizer_that_transformers_reads_the_same(corpus, tmp_path,
+                                                                          capsys):
+    # `minibert tokenizer train` end to end: two corpus files after one --corpus (the second
+    # holds a word only it has, so a vocabulary learned from the first alone would split it),
+    # --vocab-size reaches the trainer, and the written directory loads and tokenizes every
+    # corpus line as BertTokenizerFast does on the written vocab.txt alone
+    from transformers import BertTokenizerFast
+
+    from train.cli import main
+
+    extra = tmp_path / "extra.txt"
+    extra.write_text("zyzzyva zyzzyva zyzzyva.\n" * 30, encoding="utf-8")
+    sizes = {}
+    for n in (80, 130):
+        out = tmp_path / f"tok{n}"
+        assert main(["tokenizer", "train", "--corpus", corpus, str(extra), "--out", str(out),
+                     "--vocab-size", str(n)]) in (0, None)
+        assert f"written to {out}" in capsys.readouterr().err
+        tok = Tokenizer.from_dir(str(out))
+        lines = (out / "vocab.txt").read_text(encoding="utf-8").splitlines()
+        assert lines[:len(SPECIALS)] == list(SPECIALS) and len(lines) == tok.vocab_size
+        sizes[n] = tok.vocab_size
+        ref = BertTokenizerFast(vocab={t: i for i, t in enumerate(lines)}, do_lower_case=True,
+                                strip_accents=True)
+        texts = open(corpus, encoding="utf-8").read().splitlines()[:3] + \
+            [extra.read_text(encoding="utf-8").splitlines()[0], "Unseen: qwxj!"]
+        for text in texts:
+            assert enc_ids(tok, text) == ref(text)["input_ids"], (n, text)
+    # the vocabulary is as large as asked (at --min-frequency 2 these files hold 155 pieces, so
+    # both sizes are reachable)
+    assert sizes == {80: 80, 130: 130}
+    assert "zyzzyva" in lines  # learned from the second file
