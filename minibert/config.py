@@ -6,7 +6,7 @@ everything else in a foreign `config.json` is ignored (and listed on request, ne
 """
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 from minibert.errors import ConfigError
 
@@ -36,6 +36,11 @@ class BertConfig:
     # Not a Hugging Face field: which attention code runs. `sdpa` is PyTorch's fused kernel and
     # the fast default; `eager` is the explicit softmax, kept as the readable reference.
     attention: str = "sdpa"
+    # Pruning (train/prune/) makes layers differ. `pruned_heads` is transformers 4's field and
+    # spelling: {layer: [heads removed, numbered as in the unpruned model]}. `intermediate_sizes`
+    # (one FFN width per layer) is minibert's own. Both are empty for every published model.
+    pruned_heads: dict = field(default_factory=dict)
+    intermediate_sizes: list | None = None
 
     def __post_init__(self):
         problems = []
@@ -60,12 +65,51 @@ class BertConfig:
                 problems.append(f"{name}={getattr(self, name)} must be in [0, 1)")
         if not 0 <= self.pad_token_id < self.vocab_size:
             problems.append(f"pad_token_id={self.pad_token_id} is outside the vocabulary")
+        if not problems:
+            problems += self._check_pruning()
         if problems:
             raise ConfigError("invalid BertConfig: " + "; ".join(problems))
+
+    def _check_pruning(self):
+        """Normalise `pruned_heads` (JSON gives string keys) and check both pruning fields."""
+        problems, heads = [], {}
+        if not isinstance(self.pruned_heads, dict):
+            return [f"pruned_heads={self.pruned_heads!r} must map layers to lists of heads"]
+        for layer, removed in self.pruned_heads.items():
+            if not str(layer).isdigit() or int(layer) >= self.num_hidden_layers:
+                problems.append(f"pruned_heads: layer {layer!r} is not in "
+                                f"0..{self.num_hidden_layers - 1}")
+                continue
+            ok = isinstance(removed, list) and all(
+                isinstance(h, int) and 0 <= h < self.num_attention_heads for h in removed)
+            if not ok or len(set(removed)) != len(removed):
+                problems.append(f"pruned_heads[{layer}]={removed!r}: give distinct head numbers "
+                                f"in 0..{self.num_attention_heads - 1}")
+            elif len(removed) == self.num_attention_heads:
+                problems.append(f"pruned_heads[{layer}] removes every head; keep at least one")
+            elif removed:
+                heads[int(layer)] = sorted(removed)
+        self.pruned_heads = dict(sorted(heads.items()))
+        sizes = self.intermediate_sizes
+        if sizes is not None and (not isinstance(sizes, list)
+                                  or len(sizes) != self.num_hidden_layers
+                                  or not all(isinstance(n, int) and n > 0 for n in sizes)):
+            problems.append(f"intermediate_sizes={sizes!r} must list one positive width per "
+                            f"layer ({self.num_hidden_layers})")
+        return problems
 
     @property
     def head_size(self):
         return self.hidden_size // self.num_attention_heads
+
+    def heads(self, layer):
+        """The heads layer `layer` still has, numbered as in the unpruned model."""
+        removed = set(self.pruned_heads.get(layer, ()))
+        return [h for h in range(self.num_attention_heads) if h not in removed]
+
+    def ffn_size(self, layer):
+        return self.intermediate_size if self.intermediate_sizes is None else \
+            self.intermediate_sizes[layer]
 
     @classmethod
     def from_dict(cls, d, source="config"):
@@ -91,6 +135,10 @@ class BertConfig:
 
     def to_hf_dict(self, architecture="BertForMaskedLM"):
         d = {k: v for k, v in asdict(self).items() if k != "attention"}
+        # an unpruned model's config.json stays exactly what transformers writes
+        for k in ("pruned_heads", "intermediate_sizes"):
+            if not d[k]:
+                del d[k]
         # What transformers needs to pick the class and fill the fields we do not model;
         # `architecture` says what the weights beside it hold (BertModel: no MLM head).
         d.update(model_type="bert", architectures=[architecture],

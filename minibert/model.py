@@ -52,19 +52,21 @@ def attention_sdpa(q, k, v, key_mask, dropout_p=0.0):
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, cfg: BertConfig):
+    def __init__(self, cfg: BertConfig, nh: int):
         super().__init__()
-        self.nh, self.hs = cfg.num_attention_heads, cfg.head_size
-        # One (C -> 3C) projection for q, k and v: one matmul instead of three. Checkpoints store
-        # them separately; minibert/checkpoint.py concatenates and splits them.
-        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
-        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        # nh is cfg.num_attention_heads unless heads were pruned (train/prune/); the head size
+        # stays C // num_attention_heads, so the heads span nh * hs = C features, or fewer.
+        self.nh, self.hs = nh, cfg.head_size
+        # One (C -> 3 nh hs) projection for q, k and v: one matmul instead of three. Checkpoints
+        # store them separately; minibert/checkpoint.py concatenates and splits them.
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * nh * self.hs)
+        self.proj = nn.Linear(nh * self.hs, cfg.hidden_size)
         self.impl = cfg.attention
         self.dropout_p = cfg.attention_probs_dropout_prob
 
     def forward(self, x, key_mask):
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=-1)  # 3 x (B, T, C)
+        q, k, v = self.qkv(x).split(self.nh * self.hs, dim=-1)  # 3 x (B, T, nh * hs)
         q = q.view(B, T, self.nh, self.hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.nh, self.hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.nh, self.hs).transpose(1, 2)  # (B, nh, T, hs)
@@ -76,15 +78,15 @@ class SelfAttention(nn.Module):
         else:  # "triton": checked in BertEncoder.__init__, so nothing else reaches here
             from minibert.kernels import flash_attention
             y = flash_attention(q, k, v, key_padding_mask=key_mask, dropout_p=p)
-        y = y.transpose(1, 2).reshape(B, T, C)  # re-assemble heads: (B, T, C)
-        return self.proj(y)
+        y = y.transpose(1, 2).reshape(B, T, self.nh * self.hs)  # re-assemble heads
+        return self.proj(y)  # (B, T, C)
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: BertConfig):
+    def __init__(self, cfg: BertConfig, width: int):
         super().__init__()
-        self.fc_in = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc_out = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.fc_in = nn.Linear(cfg.hidden_size, width)  # width: intermediate_size, or pruned
+        self.fc_out = nn.Linear(width, cfg.hidden_size)
         # "gelu" is the exact 0.5 x (1 + erf(x / sqrt 2)); "gelu_new" the tanh approximation.
         self.approximate = "none" if cfg.hidden_act == "gelu" else "tanh"
 
@@ -98,11 +100,11 @@ class Block(nn.Module):
     (GPT-2 and most newer models are pre-LN; BERT checkpoints only work with post-LN.)
     """
 
-    def __init__(self, cfg: BertConfig):
+    def __init__(self, cfg: BertConfig, layer: int):
         super().__init__()
-        self.attn = SelfAttention(cfg)
+        self.attn = SelfAttention(cfg, len(cfg.heads(layer)))
         self.ln_attn = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, cfg.ffn_size(layer))
         self.ln_mlp = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.drop = nn.Dropout(cfg.hidden_dropout_prob)
 
@@ -141,7 +143,7 @@ class BertEncoder(nn.Module):
             from minibert.kernels import check_triton_usable
             check_triton_usable(cfg)
         self.embeddings = Embeddings(cfg)
-        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.num_hidden_layers)])
+        self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.num_hidden_layers)])
         # The pooler is a dense + tanh on the [CLS] vector, trained by next-sentence prediction.
         self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.apply(init_weights)

@@ -1,9 +1,10 @@
-"""kill -9, twenty times: a small fine-tuning run and a small pretraining run are each killed with
-SIGKILL at 20 moments and resumed (`--resume RUN`) after every kill. At the end both must equal an
-uninterrupted run bit for bit on the CPU: every weight of best/ and state/, and every logged
-number of metrics.jsonl (losses, learning rates, dev metrics; wall-clock times and speeds
-aside). After every kill, every file of the run directory must read back: JSON and JSONL with a
-strict parser, safetensors and torch state (weights only).
+"""kill -9, twenty times: a small fine-tuning run, a small distillation run and a small pretraining
+run are each killed with SIGKILL at 20 moments and resumed (`--resume RUN`) after every kill. At
+the end each must equal an uninterrupted run bit for bit on the CPU: every weight of best/ and
+state/, the distillation's cached teacher outputs, and every logged number of metrics.jsonl
+(losses and their parts, learning rates, dev metrics; wall-clock times and speeds aside). After
+every kill, every file of the run directory must read back: JSON and JSONL with a strict parser,
+safetensors and torch state (weights only).
 
 The moments are chosen three ways, in turn: a random moment inside a training step (the previous
 step's save has finished, the next has not begun); the instant a checkpoint write is under way
@@ -59,6 +60,8 @@ def read_everything(run):
                        parse_constant=lambda c: pytest.fail(f"{p}: {c}"))
         elif name == "metrics.jsonl":
             events(run)
+        elif name.endswith(".safetensors"):  # distill's teacher_logits.safetensors
+            load_file(p)
         elif os.path.isdir(p):
             for f in os.listdir(p):
                 q = os.path.join(p, f)
@@ -105,8 +108,7 @@ def campaign(fresh, run, eval_every, seed):
     for k in range(KILLS + 1):
         has_state = os.path.isdir(os.path.join(run, "state")) or \
             os.path.isdir(os.path.join(run, "state.old"))
-        cmd = minibert("finetune" if "finetune" in fresh else "pretrain", "--resume", run) \
-            if has_state else fresh
+        cmd = minibert(fresh[4], "--resume", run) if has_state else fresh  # fresh[4]: the command
         p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV,
                              text=True)
         if k == KILLS:
@@ -141,7 +143,7 @@ def campaign(fresh, run, eval_every, seed):
 
 
 def same_run(a, b):
-    for sub in ("best", "state"):
+    for sub in ("best", "state", "."):
         for f in sorted(os.listdir(os.path.join(a, sub))):
             if f.endswith(".safetensors"):
                 x, y = load_file(os.path.join(a, sub, f)), load_file(os.path.join(b, sub, f))
@@ -179,6 +181,22 @@ def test_finetune_survives_twenty_kills(tiny, tmp_path):
                         "--save-every", "1", "--threads", "1", "--max-length", "16",
                         "--hidden-dropout", "0.1")
     survives("finetune", fresh, tmp_path, seed=1)
+
+
+def test_distill_survives_twenty_kills(tiny, tmp_path):
+    # the teacher: a short finetune run of the tiny 2-block model; the student keeps block 1
+    subprocess.run(minibert("finetune", "--model", tiny / "model", "--train",
+                            tiny / "data/train.jsonl", "--out", tmp_path / "teacher",
+                            "--batch-size", "8", "--max-steps", "10", "--threads", "1",
+                            "--max-length", "16"), check=True, env=ENV, capture_output=True)
+
+    def fresh(out):
+        return minibert("distill", "--teacher", tmp_path / "teacher", "--student", "layers=1",
+                        "--train", tiny / "data/train.jsonl", "--dev", tiny / "data/dev.jsonl",
+                        "--out", out, "--batch-size", "8", "--eval-batch-size", "8",
+                        "--max-steps", "40", "--eval-every", "3", "--log-every", "1",
+                        "--save-every", "1", "--threads", "1", "--hidden-dropout", "0.1")
+    survives("distill", fresh, tmp_path, seed=3)
 
 
 def test_pretraining_survives_twenty_kills(tiny, tmp_path):

@@ -19,10 +19,12 @@ import minibert.commands  # weights import, embed, fill-mask
 from minibert.errors import UserError
 import train.data.datasets  # data get
 import train.deploy.commands  # export, quantize
+import train.distill.distill  # distill
 import train.finetune.finetune  # finetune
 import train.finetune.predict  # predict
 import train.pretrain.pretrain  # pretrain
 import train.pretrain.tokenizer  # tokenizer train
+import train.prune.prune  # prune
 import train.runs.diagnose  # diagnose
 import train.runs.memory  # memory
 import train.runs.plot  # plot
@@ -30,9 +32,10 @@ import train.runs.report  # report
 import train.runs.sweep  # sweep
 
 COMMANDS = [minibert.commands, train.data.datasets, train.finetune.finetune,
+            train.distill.distill,
             train.finetune.predict, train.pretrain.tokenizer, train.pretrain.pretrain,
             train.runs.diagnose, train.runs.memory, train.runs.sweep, train.runs.plot,
-            train.runs.report, train.deploy.commands]
+            train.runs.report, train.deploy.commands, train.prune.prune]
 
 
 class Parser(argparse.ArgumentParser):

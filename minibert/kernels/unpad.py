@@ -26,13 +26,13 @@ def packed_block(block, x, cu_seqlens, max_seqlen):
     """Block.forward for packed tokens: x (total, C) -> (total, C)."""
     attn = block.attn
     total, C = x.shape
-    q, k, v = attn.qkv(x).split(C, dim=-1)  # 3 x (total, C)
+    q, k, v = attn.qkv(x).split(attn.nh * attn.hs, dim=-1)  # 3 x (total, nh * hs)
     q = q.view(total, attn.nh, attn.hs)  # (total, nh, hs): no transpose, the kernel takes strides
     k = k.view(total, attn.nh, attn.hs)
     v = v.view(total, attn.nh, attn.hs)
     p = attn.dropout_p if attn.training else 0.0
     y = flash_attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=p)  # (total, nh, hs)
-    y = attn.proj(y.reshape(total, C))  # (total, C)
+    y = attn.proj(y.reshape(total, attn.nh * attn.hs))  # (total, C)
     x = block.ln_attn(x + block.drop(y))
     x = block.ln_mlp(x + block.drop(block.mlp(x)))
     return x

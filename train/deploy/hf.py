@@ -18,7 +18,9 @@ without a pooler in transformers, so the pooler is left out for them.
 Refused, with one line that names the head and points to `--to onnx`, which exports them all:
 - mean pooling (the default): BertForSequenceClassification always reads the pooler on [CLS];
 - a CRF tagger: BertForTokenClassification has no transition scores or Viterbi decoding;
-- multitask: transformers has no class with several heads on one backbone.
+- multitask: transformers has no class with several heads on one backbone;
+- a pruned model (train/prune/): transformers builds every layer with the same heads and FFN
+  width (transformers 4 read `pruned_heads` from config.json; transformers 5 dropped it).
 
 Reference: transformers' modeling_bert.py (BertForSequenceClassification: dropout(pooler_output)
 -> classifier; BertForTokenClassification: dropout(sequence_output) -> classifier;
@@ -97,6 +99,12 @@ def head_state(meta, head):
 def export_hf(model, tok, meta, out_dir):
     """Write out_dir for transformers' from_pretrained; returns the class name written."""
     cls = hf_class(meta)  # refuses before anything is written
+    c = model.bert.config
+    if c.pruned_heads or c.intermediate_sizes is not None:
+        raise NotExportable("the model was pruned (" + ", ".join(
+            w for w, on in (("heads", c.pruned_heads), ("FFN neurons", c.intermediate_sizes))
+            if on) + "): transformers' BERT classes have the same heads and FFN width in every "
+            "layer (transformers 5 dropped pruned_heads); use --to onnx")
     state = hf_state_dict(model.bert)  # "bert.*", pooler included
     if cls != "BertForSequenceClassification":  # built with add_pooling_layer=False
         state = {k: v for k, v in state.items() if not k.startswith("bert.pooler.")}

@@ -173,8 +173,12 @@ def optimize_graph(proto, config):
     """onnxruntime.transformers' BERT optimizer: (optimized ModelProto, {fused op: count})."""
     from onnxruntime.transformers.optimizer import optimize_model
 
-    opt = optimize_model(proto, model_type="bert", num_heads=config.num_attention_heads,
-                         hidden_size=config.hidden_size, opt_level=0)
+    # a pruned model's layers differ in heads: 0, 0 makes the fusion read each layer's own
+    # head count and width from its Reshape nodes
+    pruned = bool(config.pruned_heads)
+    opt = optimize_model(proto, model_type="bert", opt_level=0,
+                         num_heads=0 if pruned else config.num_attention_heads,
+                         hidden_size=0 if pruned else config.hidden_size)
     return opt.model, opt.get_fused_operator_statistics()
 
 

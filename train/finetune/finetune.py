@@ -3,7 +3,9 @@
 Reads top to bottom: device and seed -> data -> model and head -> freezing and parameter groups
 -> optimizer and schedule -> trainer -> final test evaluation with the best checkpoint.
 The run directory layout is described in train/loop/rundir.py; `--resume RUN` continues a killed run
-from its `state/` with the config saved in `RUN/config.json`.
+from its `state/` with the config saved in `RUN/config.json`. The body, `train_task_model`, takes
+the model and its loss as a parameter: `minibert distill` (train/distill/) runs it with a student
+and a teacher's loss.
 """
 
 import dataclasses
@@ -37,26 +39,45 @@ from train.loop.trainer import Diverged, LoopSettings, OutOfMemory, Trainer, pla
 TASKS = {**SINGLE_TASKS, MultiTask.name: MultiTask}
 
 
-def build_model(cfg: FinetuneConfig, task):
-    """The backbone from the checkpoint (or its config alone for --init random) plus a new head."""
+def model_overrides(cfg):
+    """The BertConfig fields that flags replace: the attention code, and dropouts when given."""
     overrides = {"attention": cfg.attention}
     if cfg.hidden_dropout is not None:
         overrides["hidden_dropout_prob"] = cfg.hidden_dropout
     if cfg.attention_dropout is not None:
         overrides["attention_probs_dropout_prob"] = cfg.attention_dropout
+    return overrides
+
+
+def with_new_head(bert, cfg, task):
+    """`bert` plus a fresh head for `task`; its dropout is --classifier-dropout, else the
+    backbone's hidden dropout."""
+    drop = cfg.classifier_dropout if cfg.classifier_dropout is not None else \
+        bert.config.hidden_dropout_prob
+    return TaskModel(bert, task.build_head(bert.config.hidden_size, drop))
+
+
+def load_backbone(path, overrides):
+    """load_model(path) with config `overrides`, printing its notes (what was dropped or created
+    fresh, and why)."""
+    notes = []
+    bert = load_model(path, notes=notes, **overrides)
+    for n in notes:
+        print(f"init: {n}", file=sys.stderr)
+    return bert
+
+
+def build_model(cfg: FinetuneConfig, task):
+    """The backbone from the checkpoint (or its config alone for --init random) plus a new head."""
+    overrides = model_overrides(cfg)
     if cfg.init == "pretrained":
-        notes = []
-        bert = load_model(cfg.model, notes=notes, **overrides)
-        for n in notes:
-            print(f"init: {n}", file=sys.stderr)
+        bert = load_backbone(cfg.model, overrides)
     else:
         mc = BertConfig.from_json(os.path.join(cfg.model, "config.json"))
         bert = BertEncoder(dataclasses.replace(mc, **overrides))
         print("init: random weights (BERT's N(0, 0.02) initialisation), same architecture",
               file=sys.stderr)
-    drop = cfg.classifier_dropout if cfg.classifier_dropout is not None else \
-        bert.config.hidden_dropout_prob
-    return TaskModel(bert, task.build_head(bert.config.hidden_size, drop))
+    return with_new_head(bert, cfg, task)
 
 
 def init_heads(head, specs, task_name):
@@ -143,15 +164,32 @@ def plan_batches(cfg, model, optimizer, train_data, device):
     return dataclasses.replace(cfg, batch_size=batch, grad_accum=accum)
 
 
+def finetune_model(cfg, task, tok, data, resume, dist):
+    """`minibert finetune`'s model and training data: the checkpoint with a new head (or heads
+    from --init-heads), on the device, trained on the task's own loss."""
+    model = build_model(cfg, task)
+    check_vocabulary(model.bert.config, tok, cfg.model)
+    if cfg.init_heads and not resume:  # on resume the saved state holds the heads
+        init_heads(model.head, cfg.init_heads, cfg.task)
+    return model.to(dist.device), data["train"]
+
+
 def run_finetune(cfg: FinetuneConfig, resume=False, dist=None):
     """Fine-tune as `cfg` says; returns results.json's content (None on ranks other than 0).
 
     `dist` is this process's place in a data-parallel job (train/loop/distributed.py); None:
     one process. The run seeds torch and sets its thread count for its own duration only."""
-    return run_in_state(_finetune, cfg, resume, dist)
+    return run_in_state(train_task_model, cfg, resume, dist)
 
 
-def _finetune(cfg, resume, dist):
+def train_task_model(cfg, resume, dist, build=finetune_model, name="finetune"):
+    """The body of a run that trains a TaskModel on a task's data: `minibert finetune`, and
+    `minibert distill` with another `build`.
+
+    build(cfg, task, tok, data, resume, dist) -> (model, training data): a TaskModel on the
+    device whose forward(batch) returns the loss dict (best/ saves its .bert and .head; state/
+    all of it), and the dataset the trainer draws batches from. Everything else (freezing,
+    optimizer, schedule, trainer, resume, the final test) is this one body."""
     device = dist.device
     if dist.world > 1 and cfg.unfreeze_every is not None:
         raise ValueError("--unfreeze-every changes which parameters train mid-run, which "
@@ -160,19 +198,15 @@ def _finetune(cfg, resume, dist):
         raise ValueError("--batch-size auto could pick a different size on each process; "
                          "give --batch-size N with --nproc")
     if cfg.batch_size == "auto" and device.type != "cuda":
-        raise SystemExit("minibert finetune: --batch-size auto measures GPU memory and needs a "
+        raise SystemExit(f"minibert {name}: --batch-size auto measures GPU memory and needs a "
                          "CUDA device; on CPU give --batch-size N (`minibert memory` estimates "
                          "the memory of a batch)")
-    cfg, run, precision, amp = open_run(cfg, dist, resume, "finetune config")
+    cfg, run, precision, amp = open_run(cfg, dist, resume, f"{name} config")
 
     tok = Tokenizer.from_dir(cfg.model)
     task, data = TASKS[cfg.task].from_data(cfg, tok)
     print(f"task: {json.dumps(task.meta)}", file=sys.stderr)
-    model = build_model(cfg, task)
-    check_vocabulary(model.bert.config, tok, cfg.model)
-    if cfg.init_heads and not resume:  # on resume the saved state holds the heads
-        init_heads(model.head, cfg.init_heads, cfg.task)
-    model = model.to(device)
+    model, data["train"] = build(cfg, task, tok, data, resume, dist)
 
     # Freezing and parameter groups. A frozen parameter has requires_grad=False: no gradient is
     # computed for it and, not being in any param group, it gets no optimizer state.
@@ -192,11 +226,11 @@ def _finetune(cfg, resume, dist):
     set_trainable(model, trainable)
     if cfg.pooling == "mean":
         model.bert.pooler.requires_grad_(False)  # unused by mean pooling: nothing to train
-    for name in cfg.freeze_head or []:  # multitask: a head that keeps its weights bit for bit
-        task.freeze_head(model.head, name)
+    for head in cfg.freeze_head or []:  # multitask: a head that keeps its weights bit for bit
+        task.freeze_head(model.head, head)
     groups = param_groups(model, trainable, policy, scale)
     if not groups:
-        raise SystemExit("minibert finetune: every parameter is frozen; nothing would train. "
+        raise SystemExit(f"minibert {name}: every parameter is frozen; nothing would train. "
                          "Drop a --freeze-* flag.")
     print_groups(groups, model)
     optimizer = AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
@@ -229,9 +263,9 @@ def _finetune(cfg, resume, dist):
     except Diverged as e:
         if dist.is_main:
             write_diagnosis(run.path)
-        raise SystemExit(f"minibert finetune: {e}") from None
+        raise SystemExit(f"minibert {name}: {e}") from None
     except OutOfMemory as e:
-        raise SystemExit(f"minibert finetune: {e}") from None
+        raise SystemExit(f"minibert {name}: {e}") from None
     if not dist.is_main:
         return None  # the final evaluation and results.json are rank 0's
 
@@ -268,13 +302,19 @@ def cmd_finetune(args):
     return command(args, "finetune", FinetuneConfig, run_finetune, check=required_inputs)
 
 
-def register(sub):
-    p = sub.add_parser("finetune", help="fine-tune a checkpoint on a labelled dataset")
-    add_dataclass_flags(p, FinetuneConfig, skip=("batch_size",))
+def add_run_flags(p, config_cls, skip=()):
+    """A flag for every field of `config_cls` (a FinetuneConfig), `--batch-size N|auto` and
+    `--resume RUN`: the command line of `minibert finetune` and of the commands built on it."""
+    add_dataclass_flags(p, config_cls, skip=("batch_size", *skip))
     p.add_argument("--batch-size", dest="batch_size", type=batch_size_arg,
-                   default=FinetuneConfig.batch_size,
+                   default=config_cls.batch_size,
                    help="examples per micro-batch, or 'auto' (CUDA only): the largest that fits "
-                        f"in GPU memory, less 10%% (default: {FinetuneConfig.batch_size})")
+                        f"in GPU memory, less 10%% (default: {config_cls.batch_size})")
     p.add_argument("--resume", metavar="RUN", default=None,
                    help="continue the killed run in RUN with its saved config and state")
+
+
+def register(sub):
+    p = sub.add_parser("finetune", help="fine-tune a checkpoint on a labelled dataset")
+    add_run_flags(p, FinetuneConfig)
     p.set_defaults(func=cmd_finetune)

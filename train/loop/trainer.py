@@ -1,6 +1,7 @@
 """The training loop. Like minGPT's trainer it knows nothing about BERT: it sees
 
-- a model whose `model(batch)` returns a dict with a scalar `loss` (mean over the batch's items);
+- a model whose `model(batch)` returns a dict with a scalar `loss` (mean over the batch's items)
+  and, optionally, `terms`: named scalar parts of that loss, logged beside it as `train_terms`;
 - data with `batches(epoch)` (lists of example indices, a pure function of the epoch) and
   `collate(indices)` (a dict of tensors);
 - `evaluate(model)`, returning dev metrics that include `loss`; or None when there is no dev
@@ -112,7 +113,7 @@ class Trainer:
         bar = Progress(self.total_steps, "train", file=self.log)
         bar.n = self.step
         t_start, t_log = time.time() - self.seconds, time.time()
-        ex_log, tok_log, loss_n = 0, 0, 0
+        ex_log, tok_log, loss_n, terms = 0, 0, 0, {}  # terms: the loss's named parts
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # read at logs only
         # the step and loss of the first non-finite loss, kept on the device (inf: none yet)
         self._bad_step = torch.full((), math.inf, device=self.device)
@@ -136,13 +137,16 @@ class Trainer:
                     weight = n_real / n_group * self.dist.world
                     with self.dist.no_sync(last=j == len(group) - 1):  # all-reduce on the last
                         with self._autocast():
-                            loss = self.net(batch)["loss"]
+                            out = self.net(batch)
+                        loss = out["loss"]
                         if n_real:
                             self._watch(loss)
                         self._backward(loss * weight)
                     if n_real:
                         loss_sum += loss.detach() * n_real
                         loss_n += n_real
+                    for k, v in out.get("terms", {}).items():  # x 0 too: every rank, same keys
+                        terms[k] = terms.get(k, 0.0) + v.detach().double() * n_real
                 if self.scaler is not None:
                     self.scaler.unscale_(self.opt)  # clip the true gradients, not scaled ones
                 if s.clip_grad_norm:
@@ -173,10 +177,12 @@ class Trainer:
                     self._check_diverged()
                     # the loop's one host-device sync: loss and token sums of every rank
                     # (examples per step are known on every rank: the global group's size)
-                    sums = torch.cat([loss_sum.view(1), torch.tensor(
-                        [loss_n, tok_log], dtype=torch.float64, device=self.device)])
-                    loss_total, n_total, tok_total = self.dist.all_reduce(sums).tolist()
+                    sums = torch.cat([loss_sum.view(1), *(t.view(1) for t in terms.values()),
+                                      torch.tensor([loss_n, tok_log], dtype=torch.float64,
+                                                   device=self.device)])
+                    loss_total, *parts, n_total, tok_total = self.dist.all_reduce(sums).tolist()
                     train_loss = loss_total / max(n_total, 1)
+                    parts = {k: v / max(n_total, 1) for k, v in zip(terms, parts)}
                     now = time.time()
                     self.seconds = now - t_start
                     eps = ex_log / max(now - t_log, 1e-9)
@@ -185,12 +191,12 @@ class Trainer:
                                   "examples_per_second": round(eps, 1),
                                   "tokens_per_second": round(tok_total / max(now - t_log, 1e-9),
                                                              1),
-                                  "time": self.seconds,
-                                  "memory": memory_stats(self.device)})
+                                  "time": self.seconds, "memory": memory_stats(self.device),
+                                  **({"train_terms": parts} if parts else {})})
                     bar.update(self.step, loss=train_loss,
                                lr=self._lr_range(), ex_s=round(eps, 1),
                                rss_mb=memory_stats(self.device)["rss_peak_mb"])
-                    t_log, ex_log, tok_log, loss_n = now, 0, 0, 0
+                    t_log, ex_log, tok_log, loss_n, terms = now, 0, 0, 0, {}
                     loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
                 if end_of_epoch:
                     self.epoch += 1
