@@ -150,3 +150,15 @@ def randomize_(model, seed):
                 fan_in = p.shape[-1] if p.dim() == 2 else p.shape[0]
                 p.copy_(noise / fan_in ** 0.5)
     return model
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    """A random 2-layer BERT (ROOT/model) and a sentiment set learnable from one word
+    (ROOT/{train,dev,test}.jsonl): tests/tiny.py."""
+    from tests.tiny import make_checkpoint, make_sentiment
+
+    root = tmp_path_factory.mktemp("tiny")
+    make_checkpoint(root / "model")
+    make_sentiment(root)
+    return root

@@ -14,7 +14,6 @@ import sys
 import pytest
 import torch
 
-from tests.tiny import make_checkpoint, make_sentiment
 from train.cli import main
 from train.finetune.config import FinetuneConfig
 from train.finetune.finetune import run_finetune
@@ -158,18 +157,11 @@ def test_diagnose_reads_a_falling_mse_as_improving(tmp_path):
 
 # ------------------------------------------------------------------ runs without a dev set
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    make_checkpoint(root / "model")
-    make_sentiment(root)
-    return root
-
-
-def test_without_dev_the_last_checkpoint_is_kept_and_tested(tiny, tmp_path, capsys):
+def test_without_dev_the_last_checkpoint_is_kept_and_tested(tiny_setup, tmp_path, capsys):
+    root = tiny_setup
     out = tmp_path / "run"
-    cfg = FinetuneConfig(model=str(tiny / "model"), train=str(tiny / "train.jsonl"),
-                         test=str(tiny / "test.jsonl"), out=str(out), batch_size=8, max_steps=12,
+    cfg = FinetuneConfig(model=str(root / "model"), train=str(root / "train.jsonl"),
+                         test=str(root / "test.jsonl"), out=str(out), batch_size=8, max_steps=12,
                          eval_every=4, log_every=4, threads=1, max_length=16)
     results = run_finetune(cfg)
     err = capsys.readouterr().err
@@ -190,7 +182,7 @@ def test_without_dev_the_last_checkpoint_is_kept_and_tested(tiny, tmp_path, caps
         json.loads((out / "results.json").read_text())["test"]["accuracy"])
 
 
-def test_plateau_or_early_stopping_without_dev_is_refused(tiny):
+def test_plateau_or_early_stopping_without_dev_is_refused(tiny_setup):
     with pytest.raises(ValueError, match="--dev"):
         FinetuneConfig(model="m", train="t", schedule="plateau")
     with pytest.raises(ValueError, match="--dev"):
@@ -199,14 +191,16 @@ def test_plateau_or_early_stopping_without_dev_is_refused(tiny):
 
 # ------------------------------------------------------------------ no side effects
 
-def test_library_calls_leave_the_global_rng_and_threads_as_they_were(tiny, tmp_path, capsys):
+def test_library_calls_leave_the_global_rng_and_threads_as_they_were(tiny_setup, tmp_path,
+                                                                     capsys):
     from train.runs.memory import measure
     from tests.tiny import tiny_config
 
+    root = tiny_setup
     torch.manual_seed(1234)
     before, threads = torch.get_rng_state(), torch.get_num_threads()
-    run_finetune(FinetuneConfig(model=str(tiny / "model"), train=str(tiny / "train.jsonl"),
-                                dev=str(tiny / "dev.jsonl"), out=str(tmp_path / "r"),
+    run_finetune(FinetuneConfig(model=str(root / "model"), train=str(root / "train.jsonl"),
+                                dev=str(root / "dev.jsonl"), out=str(tmp_path / "r"),
                                 batch_size=8, max_steps=3, eval_every=None, seed=7,
                                 threads=1 if threads != 1 else 2, max_length=16))
     measure(tiny_config(), 2, 8)
@@ -214,14 +208,15 @@ def test_library_calls_leave_the_global_rng_and_threads_as_they_were(tiny, tmp_p
     assert torch.get_num_threads() == threads
 
 
-def test_loading_and_building_print_nothing(tiny, capsys):
+def test_loading_and_building_print_nothing(tiny_setup, capsys):
     import minibert
     from tests.tiny import tiny_config
 
+    root = tiny_setup
     capsys.readouterr()
     minibert.BertEncoder(tiny_config())
-    minibert.load_encoder(str(tiny / "model"))
-    minibert.load_mlm(str(tiny / "model"), allow_missing_head=True)
+    minibert.load_encoder(str(root / "model"))
+    minibert.load_mlm(str(root / "model"), allow_missing_head=True)
     assert capsys.readouterr() == ("", "")
 
 
@@ -242,10 +237,11 @@ def minibert_exe():
     return exe
 
 
-def test_sweep_from_a_folder_with_train_py(tiny, hostile_cwd):
+def test_sweep_from_a_folder_with_train_py(tiny_setup, hostile_cwd):
+    root = tiny_setup
     r = subprocess.run([minibert_exe(), "sweep", "--grid", "lr=1e-3", "--out", "sw", "--",
-                        "--model", str(tiny / "model"), "--train", str(tiny / "train.jsonl"),
-                        "--dev", str(tiny / "dev.jsonl"), "--max-steps", "2", "--batch-size", "8",
+                        "--model", str(root / "model"), "--train", str(root / "train.jsonl"),
+                        "--dev", str(root / "dev.jsonl"), "--max-steps", "2", "--batch-size", "8",
                         "--threads", "1", "--max-length", "16"],
                        cwd=hostile_cwd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -253,9 +249,10 @@ def test_sweep_from_a_folder_with_train_py(tiny, hostile_cwd):
     assert trial["status"] == "done", trial
 
 
-def test_nproc_from_a_folder_with_train_py(tiny, hostile_cwd):
-    r = subprocess.run([minibert_exe(), "finetune", "--nproc", "2", "--model", str(tiny / "model"),
-                        "--train", str(tiny / "train.jsonl"), "--max-steps", "2",
+def test_nproc_from_a_folder_with_train_py(tiny_setup, hostile_cwd):
+    root = tiny_setup
+    r = subprocess.run([minibert_exe(), "finetune", "--nproc", "2", "--model", str(root / "model"),
+                        "--train", str(root / "train.jsonl"), "--max-steps", "2",
                         "--batch-size", "4", "--threads", "1", "--max-length", "16",
                         "--out", "run"],
                        cwd=hostile_cwd, capture_output=True, text=True, timeout=300,

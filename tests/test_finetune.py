@@ -15,7 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.tiny import FILLER, NEGATIVE, POSITIVE, make_checkpoint, make_sentiment
+from tests.tiny import (FILLER, NEGATIVE, POSITIVE, compile_and_bf16_losses, make_checkpoint,
+                        make_sentiment)
 from train.tasks.classification import ClassificationTask
 from train.data.examples import DataError, read_examples
 from train.finetune.finetune import build_model, run_finetune
@@ -347,32 +348,15 @@ def test_fp16_resume_restores_the_grad_scaler(setup, tmp_path):
 
 
 def test_compile_and_bf16_fine_tune_the_same_model(setup, tmp_path, capsys, monkeypatch):
-    # as tests/test_pretrain.py does for pretraining: the compiled model must compute what the
-    # eager one does (rel 1e-5: fp32, the same ops; inductor may fuse and reorder sums, which
-    # moves a loss of ~0.7 by ~1e-7, while a wrong model moves it by far more), and bf16 autocast
-    # must change the arithmetic (so it took effect) but not the losses beyond bf16 rounding,
-    # with fp32 weights saved. bf16 keeps 8 mantissa bits (~4e-3 relative per rounded value),
-    # but a loss averages many of them and the rounding errors mostly cancel: the runs here
-    # differ by ~2e-4 relative; 2e-3, as for pretraining, leaves margin, while bf16 weights or
-    # a bf16 loss reduction would move the loss by more. Dropout off: compiled dropout draws
-    # other masks than eager dropout.
-    compiled, real_compile = [], torch.compile  # what reaches torch.compile: --compile must
-    monkeypatch.setattr(torch, "compile",
-                        lambda m, **kw: compiled.append(m) or real_compile(m, **kw))
-    losses = {}
-    for name, kw in {"eager": {}, "compiled": {"compile": True},
-                     "bf16": {"precision": "bf16"}}.items():
+    # as for pretraining (tests/tiny.py: compile_and_bf16_losses says what is checked, and the
+    # tolerances' reasons), then fp32 weights saved by the bf16 run
+    def train(name, **kw):
         run_finetune(cfg_for(setup, tmp_path / name, max_steps=3, eval_every=None, dev=None,
                              test=None, hidden_dropout=0.0, attention_dropout=0.0,
                              classifier_dropout=0.0, device="cpu", lr=1e-3, **kw))
-        losses[name] = [e["train_loss"] for e in read_jsonl(tmp_path / name / "metrics.jsonl")
-                        if e["event"] == "train"]
-    assert "precision: bf16 autocast" in capsys.readouterr().err
-    assert len(losses["eager"]) == 3
-    assert len(compiled) == 1  # the "compiled" run only
-    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-5)
-    assert losses["bf16"] != losses["eager"]
-    assert losses["bf16"] == pytest.approx(losses["eager"], rel=2e-3)
+        return str(tmp_path / name)
+
+    compile_and_bf16_losses(monkeypatch, capsys, train)
     for part in ("model.safetensors", "head.safetensors"):
         weights = load_file(str(tmp_path / "bf16" / "best" / part))
         assert {w.dtype for w in weights.values()} == {torch.float32}, part

@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 from minibert.checkpoint import load_model, save_model
 from minibert.model import BertEncoder, BertForMLM
 from minibert.tokenizer import Tokenizer
+from tests.tiny import compile_and_bf16_losses
 from train.pretrain.pretrain import run_pretrain
 from train.pretrain.config import SIZES, PretrainConfig, model_config
-from train.loop.rundir import read_jsonl
 
 WORDS = ("the senate voted on a contentious nomination while markets fell sharply and the "
          "president said that talks with europe went well despite unbelievable weather").split()
@@ -177,25 +177,16 @@ def test_exact_resume_after_time_budget_with_tied_weights(corpus, tiny_run, tmp_
 def test_compile_and_bf16_on_cpu_train_the_same_model(corpus, tiny_run, tmp_path, capsys,
                                                       monkeypatch):
     # the README's pretraining command runs `--precision bf16 --compile` on a CPU: the compiled
-    # model must compute what the eager one does, and bf16 autocast must change the arithmetic
-    # (so it took effect) but not the result beyond bf16 rounding, with fp32 weights saved
+    # and bf16 runs against the eager one (tests/tiny.py: compile_and_bf16_losses), then fp32
+    # weights saved by the bf16 run
     tok = str(tiny_run[0] / "tokenizer")
-    compiled, real_compile = [], torch.compile  # what reaches torch.compile: --compile must
-    monkeypatch.setattr(torch, "compile",
-                        lambda m, **kw: compiled.append(m) or real_compile(m, **kw))
-    losses = {}
-    for name, kw in {"eager": {}, "compiled": {"compile": True},
-                     "bf16": {"precision": "bf16"}}.items():
+
+    def train(name, **kw):
         run_pretrain(config(corpus, tmp_path / name, eval_every=None, tokenizer=tok, dropout=0.0,
                             max_steps=3, **kw))
-        losses[name] = [e["train_loss"] for e in read_jsonl(tmp_path / name / "metrics.jsonl")
-                        if e["event"] == "train"]
-    assert "precision: bf16 autocast" in capsys.readouterr().err
-    assert len(losses["eager"]) == 3
-    assert len(compiled) == 1  # the "compiled" run only
-    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-5)
-    assert losses["bf16"] != losses["eager"]
-    assert losses["bf16"] == pytest.approx(losses["eager"], rel=2e-3)
+        return str(tmp_path / name)
+
+    compile_and_bf16_losses(monkeypatch, capsys, train)
     weights = load_file(str(tmp_path / "bf16" / "best" / "model.safetensors"))
     assert {w.dtype for w in weights.values()} == {torch.float32}
 

@@ -11,16 +11,6 @@ import os
 import pytest
 
 from train.cli import main
-from tests.tiny import make_checkpoint, make_sentiment
-
-
-@pytest.fixture(scope="module")
-def tiny_setup(tmp_path_factory):
-    """A random 2-layer BERT and a sentiment set learnable from one word (tests/tiny.py)."""
-    root = tmp_path_factory.mktemp("tiny")
-    make_checkpoint(root / "model")
-    make_sentiment(root)
-    return root
 
 
 def sweep_args(root, out, grid):

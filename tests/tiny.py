@@ -54,3 +54,35 @@ def make_sentiment(path, n_train=64, n_dev=32, n_test=32, seed=0):
                 words.insert(rng.randint(0, len(words)), rng.choice(POSITIVE if label else NEGATIVE))
                 f.write(json.dumps({"text": " ".join(words), "label": int(label)}) + "\n")
     return path
+
+
+def compile_and_bf16_losses(monkeypatch, capsys, train):
+    """Train three times, `train(name, **flags)`: eager, `compile=True`, `precision="bf16"`;
+    returns {name: [train losses]} after checking what all three runs must show. The compiled
+    model must compute what the eager one does (rel 1e-5: fp32, the same ops; inductor may fuse
+    and reorder sums, which moves a loss of ~0.7 by ~1e-7, while a wrong model moves it by far
+    more), and --compile must reach torch.compile (once: the compiled run only). bf16 autocast
+    must change the arithmetic (so it took effect) but not the losses beyond bf16 rounding: it
+    keeps 8 mantissa bits (~4e-3 relative per rounded value), but a loss averages many of them
+    and the errors mostly cancel (the runs differ by ~2e-4 relative); 2e-3 leaves margin, while
+    bf16 weights or a bf16 loss reduction would move the loss by more. The caller turns dropout
+    off: compiled dropout draws other masks than eager dropout."""
+    import pytest
+    from train.loop.rundir import read_jsonl
+
+    compiled, real_compile = [], torch.compile
+    monkeypatch.setattr(torch, "compile",
+                        lambda m, **kw: compiled.append(m) or real_compile(m, **kw))
+    losses = {}
+    for name, kw in {"eager": {}, "compiled": {"compile": True},
+                     "bf16": {"precision": "bf16"}}.items():
+        out = train(name, **kw)
+        losses[name] = [e["train_loss"] for e in read_jsonl(os.path.join(out, "metrics.jsonl"))
+                        if e["event"] == "train"]
+    assert "precision: bf16 autocast" in capsys.readouterr().err
+    assert len(losses["eager"]) == 3
+    assert len(compiled) == 1
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-5)
+    assert losses["bf16"] != losses["eager"]
+    assert losses["bf16"] == pytest.approx(losses["eager"], rel=2e-3)
+    return losses
