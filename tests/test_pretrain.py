@@ -18,6 +18,7 @@ from minibert.checkpoint import load_model, save_model
 from minibert.model import BertEncoder, BertForMLM
 from minibert.tokenizer import Tokenizer
 from tests.tiny import compile_and_bf16_losses
+from train.loop.rundir import read_jsonl
 from train.pretrain.pretrain import run_pretrain
 from train.pretrain.config import SIZES, PretrainConfig, model_config
 
@@ -102,9 +103,15 @@ def test_results_and_checkpoint_read_by_transformers(tiny_run):
 
 
 def test_best_serves_fill_mask_and_finetune(tiny_run, tmp_path, capsys):
-    out, _ = tiny_run
+    out, results = tiny_run
     best = str(out / "best")
     assert isinstance(load_model(best), BertEncoder)  # what `minibert finetune --model` loads
+    # best/ is the model that was evaluated at the best step, MLM head included: its valid loss,
+    # recomputed from the files, is the one logged then (a fresh or stale head, or other
+    # weights, would move it by far more than fp32 rounding)
+    evals = {e["step"]: e["dev"]["mlm_loss"] for e in read_jsonl(out / "metrics.jsonl")
+             if e["event"] == "eval"}
+    assert results["valid"]["mlm_loss"] == pytest.approx(evals[results["best_step"]], rel=1e-5)
 
     # fill-mask: the top tokens and their probabilities are transformers' at the [MASK]
     from transformers import BertForMaskedLM
