@@ -134,8 +134,8 @@ def claims(results):
     def line(claim, rows, want_keep, want_speed, want_small):
         if not rows:
             return f"| {claim} | no such model measured | - |"
-        keep, speed, small = max((ratio(r) for r in rows), key=lambda k: (k[0] >= want_keep, k[1]))
-        r = next(r for r in rows if ratio(r) == (keep, speed, small))
+        r = max(rows, key=lambda r: (ratio(r)[0] >= want_keep, ratio(r)[1]))
+        keep, speed, small = ratio(r)
         holds = keep >= want_keep and speed >= want_speed and small >= want_small
         return (f"| {claim} | {r['name']}: {keep:.1%} of the teacher, {speed:.2f}x faster (batch "
                 f"32), {small:.2f}x smaller | {'holds' if holds else 'does not hold'} |")

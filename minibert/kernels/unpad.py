@@ -25,7 +25,7 @@ from minibert.kernels.flash import flash_attention_varlen
 def packed_block(block, x, cu_seqlens, max_seqlen):
     """Block.forward for packed tokens: x (total, C) -> (total, C)."""
     attn = block.attn
-    total, C = x.shape
+    total = x.size(0)
     q, k, v = attn.qkv(x).split(attn.nh * attn.hs, dim=-1)  # 3 x (total, nh * hs)
     q = q.view(total, attn.nh, attn.hs)  # (total, nh, hs): no transpose, the kernel takes strides
     k = k.view(total, attn.nh, attn.hs)

@@ -71,6 +71,8 @@ def score_batches(dataset, n, device):
 
 
 def evaluate(task, model, data, device):
+    """Dev and test scores. The unpruned model is scored here too, not read from RUN's
+    results.json: both sides then come from the same process, data and precision (fp32)."""
     return {split: task.evaluate(model, data[split], device)
             for split in ("dev", "test") if split in data}
 
