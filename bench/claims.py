@@ -17,6 +17,9 @@ of the table: the claim, what was measured (test accuracy of the best-on-dev che
   batch      claim 8: batch 8, 32 and 128 (32 x 4 accumulated), each at its best lr on dev
   overfit    claim 9: 100 examples for 20 epochs, alone, with early stopping, with dropout
   plateau    claim 10: ReduceLROnPlateau against linear decay
+  domain     claim 12: the tiny model pretrained on news against the same pretrained as long on
+             movie-review text (`minibert data get rt-reviews`), random init as the floor;
+             MiniLM with its pretraining continued on that text against MiniLM
 
 A run already finished under --out is read back, so a row continues where it stopped, and runs
 shared by rows (the default recipe, seed by seed) are made once. --jobs N runs N fine-tunes side
@@ -87,10 +90,11 @@ class Bench:
         return ["--task", "classification", "--train", train or f"{d}/train.jsonl",
                 "--dev", f"{d}/dev.jsonl", "--test", f"{d}/test.jsonl"]
 
-    def run(self, name, seed, flags, train=None):
+    def run(self, name, seed, flags, train=None, model=None):
         """The run `name` of `seed`: its directory, queued for `make`. The flags define it."""
         out = os.path.join(self.a.out, f"{name}-s{seed}")
-        args = ["finetune", "--model", self.a.model, *self.data(train), "--seed", seed, *flags]
+        args = ["finetune", "--model", model or self.a.model, *self.data(train), "--seed", seed,
+                *flags]
         self.todo[out] = args
         return out
 
@@ -125,8 +129,15 @@ def fmt(xs):
 
 
 def command(row, a):
-    return f"`python bench/claims.py {row}" + (f" --seeds {a.seeds_arg}" if a.seeds_arg !=
-                                                "42,43,44" else "") + "`"
+    """The command that prints this row again: the row, and every flag not at its default."""
+    flags = {"--model": (a.model, "weights/minilm-l6"), "--data": (a.data, "data/rt-snippets"),
+             "--seeds": (a.seeds_arg, "42,43,44")}
+    if row == "domain":
+        flags.update({"--tiny-news": (a.tiny_news, "runs/tiny-news/best"),
+                      "--tiny-reviews": (a.tiny_reviews, "runs/tiny-reviews/best"),
+                      "--minilm-reviews": (a.minilm_reviews, None)})
+    given = "".join(f" {k} {v}" for k, (v, default) in flags.items() if v != default)
+    return f"`python bench/claims.py {row}{given}`"
 
 
 def line(claim, measured, verdict, row, a):
@@ -350,9 +361,40 @@ def row_overfit(b, a):
                         [m[best][1], m["no remedy"][1]]), "overfit", a)
 
 
+def row_domain(b, a):
+    """The tiny model pretrained on news against the same pretrained as long on review text,
+    random init as the floor; then MiniLM with its pretraining continued on the review text
+    (--minilm-reviews, when given) against MiniLM as it is."""
+    for flag in ("tiny_news", "tiny_reviews"):
+        if not getattr(a, flag) or not os.path.isdir(getattr(a, flag)):
+            raise SystemExit(f"claims.py domain: --{flag.replace('_', '-')} "
+                             f"{getattr(a, flag)}: no such checkpoint; the README's Pretraining "
+                             "section has the commands that make it")
+    tiny = ["--lr", "1e-3", "--layer-lr-decay", "1.0"]  # bench/pretrained_vs_random.py's choice
+    arms = {"tiny, news": (a.tiny_news, tiny), "tiny, reviews": (a.tiny_reviews, tiny),
+            "tiny, random init": (a.tiny_news, [*tiny, "--init", "random"])}
+    runs = {k: [b.run(f"domain-{k.split(', ')[1].split()[0]}", s, f, model=m)
+                for s in a.seeds] for k, (m, f) in arms.items()}
+    if a.minilm_reviews:
+        runs["MiniLM, reviews"] = [b.run("domain-minilm-reviews", s, [], model=a.minilm_reviews)
+                                   for s in a.seeds]
+        runs["MiniLM"] = [b.default(s) for s in a.seeds]
+    b.make(a.jobs)
+    accs = compare(runs)
+    m = {k: stats(x) for k, x in accs.items()}
+    measured = "; ".join(f"{k}: {fmt(x)}" for k, x in accs.items())
+    v = verdict(100 * (m["tiny, reviews"][0] - m["tiny, news"][0]),
+                [m["tiny, reviews"][1], m["tiny, news"][1]])
+    if a.minilm_reviews:
+        v += "; MiniLM: " + verdict(100 * (m["MiniLM, reviews"][0] - m["MiniLM"][0]),
+                                    [m["MiniLM, reviews"][1], m["MiniLM"][1]])
+    return line("12. a model pretrained on data close to the target domain matters", measured, v,
+                "domain", a)
+
+
 ROWS = {"transfer": row_transfer, "lr": row_lr, "epochs": row_epochs, "freeze": row_freeze,
         "layerwise": row_layerwise, "batch": row_batch, "overfit": row_overfit,
-        "plateau": row_plateau}
+        "plateau": row_plateau, "domain": row_domain}
 
 
 def main():
@@ -364,6 +406,10 @@ def main():
     p.add_argument("--seeds", default="42,43,44")
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--plot-dir", default=None)
+    p.add_argument("--tiny-news", default="runs/tiny-news/best", help="domain: checkpoint")
+    p.add_argument("--tiny-reviews", default="runs/tiny-reviews/best", help="domain: checkpoint")
+    p.add_argument("--minilm-reviews", default=None,
+                   help="domain: MiniLM with its pretraining continued on review text")
     a = p.parse_args()
     a.seeds_arg, a.seeds = a.seeds, [int(s) for s in a.seeds.split(",")]
     print(f"machine: {machine()}; model {a.model}; data {a.data}; seeds {a.seeds}",
