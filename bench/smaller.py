@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.finetune_vs_transformers import machine  # noqa: E402
 from bench.latency import cpu_flags, size_mb, timed  # noqa: E402
-from bench.runs import run_missing  # noqa: E402
+from bench.runs import results, run_missing  # noqa: E402
 from minibert.tokenizer import Tokenizer  # noqa: E402
 from train.data.examples import read_examples  # noqa: E402
 from train.finetune.finetune import load_task_model  # noqa: E402
@@ -122,16 +122,13 @@ def summarise(rows, test_path, n_latency):
     for name, dirs in rows.items():
         print(f"measuring {name}", file=sys.stderr)
         m = measure(dirs[0], test_path, n_latency, speeds)
-        accs = [m["accuracy"]] + [measure_accuracy(d, test_path) for d in dirs[1:]]
+        # the other seeds' test accuracy as their runs logged it (best/ lies in the run dir)
+        accs = [m["accuracy"]] + [results(os.path.dirname(d))["test"]["accuracy"]
+                                  for d in dirs[1:]]
         m.update(name=name, accuracies=accs, mean=statistics.mean(accs),
                  sd=statistics.stdev(accs) if len(accs) > 1 else None)
         out.append(m)
     return out
-
-
-def measure_accuracy(best, test_path):
-    with open(os.path.join(os.path.dirname(best), "results.json")) as f:
-        return json.load(f)["test"]["accuracy"]
 
 
 def claims(results):
