@@ -17,6 +17,9 @@ of the table: the claim, what was measured (test accuracy of the best-on-dev che
   batch      claim 8: batch 8, 32 and 128 (32 x 4 accumulated), each at its best lr on dev
   overfit    claim 9: 100 examples for 20 epochs, alone, with early stopping, with dropout
   plateau    claim 10: ReduceLROnPlateau against linear decay
+  precision  not a guide's claim but the runs' own speed: the default recipe in fp32 against
+             bf16 autocast, accuracy and seconds (the first seed's runs timed alone)
+  compile    the same for bf16 with --compile against bf16
   domain     claim 12: the tiny model pretrained on news against the same pretrained as long on
              movie-review text (`minibert data get rt-reviews`), random init as the floor;
              MiniLM with its pretraining continued on that text against MiniLM
@@ -24,7 +27,8 @@ of the table: the claim, what was measured (test accuracy of the best-on-dev che
 A run already finished under --out is read back, so a row continues where it stopped, and runs
 shared by rows (the default recipe, seed by seed) are made once. --jobs N runs N fine-tunes side
 by side with one thread each: the accuracies do not depend on it, the seconds do, so the rows
-that compare time (freeze) run alone.
+that compare time (freeze, precision, compile) make their first seed's runs one at a time, and
+time those. Every run names its --precision: bf16 autocast unless the row says otherwise.
 """
 
 import argparse
@@ -42,6 +46,10 @@ from bench.runs import results, run_missing  # noqa: E402
 SIZES = [100, 300, 1000, 3000, None]  # None: all of train.jsonl
 MIN_STEPS = 60  # small samples train for more epochs, so that every run takes >= 60 steps
 BATCH = 32  # the default --batch-size
+# Every run names its precision, so that a row's command makes the same runs on any CPU: bf16
+# autocast (what `--precision auto` picks on a CPU with bf16 instructions; the precision row
+# shows it trains as well as fp32, faster), but fp32 for the rows measured before that (overfit,
+# domain).
 
 
 # ---- the data -----------------------------------------------------------------------------
@@ -90,11 +98,11 @@ class Bench:
         return ["--task", "classification", "--train", train or f"{d}/train.jsonl",
                 "--dev", f"{d}/dev.jsonl", "--test", f"{d}/test.jsonl"]
 
-    def run(self, name, seed, flags, train=None, model=None):
+    def run(self, name, seed, flags, train=None, model=None, precision="bf16"):
         """The run `name` of `seed`: its directory, queued for `make`. The flags define it."""
         out = os.path.join(self.a.out, f"{name}-s{seed}")
         args = ["finetune", "--model", model or self.a.model, *self.data(train), "--seed", seed,
-                *flags]
+                "--precision", precision, *flags]
         self.todo[out] = args
         return out
 
@@ -274,20 +282,12 @@ def row_epochs(b, a):
 
 
 def row_freeze(b, a):
-    # Seconds are compared, so both arms are made here, one run at a time: the shared default
-    # runs may have been made side by side (--jobs), one thread each.
-    runs = {"full": [b.run("freeze0", s, []) for s in a.seeds],
-            "bottom 4 frozen": [b.run("freeze4", s, ["--freeze-layers", "4"]) for s in a.seeds]}
-    b.make(1)
-    accs = compare(runs)
-    secs = {k: statistics.mean(results(d)["train_seconds"] for d in v) for k, v in runs.items()}
-    m = {k: stats(x) for k, x in accs.items()}
+    measured, said = timed_arms(
+        b, a, {"full": b.default,
+               "bottom 4 frozen": lambda s: b.run("freeze4", s, ["--freeze-layers", "4"])},
+        "freeze", "full")
     return line("5. training only the top 2 blocks and the head is fast, with good performance",
-                f"frozen {fmt(accs['bottom 4 frozen'])} in {secs['bottom 4 frozen']:.0f} s "
-                f"against full {fmt(accs['full'])} in {secs['full']:.0f} s "
-                f"({secs['full'] / secs['bottom 4 frozen']:.2f}x faster)",
-                "holds" if m["full"][0] - m["bottom 4 frozen"][0] < 0.01 else "partly",
-                "freeze", a)
+                measured, said, "freeze", a)
 
 
 def row_layerwise(b, a):
@@ -350,7 +350,8 @@ def row_overfit(b, a):
                                os.path.join(a.out, "data", f"train-n100-s{seed}.jsonl"))
             tag = {"no remedy": "none", "early stopping": "early"}.get(arm, "dropout")
             runs.setdefault(arm, []).append(b.run(
-                f"overfit-{tag}", seed, ["--epochs", "20", "--batch-size", "16", *flags], train))
+                f"overfit-{tag}", seed, ["--epochs", "20", "--batch-size", "16", *flags], train,
+                precision="fp32"))
     b.make(a.jobs)
     accs = compare(runs)
     secs = {k: statistics.mean(results(d)["train_seconds"] for d in v) for k, v in runs.items()}
@@ -361,6 +362,53 @@ def row_overfit(b, a):
                 " (every arm keeps its best checkpoint on dev)",
                 verdict(100 * (m[best][0] - m["no remedy"][0]),
                         [m[best][1], m["no remedy"][1]]), "overfit", a)
+
+
+def timed_arms(b, a, arms, title, base):
+    """Arms {name: make(seed) -> run dir} whose seconds are compared: the first seed's runs are
+    made one at a time, with the machine to themselves; the other seeds' runs, which give the
+    accuracy its spread, --jobs at a time. Prints the table; returns one line per arm against
+    `base`."""
+    for make in arms.values():
+        make(a.seeds[0])
+    b.make(1)  # (a default run that another row made first, side by side, times wrong: rm it)
+    runs = {k: [make(s) for s in a.seeds] for k, make in arms.items()}
+    b.make(a.jobs)
+    accs = compare(runs)
+    secs = {k: results(v[0])["train_seconds"] for k, v in runs.items()}
+    print(f"| {title} | test acc | train seconds (seed {a.seeds[0]}, alone) | speed-up |")
+    print("|---|---|---|---|")
+    for k in arms:
+        print(f"| {k} | {fmt(accs[k])} | {secs[k]:.0f} | {secs[base] / secs[k]:.2f}x |")
+    m = {k: stats(x) for k, x in accs.items()}
+    said = []
+    for k in arms:
+        if k != base:
+            diff = 100 * (m[k][0] - m[base][0])
+            noise = "no difference beyond noise" in verdict(diff, [m[k][1], m[base][1]])
+            said.append(f"{k} against {base}: {diff:+.2f} points, "
+                        + ("inside the noise" if noise else "beyond the noise")
+                        + f", {secs[base] / secs[k]:.2f}x as fast")
+    return "; ".join(f"{k}: {fmt(accs[k])} in {secs[k]:.0f} s" for k in arms), "; ".join(said)
+
+
+def row_precision(b, a):
+    """fp32 against bf16 autocast, the precision of the claims' default run."""
+    measured, said = timed_arms(
+        b, a, {"fp32": lambda s: b.run("precision-fp32", s, [], precision="fp32"),
+               "bf16": b.default}, "precision", "fp32")
+    return line("(the runs themselves) bf16 autocast trains as well as fp32, faster", measured,
+                said, "precision", a)
+
+
+def row_compile(b, a):
+    """bf16 with --compile against bf16 eager (the claims' default run)."""
+    measured, said = timed_arms(
+        b, a, {"bf16": b.default,
+               "bf16 --compile": lambda s: b.run("precision-bf16-compile", s, ["--compile"])},
+        "compile", "bf16")
+    return line("(the runs themselves) torch.compile makes fine-tuning faster", measured, said,
+                "compile", a)
 
 
 def row_domain(b, a):
@@ -375,7 +423,7 @@ def row_domain(b, a):
     tiny = ["--lr", "1e-3", "--layer-lr-decay", "1.0"]  # bench/pretrained_vs_random.py's choice
     arms = {"tiny, news": (a.tiny_news, tiny), "tiny, reviews": (a.tiny_reviews, tiny),
             "tiny, random init": (a.tiny_news, [*tiny, "--init", "random"])}
-    runs = {k: [b.run(f"domain-{k.split(', ')[1].split()[0]}", s, f, model=m)
+    runs = {k: [b.run(f"domain-{k.split(', ')[1].split()[0]}", s, f, model=m, precision="fp32")
                 for s in a.seeds] for k, (m, f) in arms.items()}
     if a.minilm_reviews:
         runs["MiniLM, reviews"] = [b.run("domain-minilm-reviews", s, [], model=a.minilm_reviews)
@@ -396,7 +444,8 @@ def row_domain(b, a):
 
 ROWS = {"transfer": row_transfer, "lr": row_lr, "epochs": row_epochs, "freeze": row_freeze,
         "layerwise": row_layerwise, "batch": row_batch, "overfit": row_overfit,
-        "plateau": row_plateau, "domain": row_domain}
+        "plateau": row_plateau, "domain": row_domain, "precision": row_precision,
+        "compile": row_compile}
 
 
 def main():

@@ -31,6 +31,13 @@ def machine():
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
+def precision_said():
+    """What `minibert finetune --precision auto` (its default) runs in on this machine."""
+    from train.loop.device import describe_precision, resolve_precision
+    cpu = torch.device("cpu")
+    return describe_precision(*resolve_precision("auto", cpu), "auto", cpu)
+
+
 def read(path):
     with open(path) as f:
         return [json.loads(l) for l in f if l.strip()]
@@ -100,6 +107,7 @@ def main():
     if args.only != "minibert":
         rows["transformers"] = run_transformers(args.model, args.data)
     print(f"machine: {machine()}")
+    print(f"minibert: {precision_said()}; transformers: fp32, as it trains by default")
     print(f"{'':14s} {'test accuracy':>14s} {'train seconds':>14s}")
     for name, (acc, sec) in rows.items():
         print(f"{name:14s} {acc:14.4f} {sec:14.1f}")

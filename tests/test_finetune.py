@@ -360,3 +360,30 @@ def test_compile_and_bf16_fine_tune_the_same_model(setup, tmp_path, capsys, monk
     for part in ("model.safetensors", "head.safetensors"):
         weights = load_file(str(tmp_path / "bf16" / "best" / part))
         assert {w.dtype for w in weights.values()} == {torch.float32}, part
+
+
+def test_precision_auto_is_bf16_on_a_cpu_with_bf16_instructions_only(monkeypatch):
+    # bf16 on a CPU without bf16 instructions is emulated and slower than fp32: auto keeps fp32
+    # there, picks bf16 where the CPU has them (claim runs: README, "The guides' claims"), and
+    # says which at start; an explicit --precision is never overridden
+    from train.loop import device as d
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(d, "native_bf16", lambda: [])
+    assert d.resolve_precision("auto", cpu) == ("fp32", None)
+    assert d.describe_precision("fp32", None, "auto", cpu) == \
+        "fp32 (auto: this CPU has no bf16 instructions)"
+    monkeypatch.setattr(d, "native_bf16", lambda: ["avx512_bf16"])
+    assert d.resolve_precision("auto", cpu) == ("bf16", torch.bfloat16)
+    assert d.resolve_precision("fp32", cpu) == ("fp32", None)
+    assert d.describe_precision("bf16", torch.bfloat16, "auto", cpu) == \
+        "bf16 autocast, fp32 master weights (auto: this CPU has avx512_bf16)"
+    assert d.describe_precision("fp32", None, "fp32", cpu) == "fp32"
+
+
+@pytest.mark.this_cpu
+def test_the_bf16_probe_agrees_with_the_kernel_on_this_cpu():
+    # native_bf16 asks torch; Linux lists the same instruction sets in /proc/cpuinfo
+    from train.loop.device import native_bf16
+    with open("/proc/cpuinfo") as f:
+        flags = set(next(l for l in f if l.startswith("flags")).split(":", 1)[1].split())
+    assert set(native_bf16()) == {"avx512_bf16", "amx_bf16"} & flags

@@ -57,7 +57,7 @@ def make_sentiment(path, n_train=64, n_dev=32, n_test=32, seed=0):
 
 
 def compile_and_bf16_losses(monkeypatch, capsys, train):
-    """Train three times, `train(name, **flags)`: eager, `compile=True`, `precision="bf16"`;
+    """Train three times, `train(name, **flags)`: eager fp32, compiled fp32, eager bf16;
     returns {name: [train losses]} after checking what all three runs must show. The compiled
     model must compute what the eager one does (rel 1e-5: fp32, the same ops; inductor may fuse
     and reorder sums, which moves a loss of ~0.7 by ~1e-7, while a wrong model moves it by far
@@ -74,7 +74,8 @@ def compile_and_bf16_losses(monkeypatch, capsys, train):
     monkeypatch.setattr(torch, "compile",
                         lambda m, **kw: compiled.append(m) or real_compile(m, **kw))
     losses = {}
-    for name, kw in {"eager": {}, "compiled": {"compile": True},
+    for name, kw in {"eager": {"precision": "fp32"},
+                     "compiled": {"precision": "fp32", "compile": True},
                      "bf16": {"precision": "bf16"}}.items():
         out = train(name, **kw)
         losses[name] = [e["train_loss"] for e in read_jsonl(os.path.join(out, "metrics.jsonl"))

@@ -139,8 +139,9 @@ class FinetuneConfig:
     nproc: int = option(1, "data-parallel processes: N > 1 relaunches the command under torchrun "
                         "(one per GPU; gloo on CPU); --batch-size is per process")
     precision: str = option("auto", "autocast dtype of the forward, fp32 master weights and "
-                            "optimizer state: auto = bf16 on CUDA, fp32 on CPU; fp16 adds a "
-                            "gradient scaler", choices=("auto", "fp32", "bf16", "fp16"))
+                            "optimizer state: auto = bf16 on CUDA and on CPUs with bf16 "
+                            "instructions (AVX512-BF16, AMX), else fp32; fp16 adds a gradient "
+                            "scaler", choices=("auto", "fp32", "bf16", "fp16"))
     compile: bool = option(False, "torch.compile the model for training (the first steps compile)")
 
     def __post_init__(self):

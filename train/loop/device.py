@@ -3,7 +3,9 @@ and the thread count and random state a run owns.
 
 - `pick_device("auto")` is CUDA when there is one, else the CPU.
 - `resolve_precision(name, device)` turns `--precision auto|fp32|bf16|fp16` into a dtype for
-  torch.autocast (None: plain fp32). `auto` is bf16 on CUDA and fp32 on a CPU. Master weights
+  torch.autocast (None: plain fp32). `auto` is bf16 on CUDA and on a CPU with bf16 instructions
+  (`native_bf16`: AVX512-BF16 or AMX-BF16), else fp32: a CPU without them emulates bf16 and is
+  slower than in fp32. Master weights
   and optimizer state stay fp32 in every case; fp16 also needs a gradient scaler
   (`grad_scaler`), since its small gradients underflow.
 - `autocast(device, dtype)` is the one place the forward is put under torch.autocast: the
@@ -28,19 +30,32 @@ def pick_device(name):
     return torch.device(name)
 
 
+def native_bf16():
+    """The bf16 instructions of this CPU that make bf16 matmuls faster than fp32 ones, by name
+    (empty when it has none, or when torch does not say)."""
+    try:
+        caps = torch._C._cpu._get_cpu_capability()  # torch's own CPU feature probe
+    except (AttributeError, RuntimeError):
+        return []
+    return [f for f in ("avx512_bf16", "amx_bf16") if caps.get(f)]
+
+
 def resolve_precision(name, device):
     """('fp32'|'bf16'|'fp16', autocast dtype or None) for --precision NAME on `device`."""
     if name == "auto":
-        name = "bf16" if device.type == "cuda" else "fp32"
+        name = "bf16" if device.type == "cuda" or native_bf16() else "fp32"
     return name, DTYPES[name]
 
 
-def describe_precision(name, dtype):
-    """The precision line a command prints at start."""
-    if dtype is None:
-        return "fp32"
-    return (f"{name} autocast, fp32 master weights"
-            + (" and gradient scaler" if name == "fp16" else ""))
+def describe_precision(name, dtype, asked="auto", device=None):
+    """The precision line a command prints at start; for `--precision auto`, why."""
+    text = "fp32" if dtype is None else (f"{name} autocast, fp32 master weights"
+                                         + (" and gradient scaler" if name == "fp16" else ""))
+    if asked == "auto" and device is not None and device.type == "cpu":
+        found = native_bf16()
+        text += (f" (auto: this CPU has {' and '.join(found)})" if found else
+                 " (auto: this CPU has no bf16 instructions)")
+    return text
 
 
 def grad_scaler(name, device):

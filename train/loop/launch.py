@@ -46,9 +46,10 @@ def open_run(cfg, dist, resume, title):
         run.start_fresh()
         run.write_json("config.json", dataclasses.asdict(cfg))
     precision, amp = resolve_precision(cfg.precision, dist.device)
+    said = describe_precision(precision, amp, cfg.precision, dist.device)
     print(f"device: {dist.device}, torch threads: {torch.get_num_threads()}, processes: "
-          f"{dist.world}, precision: {describe_precision(precision, amp)}, attention: "
-          f"{cfg.attention}, compile: {cfg.compile}", file=sys.stderr)
+          f"{dist.world}, precision: {said}, attention: {cfg.attention}, compile: {cfg.compile}",
+          file=sys.stderr)
     return cfg, run, precision, amp
 
 

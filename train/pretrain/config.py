@@ -110,9 +110,9 @@ class PretrainConfig:
     eval_batch_size: int = option(128, "sequences per evaluation batch")
     log_every: int = option(50, "log loss, lr, tokens/s and memory every N steps")
     save_every: int | None = option(None, "also save resume state every N steps (always at evals)")
-    precision: str = option("auto", "autocast dtype: auto = bf16 on CUDA, fp32 on CPU; bf16 on a "
-                            "CPU pays only with bf16 instructions (AVX512-BF16, AMX), and most "
-                            "with --compile; fp16 adds a gradient scaler",
+    precision: str = option("auto", "autocast dtype: auto = bf16 on CUDA and on CPUs with bf16 "
+                            "instructions (AVX512-BF16, AMX), where it pays most with --compile; "
+                            "else fp32; fp16 adds a gradient scaler",
                             choices=("auto", "fp32", "bf16", "fp16"))
     peak_tflops: float | None = option(None, "peak dense TFLOP/s of the GPU for model FLOPs "
                                        "utilisation (default: looked up from the GPU's name)")
