@@ -357,6 +357,8 @@ def test_compile_and_bf16_fine_tune_the_same_model(setup, tmp_path, capsys, monk
         return str(tmp_path / name)
 
     compile_and_bf16_losses(monkeypatch, capsys, train)
+    for name, precision in (("eager", "fp32"), ("bf16", "bf16")):  # results.json says which
+        assert json.loads((tmp_path / name / "results.json").read_text())["precision"] == precision
     for part in ("model.safetensors", "head.safetensors"):
         weights = load_file(str(tmp_path / "bf16" / "best" / part))
         assert {w.dtype for w in weights.values()} == {torch.float32}, part

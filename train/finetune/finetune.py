@@ -273,6 +273,7 @@ def train_task_model(cfg, resume, dist, build=finetune_model, name="finetune"):
     best_dir = run.find_dir("best")
     results = {"best_step": summary["best_step"], "train_seconds": summary["train_seconds"],
                "examples_per_second": summary["examples_per_second"],
+               "precision": precision,  # what --precision resolved to (auto depends on the CPU)
                "checkpoint": "best on dev" if "dev" in data else "last (no dev set)"}
     if best_dir:
         best, _ = load_task_model(best_dir, device)
