@@ -228,7 +228,7 @@ def plot_transfer(table, full, path, a):
     ax.set_xscale("log")
     ax.set_xlabel(f"training examples (stratified samples of {name(a.data)} train)")
     ax.set_ylabel(f"test accuracy, % (mean +- sd, {len(a.seeds)} seeds)")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left")
     ax.grid(alpha=0.3, which="both")
     ax.set_title(f"transfer learning on {name(a.data)}\n{machine()}, "
                  f"{a.jobs} run(s) at a time", fontsize=8)
