@@ -157,15 +157,20 @@ def compare(arms):
     return {name: [test_acc(d) for d in dirs] for name, dirs in arms.items()}
 
 
-def verdict(diff_points, sds, claimed_sign=+1):
-    """'holds' when the difference (in points) has the claimed sign and is larger than the
-    noise: twice the larger sd over the seeds, or 1 point with one seed; 'does not hold' when
-    it is as large the other way; else no difference."""
+def noise(sds):
+    """What a difference (in points) must exceed to count: twice the larger sd over the seeds,
+    or 1 point with one seed."""
     sds = [100 * s for s in sds if s is not None]
-    noise = 2 * max(sds) if sds else 1.0
-    if diff_points * claimed_sign > noise:
+    return 2 * max(sds) if sds else 1.0
+
+
+def verdict(diff_points, sds, claimed_sign=+1):
+    """'holds' when the difference (in points) has the claimed sign and is beyond the noise;
+    'does not hold' when it is as large the other way; else no difference."""
+    noise_points = noise(sds)
+    if diff_points * claimed_sign > noise_points:
         return "holds"
-    if diff_points * claimed_sign < -noise:
+    if diff_points * claimed_sign < -noise_points:
         return "does not hold: the other way"
     return "does not hold: no difference beyond noise"
 
@@ -367,8 +372,8 @@ def row_overfit(b, a):
 def timed_arms(b, a, arms, title, base):
     """Arms {name: make(seed) -> run dir} whose seconds are compared: the first seed's runs are
     made one at a time, with the machine to themselves; the other seeds' runs, which give the
-    accuracy its spread, --jobs at a time. Prints the table; returns one line per arm against
-    `base`."""
+    accuracy its spread, --jobs at a time. Prints the table; returns (what each arm measured,
+    how each other arm compares with `base`), the row's measured and verdict cells."""
     for make in arms.values():
         make(a.seeds[0])
     b.make(1)  # (a default run that another row made first, side by side, times wrong: rm it)
@@ -385,9 +390,9 @@ def timed_arms(b, a, arms, title, base):
     for k in arms:
         if k != base:
             diff = 100 * (m[k][0] - m[base][0])
-            noise = "no difference beyond noise" in verdict(diff, [m[k][1], m[base][1]])
+            inside = abs(diff) <= noise([m[k][1], m[base][1]])
             said.append(f"{k} against {base}: {diff:+.2f} points, "
-                        + ("inside the noise" if noise else "beyond the noise")
+                        + ("inside the noise" if inside else "beyond the noise")
                         + f", {secs[base] / secs[k]:.2f}x as fast")
     return "; ".join(f"{k}: {fmt(accs[k])} in {secs[k]:.0f} s" for k in arms), "; ".join(said)
 
