@@ -6,7 +6,9 @@ again, so an interrupted bench continues where it stopped; a run that was killed
 holds state/ but no results.json) continues with `--resume OUT`. Each run's log goes to OUT.log,
 beside its directory, so that parallel runs do not interleave on the terminal.
 
-Runs in parallel share the CPU: use jobs > 1 for accuracy, never for timings.
+Runs in parallel share the CPU: use jobs > 1 for accuracy, never for timings. Two benches that
+share runs may run at once: OUT.making, a directory holding its maker's pid, says that a run is
+being made, and the other bench waits for it instead of making it twice.
 """
 
 import json
@@ -42,7 +44,58 @@ def command(out, args, threads=None):
     return [sys.executable, "-P", "-m", "train.cli", *args]
 
 
+def claim(lock):
+    """Takes the directory `lock` (mkdir is atomic) and writes this process's pid in it; False
+    when a live process holds it. A holder that died is taken over."""
+    while True:
+        try:
+            os.mkdir(lock)
+        except FileExistsError:
+            if alive(lock):
+                return False
+            time.sleep(1)  # a holder that has not written its pid yet, or a dead one
+            if not alive(lock):
+                release(lock)
+            continue
+        with open(os.path.join(lock, "pid"), "w") as f:
+            f.write(str(os.getpid()))
+        return True
+
+
+def alive(lock):
+    """Whether the process whose pid `lock` holds still runs."""
+    try:
+        with open(os.path.join(lock, "pid")) as f:
+            os.kill(int(f.read()), 0)  # signal 0 only asks
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def release(lock):
+    for path in (os.path.join(lock, "pid"), lock):
+        try:
+            (os.rmdir if path == lock else os.remove)(path)
+        except OSError:  # gone already, or taken over meanwhile
+            pass
+
+
 def run_one(out, args, threads):
+    """Makes run OUT, or waits while another bench process makes it (two benches sharing runs)."""
+    lock = out.rstrip("/") + ".making"
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    if not claim(lock):
+        print(f"waiting: {out} is being made by another process", file=sys.stderr, flush=True)
+        while alive(lock) and not finished(out):
+            time.sleep(10)
+        return None if finished(out) else run_one(out, args, threads)
+    try:
+        return make_one(out, args, threads)
+    finally:
+        release(lock)
+
+
+def make_one(out, args, threads):
     argv = command(out, args, threads)
     print(f"running: minibert {' '.join(argv[4:])}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
