@@ -103,6 +103,7 @@ class Bench:
         self.a = a
         self.todo = {}
         self.planning = False
+        self.planned = {}  # the runs that planning collected, for main() to make first
 
     def data(self, train=None):
         d = self.a.data
@@ -122,7 +123,9 @@ class Bench:
 
     def make(self, jobs):
         if self.planning:  # collecting: stop the row at its first runs still to make
-            if not all(finished(out) for out in self.todo):
+            todo, self.todo = self.todo, {}
+            if not all(finished(out) for out in todo):
+                self.planned.update(todo)
                 raise Planned
             return
         run_missing(list(self.todo.items()), jobs, 1 if jobs > 1 else None)
@@ -358,11 +361,12 @@ def row_batch(b, a):
     """Batch 8, 32 and 128 (32 x 4 accumulated), each at the best lr of its grid on the first
     seed's dev accuracy; the best of batch 8 and of batch 32, the claim's, on every seed."""
     grid = {"8": ["5e-5", "1e-4"], "32": ["5e-5", "1e-4", "2e-4"], "128": ["1e-4", "2e-4", "4e-4"]}
+    lr_run = flag_run(b, "lr", lambda v: ["--lr", v], "1e-4")
 
     def run(v, seed):
         bs, lr = v
-        if v == ("32", "1e-4"):
-            return b.default(seed)
+        if bs == "32":  # the default batch size: the lr row's runs
+            return lr_run(lr, seed)
         size = ["--batch-size", "32", "--grad-accum", "4"] if bs == "128" else \
             ["--batch-size", bs]
         return b.run(f"batch{bs}-lr{lr}", seed, [*size, "--lr", lr])
@@ -557,6 +561,7 @@ def main():
             except Planned:
                 pass
     b.planning = False
+    b.todo = b.planned
     b.make(a.jobs)
     lines = []
     for r in a.rows:
