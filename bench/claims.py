@@ -38,6 +38,8 @@ unless the row says otherwise.
 """
 
 import argparse
+import contextlib
+import io
 import json
 import math
 import os
@@ -557,7 +559,8 @@ def main():
     for r in a.rows:
         if r not in TIMED:
             try:
-                ROWS[r](b, a)
+                with contextlib.redirect_stdout(io.StringIO()):  # a finished row prints later
+                    ROWS[r](b, a)
             except Planned:
                 pass
     b.planning = False
