@@ -96,9 +96,6 @@ class Tokenizer:
             out["offsets"] = offsets
         return out
 
-    def decode(self, ids):
-        return self.tok.decode(list(ids))
-
     def id_to_token(self, i):
         return self.tok.id_to_token(i)
 
