@@ -249,14 +249,8 @@ class MultiTask:
     def predict(self, model, ds, device):
         per_head = {n: self.tasks[n].predict(TaskModel(model.bert, model.head[n]), ds[n], device)
                     for n in self.tasks}
-        rows = []
-        for i in range(len(next(iter(per_head.values())))):
-            first = per_head[self.names_in_order()[0]][i]
-            row = {"text": first.get("text")}
-            for n, preds in per_head.items():
-                row[n] = {k: v for k, v in preds[i].items() if k != "text"}
-            rows.append(row)
-        return rows
-
-    def names_in_order(self):
-        return [h["name"] for h in self.meta["heads"]]
+        first = next(iter(per_head.values()))  # the first head's rows (self.tasks keeps meta order)
+        return [{"text": row.get("text"),
+                 **{n: {k: v for k, v in preds[i].items() if k != "text"}
+                    for n, preds in per_head.items()}}
+                for i, row in enumerate(first)]
