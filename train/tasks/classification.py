@@ -91,6 +91,11 @@ def encode_splits(cfg, tok, read, to_target):
     return data
 
 
+def with_pair(ex, row):
+    """A prediction row of example `ex`, with its second text last when it has one."""
+    return row if ex.pair is None else {**row, "pair": ex.pair}
+
+
 class ClassificationTask:
     name = "classification"
     default_metric = "accuracy"
@@ -141,11 +146,7 @@ class ClassificationTask:
     def predict(self, model, ds, device):
         probs = run_batches(model, ds, device,
                             lambda out, idx: out["logits"].float().softmax(-1).cpu())
-        rows = []
-        for ex, p in zip(ds.examples, probs):
-            row = {"text": ex.text, "label": self.labels[int(p.argmax())],
-                   "probabilities": {lab: round(float(q), 5) for lab, q in zip(self.labels, p)}}
-            if ex.pair is not None:
-                row["pair"] = ex.pair
-            rows.append(row)
-        return rows
+        return [with_pair(ex, {"text": ex.text, "label": self.labels[int(p.argmax())],
+                               "probabilities": {lab: round(float(q), 5)
+                                                 for lab, q in zip(self.labels, p)}})
+                for ex, p in zip(ds.examples, probs)]
