@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minibert.io import load_json
 from train.tasks.classification import new_linear
 from train.data.examples import Batched, DataError
 from train.tasks.squad_eval import squad_scores
@@ -47,8 +48,7 @@ class QAExample:
 
 def read_squad(path, need_answers=True):
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)["data"]
+        data = load_json(path)["data"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise DataError(f"{path}: not SQuAD JSON with a top-level 'data' list ({e})") from None
     out, seen = [], {}
