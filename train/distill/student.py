@@ -18,7 +18,7 @@ import sys
 from minibert.errors import UserError
 from minibert.model import BertEncoder
 from train.distill.config import student_spec
-from train.finetune.finetune import load_checkpoint, model_overrides, with_new_head
+from train.finetune.finetune import load_backbone, model_overrides, with_new_head
 from train.pretrain.config import model_config
 
 
@@ -68,7 +68,7 @@ def build_student(cfg, task, teacher, tok):
         return layers_student(teacher, arg, cfg, task)
     overrides = model_overrides(cfg)
     if kind == "checkpoint":
-        bert = load_checkpoint(arg, **overrides)
+        bert = load_backbone(arg, overrides)
         print(f"student: the backbone of {arg}, a new head", file=sys.stderr)
     else:
         try:

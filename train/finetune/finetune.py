@@ -57,21 +57,21 @@ def with_new_head(bert, cfg, task):
     return TaskModel(bert, task.build_head(bert.config.hidden_size, drop))
 
 
-def load_checkpoint(path, **kw):
-    """load_model(path, **kw) (config overrides among kw), printing its notes (what was dropped
-    or created fresh, and why)."""
+def load_backbone(path, overrides):
+    """load_model(path) with config `overrides`, printing its notes (what was dropped or created
+    fresh, and why)."""
     notes = []
-    model = load_model(path, notes=notes, **kw)
+    bert = load_model(path, notes=notes, **overrides)
     for n in notes:
         print(f"init: {n}", file=sys.stderr)
-    return model
+    return bert
 
 
 def build_model(cfg: FinetuneConfig, task):
     """The backbone from the checkpoint (or its config alone for --init random) plus a new head."""
     overrides = model_overrides(cfg)
     if cfg.init == "pretrained":
-        bert = load_checkpoint(cfg.model, **overrides)
+        bert = load_backbone(cfg.model, overrides)
     else:
         mc = BertConfig.from_json(os.path.join(cfg.model, "config.json"))
         bert = BertEncoder(dataclasses.replace(mc, **overrides))

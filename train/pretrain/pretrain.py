@@ -29,7 +29,6 @@ from minibert.checkpoint import check_vocabulary, load_model, save_model
 from minibert.model import BertForMLM
 from minibert.tokenizer import Tokenizer
 from train.command import add_dataclass_flags
-from train.finetune.finetune import load_checkpoint
 from train.pretrain.masking import Masker, mlm_loss_sparse
 from train.pretrain.corpus import BatchIndices, MLMData, load_corpus
 from train.loop.optim import AdamW
@@ -101,9 +100,12 @@ def get_tokenizer(cfg: PretrainConfig, run: RunDir):
 def build_model(cfg: PretrainConfig, tok):
     if cfg.init_from:
         # a checkpoint without an MLM head (MiniLM) gets a fresh one, and the notes say so
-        mlm = load_checkpoint(cfg.init_from, with_head=True, allow_missing_head=True,
-                              attention=cfg.attention, hidden_dropout_prob=cfg.dropout,
-                              attention_probs_dropout_prob=cfg.dropout)
+        notes = []
+        mlm = load_model(cfg.init_from, with_head=True, allow_missing_head=True, notes=notes,
+                         attention=cfg.attention, hidden_dropout_prob=cfg.dropout,
+                         attention_probs_dropout_prob=cfg.dropout)
+        for n in notes:
+            print(f"init: {n}", file=sys.stderr)
         check_vocabulary(mlm.config, tok, cfg.init_from)
         return mlm
     mc = model_config(cfg.config, tok.vocab_size, cfg.max_len, cfg.attention, tok.pad_id)
