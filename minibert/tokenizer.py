@@ -96,6 +96,9 @@ class Tokenizer:
             out["offsets"] = offsets
         return out
 
+    def decode(self, ids):
+        return self.tok.decode(list(ids))
+
     def id_to_token(self, i):
         return self.tok.id_to_token(i)
 
