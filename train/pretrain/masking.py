@@ -15,8 +15,8 @@ The masking is dynamic (RoBERTa, Liu et al. 2019): drawn anew for every batch, f
 torch.Generator the caller seeds, so a given (seed, epoch, batch) always gets the same masks.
 
 Sparse prediction: the decoder (C -> V, the largest matmul of a small BERT) runs only at the
-~15% masked positions. tests/test_masking.py holds it equal to transformers' BertForMaskedLM,
-which decodes every position.
+~15% masked positions. `mlm_loss_dense` is the plain reference that decodes every position;
+tests/test_masking.py holds the two equal.
 """
 
 import torch
@@ -80,3 +80,9 @@ def mlm_loss_sparse(mlm, input_ids, attention_mask, labels):
     loss = F.cross_entropy(logits, target)
     correct = (logits.argmax(-1) == target).sum()
     return loss, correct, target.numel()
+
+
+def mlm_loss_dense(mlm, input_ids, attention_mask, labels):
+    """The reference: logits at every position (B, T, V), unpredicted ones ignored by the loss."""
+    logits = mlm(input_ids, attention_mask).float()  # (B, T, V)
+    return F.cross_entropy(logits.view(-1, logits.size(-1)), labels.view(-1), ignore_index=IGNORE)
