@@ -9,6 +9,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 
 from minibert.errors import ConfigError
+from minibert.io import load_json
 
 # Attention implementations the model can run. Each is written out in minibert/model.py (eager,
 # sdpa) or minibert/kernels/ (triton, triton-varlen); the config names one, there is no fallback.
@@ -127,8 +128,7 @@ class BertConfig:
     @classmethod
     def from_json(cls, path):
         try:
-            with open(path, encoding="utf-8") as f:
-                d = json.load(f)
+            d = load_json(path)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
         return cls.from_dict(d, source=str(path))

@@ -65,6 +65,12 @@ def json_line(obj):
     return json.dumps(finite_or_null(obj), allow_nan=False)
 
 
+def load_json(path):
+    """The JSON file at `path`, read as UTF-8 (the encoding every file here is written in)."""
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def atomic_write_json(path, obj):
     atomic_write_text(path, json.dumps(finite_or_null(obj), indent=2, allow_nan=False) + "\n")
 

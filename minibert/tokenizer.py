@@ -18,6 +18,7 @@ from tokenizers import decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 
 from minibert.errors import CheckpointError
+from minibert.io import load_json
 
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
@@ -47,8 +48,7 @@ class Tokenizer:
             lower = True
             tc = os.path.join(path, "tokenizer_config.json")
             if os.path.exists(tc):
-                with open(tc, encoding="utf-8") as f:
-                    lower = json.load(f).get("do_lower_case", True)
+                lower = load_json(tc).get("do_lower_case", True)
             return cls(build_wordpiece(read_vocab(vt), lowercase=lower), source=vt)
         if not os.path.isdir(path):
             raise CheckpointError(f"{path}: no such checkpoint directory")

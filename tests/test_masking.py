@@ -17,7 +17,7 @@ from conftest import ATOL_FP32
 from minibert.checkpoint import save_model
 from minibert.config import BertConfig
 from minibert.model import BertForMLM
-from train.pretrain.masking import IGNORE, Masker, mlm_loss_sparse
+from train.pretrain.masking import IGNORE, Masker, mlm_loss_dense, mlm_loss_sparse
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 PAD, UNK, CLS, SEP, MASK = range(5)
@@ -131,6 +131,9 @@ def test_sparse_loss_equals_transformers_masked_lm_loss(tmp_path):
     # fp32, two implementations of the same sums: the logits agree to ATOL_FP32 (conftest), and a
     # mean of log-softmaxes moves by at most twice the largest logit difference (~1e-6 here)
     torch.testing.assert_close(sparse, want.loss, rtol=0, atol=ATOL_FP32)
+    # and against minibert's own dense reference, beside it in masking.py
+    torch.testing.assert_close(sparse, mlm_loss_dense(mlm, out, attention, labels), rtol=0,
+                               atol=ATOL_FP32)
     # gradients agree too: the sparse path must not cut the graph anywhere (the word embeddings
     # get gradients through the input and through the tied decoder, in both models)
     g_sparse = torch.autograd.grad(sparse, mlm.bert.embeddings.word.weight)[0]

@@ -106,9 +106,13 @@ def _load_tile(X, b, h, start, rows, ok, sb, sh, st, HS: tl.constexpr):
 
 
 @triton.jit
-def _is_real(MASK, b, T_max, pos, ok):
-    """The key padding mask (B, T_max) int8 at positions `pos` of row b, False where not `ok`."""
-    return tl.load(MASK + b * T_max + pos, mask=ok, other=0) != 0
+def _visit(MASK, b, T_max, pos, n, HAS_MASK: tl.constexpr):
+    """Which positions `pos` of sequence b to visit: those below n and, with a mask, real tokens
+    (the key padding mask (B, T_max) int8 is 1 there)."""
+    ok = pos < n
+    if HAS_MASK:
+        ok = ok & (tl.load(MASK + b * T_max + pos, mask=ok, other=0) != 0)
+    return ok
 
 
 # -----------------------------------------------------------------------------------------------
@@ -137,9 +141,7 @@ def _fwd_kernel(Q, K, V, O, LSE, SEQ, MASK,
     acc = tl.zeros([BLOCK_M, HS], tl.float32)  # running sum of p v, after dropout
     for start_n in range(0, n, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)  # (BN,)
-        col_ok = cols < n
-        if HAS_MASK:
-            col_ok = col_ok & _is_real(MASK, b, T_max, cols, col_ok)
+        col_ok = _visit(MASK, b, T_max, cols, n, HAS_MASK)
         k = _load_tile(K, b, h, start, cols, col_ok, skb, skh, skt, HS)
         v = _load_tile(V, b, h, start, cols, col_ok, svb, svh, svt, HS)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # (BM, BN), log2 units
@@ -163,8 +165,7 @@ def _fwd_kernel(Q, K, V, O, LSE, SEQ, MASK,
     if HAS_DROPOUT:
         out = out * (1.0 / (1.0 - dropout_p))
     if HAS_MASK:  # padded query rows inside [0, n) give zero
-        q_real = _is_real(MASK, b, T_max, rows, row_ok)
-        out = tl.where(q_real[:, None], out, 0.0)
+        out = tl.where(_visit(MASK, b, T_max, rows, n, HAS_MASK)[:, None], out, 0.0)
     tl.store(_tile_ptrs(O, b, h, start, rows, sob, soh, sot, HS), out.to(O.dtype.element_ty),
              mask=row_ok[:, None])
     # LSE in log2 units, (B, nh, T_max): the backward gets p = exp2(s - lse) in one step.
@@ -214,9 +215,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, SEQ, MASK,
     if pid_n * BLOCK_N >= n:  # keys past the last real token: dK, dV stay zero
         return
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,) this program's keys
-    col_ok = cols < n
-    if HAS_MASK:
-        col_ok = col_ok & _is_real(MASK, b, T_max, cols, col_ok)
+    col_ok = _visit(MASK, b, T_max, cols, n, HAS_MASK)
     k = _load_tile(K, b, h, start, cols, col_ok, skb, skh, skt, HS)
     v = _load_tile(V, b, h, start, cols, col_ok, svb, svh, svt, HS)
     qk_scale = sm_scale * LOG2E
@@ -224,9 +223,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, SEQ, MASK,
     dv = tl.zeros([BLOCK_N, HS], tl.float32)
     for start_m in range(0, n, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)  # (BM,)
-        row_ok = rows < n
-        if HAS_MASK:  # a padded query's output is a constant 0: it sends no gradient back
-            row_ok = row_ok & _is_real(MASK, b, T_max, rows, row_ok)
+        # a padded query's output is a constant 0: it sends no gradient back
+        row_ok = _visit(MASK, b, T_max, rows, n, HAS_MASK)
         q = _load_tile(Q, b, h, start, rows, row_ok, sqb, sqh, sqt, HS)
         do = _load_tile(DO, b, h, start, rows, row_ok, sob, soh, sot, HS)
         lse = tl.load(LSE + bh * T_max + rows, mask=row_ok, other=0.0)
@@ -262,9 +260,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, SEQ, MASK,
     if pid_m * BLOCK_M >= n:
         return
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,) this program's queries
-    row_ok = rows < n
-    if HAS_MASK:
-        row_ok = row_ok & _is_real(MASK, b, T_max, rows, row_ok)
+    row_ok = _visit(MASK, b, T_max, rows, n, HAS_MASK)
     q = _load_tile(Q, b, h, start, rows, row_ok, sqb, sqh, sqt, HS)
     do = _load_tile(DO, b, h, start, rows, row_ok, sob, soh, sot, HS)
     lse = tl.load(LSE + bh * T_max + rows, mask=row_ok, other=0.0)
@@ -273,9 +269,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, SEQ, MASK,
     dq = tl.zeros([BLOCK_M, HS], tl.float32)
     for start_n in range(0, n, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)  # (BN,)
-        col_ok = cols < n
-        if HAS_MASK:
-            col_ok = col_ok & _is_real(MASK, b, T_max, cols, col_ok)
+        col_ok = _visit(MASK, b, T_max, cols, n, HAS_MASK)
         k = _load_tile(K, b, h, start, cols, col_ok, skb, skh, skt, HS)
         v = _load_tile(V, b, h, start, cols, col_ok, svb, svh, svt, HS)
         p = _recompute_p(q, k, lse, row_ok, col_ok, qk_scale, PREC)  # (BM, BN)

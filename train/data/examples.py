@@ -167,6 +167,19 @@ def _is_number(s):
         return False
 
 
+class Batched:
+    """The batching every labelled dataset shares: `batches(epoch)` is batch_order over the
+    dataset's `lengths`, with the settings given here."""
+
+    def __init__(self, batch_size, seed=0, group_by_length=False, shuffle=False):
+        self.batch_size, self.seed = batch_size, seed
+        self.group_by_length, self.shuffle = group_by_length, shuffle
+
+    def batches(self, epoch):
+        return batch_order(self.lengths, self.batch_size, self.seed, epoch,
+                           self.group_by_length, self.shuffle)
+
+
 def batch_order(lengths, batch_size, seed, epoch, group_by_length, shuffle=True):
     """Lists of example indices, one per batch: a pure function of its arguments.
 

@@ -71,18 +71,16 @@ def hf_class(meta):
 def head_config(meta):
     """config.json fields that say which head this is and what its outputs mean."""
     kind = meta["task"]
-    if kind == "classification":
-        labels = meta["labels"]
-        return {"id2label": {str(i): str(lab) for i, lab in enumerate(labels)},
-                "label2id": {str(lab): i for i, lab in enumerate(labels)},
-                "problem_type": "single_label_classification"}
+    if kind in ("classification", "tokens"):  # one output per label (or tag), named after it
+        labels = [str(lab) for lab in meta["labels"]]
+        out = {"id2label": {str(i): lab for i, lab in enumerate(labels)},
+               "label2id": {lab: i for i, lab in enumerate(labels)}}
+        if kind == "classification":
+            out["problem_type"] = "single_label_classification"
+        return out
     if kind == "regression":  # one output, named after the target
         return {"id2label": {"0": meta["target_field"]}, "label2id": {meta["target_field"]: 0},
                 "problem_type": "regression"}
-    if kind == "tokens":
-        tags = meta["labels"]
-        return {"id2label": {str(i): t for i, t in enumerate(tags)},
-                "label2id": {t: i for i, t in enumerate(tags)}}
     return {}  # qa: transformers' default of two outputs, start and end
 
 

@@ -36,13 +36,12 @@ match, which the report shows as zero.
 Limits: one file, so under protobuf's 2 GB (BERT-large is 1.3 GB); CPU float32 only.
 """
 
-import json
 import os
 
 import torch
 import torch.nn as nn
 
-from minibert.io import atomic_save_safetensors, atomic_write_bytes, atomic_write_json
+from minibert.io import atomic_save_safetensors, atomic_write_bytes, atomic_write_json, load_json
 
 EXAMPLE_B, EXAMPLE_T = 3, 11  # the export example; tests check other sizes
 
@@ -213,5 +212,4 @@ def read_card(export_dir):
     if not os.path.exists(path) or not os.path.exists(os.path.join(export_dir, "model.onnx")):
         raise FileNotFoundError(f"{export_dir}: no model.onnx and model.json (make one with "
                                 "`minibert export RUN --to onnx --out DIR`)")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return load_json(path)

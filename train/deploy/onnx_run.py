@@ -18,13 +18,13 @@ Limits: CPU (onnxruntime's CPUExecutionProvider); the whole graph runs for every
 multitask graph computes every head for each head's inputs.
 """
 
-import json
 import os
 
 import torch
 import torch.nn as nn
 
 from minibert.checkpoint import read_safetensors
+from minibert.io import load_json
 from train.deploy.onnx_export import read_card
 from train.finetune.finetune import TASKS
 from train.tasks.crf import CRF
@@ -91,8 +91,7 @@ class GraphHead(nn.Module):
 def load_onnx_task_model(export_dir, threads=None):
     """(TaskModel running export_dir/model.onnx, the task from its task.json)."""
     card = read_card(export_dir)
-    with open(os.path.join(export_dir, "task.json"), encoding="utf-8") as f:
-        meta = json.load(f)
+    meta = load_json(os.path.join(export_dir, "task.json"))
     task = TASKS[meta["task"]](meta)
     crf_path = os.path.join(export_dir, "crf.safetensors")
     crf = read_safetensors(crf_path) if os.path.exists(crf_path) else {}

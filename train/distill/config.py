@@ -15,12 +15,12 @@ the teacher's best/, or the student's own checkpoint when that holds a tokenizer
 Limits: classification, regression and tagging teachers only (QA and multi-task are refused).
 """
 
-import json
 import os
 from dataclasses import dataclass, fields
 
 from minibert.config import BertConfig
 from minibert.errors import UserError
+from minibert.io import load_json
 from train.command import option
 from train.finetune.config import FinetuneConfig
 from train.loop.rundir import RunDir
@@ -78,8 +78,7 @@ def has_tokenizer(path):
 
 def teacher_settings(best, spec):
     """The FROM_TEACHER fields, as the teacher's best/task.json says."""
-    with open(os.path.join(best, "task.json"), encoding="utf-8") as f:
-        meta = json.load(f)
+    meta = load_json(os.path.join(best, "task.json"))
     if meta["task"] not in DISTILLABLE:
         raise UserError(f"--teacher {best}: a {meta['task']} model; distill handles "
                         f"{', '.join(DISTILLABLE)}")

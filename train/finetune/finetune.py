@@ -17,7 +17,7 @@ import sys
 
 from minibert.checkpoint import check_vocabulary, load_model, read_safetensors, save_model
 from minibert.config import BertConfig
-from minibert.io import atomic_save_safetensors, atomic_write_json
+from minibert.io import atomic_save_safetensors, atomic_write_json, load_json
 from minibert.model import BertEncoder
 from minibert.tokenizer import Tokenizer
 from train.runs.diagnose import write_diagnosis
@@ -90,8 +90,7 @@ def init_heads(head, specs, task_name):
         if not os.path.exists(path):
             raise SystemExit(f"minibert finetune: --init-heads {spec}: no {path} (give a "
                              "finetune run's best/ directory)")
-        with open(os.path.join(src, "task.json")) as f:
-            src_task = json.load(f)["task"]
+        src_task = load_json(os.path.join(src, "task.json"))["task"]
         weights = read_safetensors(path)
         if name and src_task == "multitask":
             weights = {k[len(name) + 1:]: v for k, v in weights.items()
@@ -133,8 +132,7 @@ def save_task_model(model, tok, task, out_dir):
 
 
 def load_task_model(best_dir, device):
-    with open(os.path.join(best_dir, "task.json")) as f:
-        meta = json.load(f)
+    meta = load_json(os.path.join(best_dir, "task.json"))
     task = TASKS[meta["task"]](meta)
     bert = load_model(best_dir)
     head = task.build_head(bert.config.hidden_size, 0.0)

@@ -148,13 +148,11 @@ class Dist:
         return self.ddp.no_sync()
 
     # ------------------------------------------------------------------ collectives
-    def all_reduce(self, t, op="sum"):
-        """Sum (or min/max) of tensor `t` over ranks, in place and returned. On NCCL the tensor
-        must live on the GPU; callers pass device tensors."""
+    def all_reduce(self, t):
+        """Sum of tensor `t` over ranks, in place and returned. On NCCL the tensor must live on
+        the GPU; callers pass device tensors."""
         if self.world > 1:
-            ops = {"sum": tdist.ReduceOp.SUM, "min": tdist.ReduceOp.MIN,
-                   "max": tdist.ReduceOp.MAX}
-            tdist.all_reduce(t, op=ops[op])
+            tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
         return t
 
     def all_gather(self, obj):

@@ -13,13 +13,13 @@
 
 import contextlib
 import dataclasses
-import json
 import os
 import sys
 
 import torch
 
 from minibert.errors import UserError
+from minibert.io import load_json
 from train.command import dataclass_from_args, print_config
 from train.loop import distributed
 from train.loop.device import describe_precision, pick_device, resolve_precision, run_state
@@ -59,8 +59,7 @@ def read_run_config(run):
     if not os.path.isfile(path):
         raise UserError(f"{run}: no config.json: not a minibert run directory")
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return load_json(path)
     except (ValueError, OSError) as e:
         raise UserError(f"{path}: not readable JSON ({e})") from None
 

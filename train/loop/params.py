@@ -45,7 +45,7 @@ class LrPolicy:
         return self.lr * self.layer_lr_decay ** (n_layers - 1 - i)
 
 
-def unit_of(name, n_layers):
+def unit_of(name):
     """The unit of a parameter name of a model with `.bert` and `.head`."""
     if name.startswith("bert.embeddings."):
         return "embeddings"
@@ -76,15 +76,15 @@ def decays(p):
     return p.ndim >= 2
 
 
-def param_groups(model, units, policy, lr_scale=1.0, exclude=()):
-    """Param groups for the trainable parameters of `units`, skipping params in `exclude`
-    (params with requires_grad=False are never included). Each group carries its `name` and
-    `initial_lr`, the base lr that train/loop/schedules.py scales."""
+def param_groups(model, units, policy, lr_scale=1.0):
+    """Param groups for the trainable parameters of `units` (params with requires_grad=False are
+    never included). Each group carries its `name` and `initial_lr`, the base lr that
+    train/loop/schedules.py scales."""
     n_layers = model.bert.config.num_hidden_layers
     by_group = {}
     for name, p in model.named_parameters():
-        unit = unit_of(name, n_layers)
-        if unit not in units or not p.requires_grad or any(p is q for q in exclude):
+        unit = unit_of(name)
+        if unit not in units or not p.requires_grad:
             continue
         decay = decays(p)
         key = unit if decay else unit + ".no_decay"
@@ -101,9 +101,8 @@ def param_groups(model, units, policy, lr_scale=1.0, exclude=()):
 
 def set_trainable(model, trainable_units):
     """requires_grad=True exactly for the parameters of `trainable_units`."""
-    n_layers = model.bert.config.num_hidden_layers
     for name, p in model.named_parameters():
-        p.requires_grad_(unit_of(name, n_layers) in trainable_units)
+        p.requires_grad_(unit_of(name) in trainable_units)
 
 
 def print_groups(groups, model, file=sys.stderr):

@@ -9,10 +9,10 @@ import time
 
 
 class Progress:
-    def __init__(self, total, desc, file=None, min_interval=None):
+    def __init__(self, total, desc, file=None):
         self.total, self.desc, self.file = total, desc, file
         self.tty = file is not None and file.isatty()
-        self.min_interval = min_interval if min_interval is not None else (0.2 if self.tty else 30)
+        self.min_interval = 0.2 if self.tty else 30
         self.t0 = time.time()
         self.last = 0.0
         self.n = 0

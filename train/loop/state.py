@@ -13,14 +13,13 @@ were. With another process count, weights and data order continue exactly, and d
 afresh (N ranks' generators cannot be dealt to M ranks).
 """
 
-import json
 import os
 
 import torch
 
 from minibert.checkpoint import read_safetensors
 from minibert.errors import UserError
-from minibert.io import atomic_save_safetensors, atomic_torch_save, atomic_write_json
+from minibert.io import atomic_save_safetensors, atomic_torch_save, atomic_write_json, load_json
 
 
 def _unique_tensors(model):
@@ -70,8 +69,7 @@ def load(t):
         raise UserError(f"{t.run.path}: no state/ to resume from (the run was killed before "
                         "its first save: start it again without --resume)")
     try:
-        with open(os.path.join(d, "trainer.json"), encoding="utf-8") as f:
-            info = json.load(f)
+        info = load_json(os.path.join(d, "trainer.json"))
         opt_state = torch.load(os.path.join(d, "optimizer.pt"), weights_only=True)
         rng = torch.load(os.path.join(d, "rng.pt"), weights_only=True)
         model_state = read_safetensors(os.path.join(d, "model.safetensors"))

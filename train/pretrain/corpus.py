@@ -26,14 +26,13 @@ fixed-length sequences, and serve masked batches that are a pure function of (se
 """
 
 import hashlib
-import json
 import os
 
 import numpy as np
 import torch
 
 from minibert.fetch import cache_dir as minibert_cache_dir
-from minibert.io import atomic_open, atomic_write_json
+from minibert.io import atomic_open, atomic_write_json, load_json
 from train.loop.progress import Progress
 
 
@@ -88,8 +87,7 @@ def tokenize_to_cache(corpus, tok, cache_dir=None, lines_per_batch=1000, log=Non
         atomic_write_json(meta_path, {"corpus": os.path.abspath(corpus), "tokenizer": tok.source,
                                       "dtype": np.dtype(dtype).name, "n_docs": len(lengths),
                                       "n_tokens": int(offsets[-1])})
-    with open(meta_path, encoding="utf-8") as f:
-        meta = json.load(f)
+    meta = load_json(meta_path)
     offsets = np.load(offsets_path)
     if meta["n_tokens"] == 0:
         raise ValueError(f"{corpus}: no tokens (an empty file, or only blank lines)")

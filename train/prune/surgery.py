@@ -19,7 +19,7 @@ import torch
 from minibert.model import BertEncoder
 
 
-def _head_rows(nh, hs, keep):
+def _head_rows(hs, keep):
     """Indices of the kept heads' features in a (nh hs) axis, head by head."""
     return torch.cat([torch.arange(h * hs, (h + 1) * hs) for h in keep])
 
@@ -42,7 +42,7 @@ def pruned(bert, heads=None, neurons=None):
         if drop_h:
             now = cfg.heads(i)  # index in the layer now -> number in the unpruned model
             removed[i] |= {now[h] for h in drop_h}
-            rows = _head_rows(nh, hs, [h for h in range(nh) if h not in drop_h])  # (nh' hs,)
+            rows = _head_rows(hs, [h for h in range(nh) if h not in drop_h])  # (nh' hs,)
             qkv_rows = torch.cat([rows + part * nh * hs for part in range(3)])  # q, k, v parts
             p = f"blocks.{i}.attn."
             state[p + "qkv.weight"] = state[p + "qkv.weight"][qkv_rows]  # (3 nh' hs, C)

@@ -5,11 +5,11 @@ Everything comes from RUN/metrics.jsonl (the events loop/trainer.py writes), RUN
 RUN/best/task.json; a run without best/ or config.json still loads, with those parts empty.
 """
 
-import json
 import math
 import os
 from dataclasses import dataclass
 
+from minibert.io import load_json
 from train.loop.best import better, metric_mode
 from train.loop.rundir import read_jsonl
 
@@ -49,10 +49,7 @@ class Curves:
 
 def read_json(path):
     """The JSON file at `path`, or None when there is none (a run may lack best/ or config)."""
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return load_json(path) if os.path.exists(path) else None
 
 
 def run_metric(config, evals, wanted=None):

@@ -50,12 +50,10 @@ OVERFIT_SEVERE_RISE = 0.50
 TINY_LR = 0.05
 STALL_FRACTION = 0.2
 
-VERDICTS = ("healthy", "overfitting", "underfitting", "diverging", "stalled")
-
 
 @dataclass
 class Finding:
-    verdict: str  # one of VERDICTS
+    verdict: str  # healthy, overfitting, underfitting, diverging or stalled
     headline: str
     evidence: list = field(default_factory=list)
     advice: list = field(default_factory=list)

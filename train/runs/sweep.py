@@ -22,7 +22,6 @@ config fields only, with values given as text exactly as on the command line.
 import argparse
 import dataclasses
 import itertools
-import json
 import os
 import random
 import shlex
@@ -30,7 +29,7 @@ import subprocess
 import sys
 import time
 
-from minibert.io import atomic_write_json, atomic_write_text
+from minibert.io import atomic_write_json, atomic_write_text, load_json
 from train.command import minibert_argv
 from train.finetune.config import FinetuneConfig
 from train.loop.best import metric_mode, rank_key
@@ -97,8 +96,7 @@ def last_error(run_dir):
 
 
 def read_results(run_dir, metric):
-    with open(os.path.join(run_dir, "results.json")) as f:
-        r = json.load(f)
+    r = load_json(os.path.join(run_dir, "results.json"))
     dev, test = r.get("dev", {}), r.get("test", {})
     return {"dev_" + metric: dev.get(metric), "dev_loss": dev.get("loss"),
             "test_" + metric: test.get(metric), "best_step": r.get("best_step"),

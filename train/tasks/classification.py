@@ -14,9 +14,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minibert.model import mean_pool
-from train.data.examples import Example, batch_order, build_label_map, label_key, read_examples
+from train.data.examples import Batched, Example, build_label_map, label_key, read_examples
 from train.tasks.metrics import classification_metrics
-from train.tasks.task import run_batches
+from train.tasks.task import batching, run_batches, split_files
 
 
 def sentence_vector(bert, batch, pooling):
@@ -50,24 +50,19 @@ class ClassificationHead(nn.Module):
         return out
 
 
-class EncodedDataset:
+class EncodedDataset(Batched):
     """Examples tokenized once; batches padded to their own longest sequence."""
 
     def __init__(self, examples, tokenizer, max_length, targets, batch_size, seed=0,
                  group_by_length=False, shuffle=False):
+        super().__init__(batch_size, seed, group_by_length, shuffle)
         texts = [e.text for e in examples]
         pairs = [e.pair for e in examples] if examples[0].pair is not None else None
         self.examples = examples
         self.encodings = tokenizer.encodings(texts, pairs, max_length)
         self.targets = targets  # one number per example, or None for unlabelled inputs
         self.tokenizer = tokenizer
-        self.batch_size, self.seed = batch_size, seed
-        self.group_by_length, self.shuffle = group_by_length, shuffle
         self.lengths = [len(e.ids) for e in self.encodings]
-
-    def batches(self, epoch):
-        return batch_order(self.lengths, self.batch_size, self.seed, epoch,
-                           self.group_by_length, self.shuffle)
 
     def collate(self, idx):
         batch = self.tokenizer.collate([self.encodings[i] for i in idx])
@@ -79,16 +74,16 @@ class EncodedDataset:
 def encode_splits(cfg, tok, read, to_target):
     """Read train/dev/test with `read(path, split)`, encode targets with `to_target`."""
     data = {}
-    for split in ("train", "dev", "test"):
-        path = getattr(cfg, split)
-        if path:
-            ex = read(path, split)
-            train = split == "train"
-            data[split] = EncodedDataset(
-                ex, tok, cfg.max_length, [to_target(e.target) for e in ex],
-                cfg.batch_size if train else cfg.eval_batch_size, cfg.seed,
-                cfg.group_by_length and train, shuffle=train)
+    for split, path in split_files(cfg):
+        ex = read(path, split)
+        data[split] = EncodedDataset(ex, tok, cfg.max_length, [to_target(e.target) for e in ex],
+                                     *batching(cfg, split))
     return data
+
+
+def with_pair(ex, row):
+    """A prediction row of example `ex`, with its second text last when it has one."""
+    return row if ex.pair is None else {**row, "pair": ex.pair}
 
 
 class ClassificationTask:
@@ -141,11 +136,7 @@ class ClassificationTask:
     def predict(self, model, ds, device):
         probs = run_batches(model, ds, device,
                             lambda out, idx: out["logits"].float().softmax(-1).cpu())
-        rows = []
-        for ex, p in zip(ds.examples, probs):
-            row = {"text": ex.text, "label": self.labels[int(p.argmax())],
-                   "probabilities": {lab: round(float(q), 5) for lab, q in zip(self.labels, p)}}
-            if ex.pair is not None:
-                row["pair"] = ex.pair
-            rows.append(row)
-        return rows
+        return [with_pair(ex, {"text": ex.text, "label": self.labels[int(p.argmax())],
+                               "probabilities": {lab: round(float(q), 5)
+                                                 for lab, q in zip(self.labels, p)}})
+                for ex, p in zip(ds.examples, probs)]

@@ -14,20 +14,19 @@ def confusion_matrix(gold, pred, n):
     return cm
 
 
-def _prf(cm, c):
-    tp = cm[c][c]
-    fp = sum(cm[g][c] for g in range(len(cm))) - tp
-    fn = sum(cm[c]) - tp
-    p = tp / (tp + fp) if tp + fp else 0.0
-    r = tp / (tp + fn) if tp + fn else 0.0
-    f = 2 * p * r / (p + r) if p + r else 0.0
-    return p, r, f
+def prf(correct, n_pred, n_gold):
+    """(precision, recall, F1) of `correct` hits among n_pred predictions and n_gold gold units;
+    0 where a denominator is 0."""
+    p = correct / n_pred if n_pred else 0.0
+    r = correct / n_gold if n_gold else 0.0
+    return p, r, (2 * p * r / (p + r) if p + r else 0.0)
 
 
 def classification_metrics(gold, pred, n_classes):
     cm = confusion_matrix(gold, pred, n_classes)
     acc = sum(cm[c][c] for c in range(n_classes)) / max(len(gold), 1)
-    per_class = [_prf(cm, c) for c in range(n_classes)]
+    # class c: hits cm[c][c], predicted column c, gold row c
+    per_class = [prf(cm[c][c], sum(row[c] for row in cm), sum(cm[c])) for c in range(n_classes)]
     macro = [sum(x[i] for x in per_class) / n_classes for i in range(3)]
     out = {"accuracy": acc, "macro_precision": macro[0], "macro_recall": macro[1],
            "macro_f1": macro[2], "confusion_matrix": cm}

@@ -34,7 +34,6 @@ Limits: a batch never mixes tasks; --batch-size auto probes with batches of the 
 """
 
 import dataclasses
-import json
 import os
 import random
 import typing
@@ -42,6 +41,7 @@ import typing
 import torch
 import torch.nn as nn
 
+from minibert.io import load_json
 from train.data.examples import DataError
 from train.finetune.config import FinetuneConfig
 from train.tasks.registry import SINGLE_TASKS
@@ -96,9 +96,7 @@ def parse_specs(cfg):
             raw.append((f"--tasks spec {n}", {"name": parts[0], "type": parts[1],
                                                "path": parts[2], **opts}))
     else:
-        with open(cfg.tasks_file, encoding="utf-8") as f:
-            rows = json.load(f)
-        raw = [(f"{cfg.tasks_file}[{i}]", dict(r)) for i, r in enumerate(rows)]
+        raw = [(f"{cfg.tasks_file}[{i}]", dict(r)) for i, r in enumerate(load_json(cfg.tasks_file))]
     specs = []
     for where, d in raw:
         missing = [k for k in ("name", "type", "path") if k not in d]
@@ -249,14 +247,8 @@ class MultiTask:
     def predict(self, model, ds, device):
         per_head = {n: self.tasks[n].predict(TaskModel(model.bert, model.head[n]), ds[n], device)
                     for n in self.tasks}
-        rows = []
-        for i in range(len(next(iter(per_head.values())))):
-            first = per_head[self.names_in_order()[0]][i]
-            row = {"text": first.get("text")}
-            for n, preds in per_head.items():
-                row[n] = {k: v for k, v in preds[i].items() if k != "text"}
-            rows.append(row)
-        return rows
-
-    def names_in_order(self):
-        return [h["name"] for h in self.meta["heads"]]
+        first = next(iter(per_head.values()))  # the first head's rows (self.tasks keeps meta order)
+        return [{"text": row.get("text"),
+                 **{n: {k: v for k, v in preds[i].items() if k != "text"}
+                    for n, preds in per_head.items()}}
+                for i, row in enumerate(first)]

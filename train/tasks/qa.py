@@ -28,10 +28,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minibert.io import load_json
 from train.tasks.classification import new_linear
-from train.data.examples import DataError, batch_order
+from train.data.examples import Batched, DataError
 from train.tasks.squad_eval import squad_scores
-from train.tasks.task import run_batches
+from train.tasks.task import batching, run_batches, split_files
 
 N_BEST = 20  # candidates per window for start and for end (BERT's reference code uses 20)
 
@@ -47,8 +48,7 @@ class QAExample:
 
 def read_squad(path, need_answers=True):
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)["data"]
+        data = load_json(path)["data"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise DataError(f"{path}: not SQuAD JSON with a top-level 'data' list ({e})") from None
     out, seen = [], {}
@@ -89,14 +89,13 @@ def answer_positions(enc, char_start, char_end):
     return start, end
 
 
-class QADataset:
+class QADataset(Batched):
     """Questions cut into windows; one window is one row of a batch."""
 
     def __init__(self, examples, tok, max_length, doc_stride, batch_size, seed=0,
                  group_by_length=False, shuffle=False, labelled=True):
+        super().__init__(batch_size, seed, group_by_length, shuffle)
         self.examples, self.tok = examples, tok
-        self.batch_size, self.seed = batch_size, seed
-        self.group_by_length, self.shuffle = group_by_length, shuffle
         tok.tok.enable_truncation(max_length=max_length, stride=doc_stride,
                                   strategy="only_second")
         self.windows = []  # (example index, Encoding)
@@ -117,10 +116,6 @@ class QADataset:
                 text, start = examples[i].answers[0]
                 self.positions.append(answer_positions(w, start, start + len(text)))
         self.lengths = [len(w.ids) for _, w in self.windows]
-
-    def batches(self, epoch):
-        return batch_order(self.lengths, self.batch_size, self.seed, epoch,
-                           self.group_by_length, self.shuffle)
 
     def collate(self, idx):
         batch = self.tok.collate([self.windows[i][1] for i in idx])
@@ -177,15 +172,9 @@ class QATask:
     def from_data(cls, cfg, tok):
         task = cls({"task": cls.name, "max_length": cfg.max_length, "doc_stride": cfg.doc_stride,
                     "max_answer_len": cfg.max_answer_len})
-        data = {}
-        for split in ("train", "dev", "test"):
-            path = getattr(cfg, split)
-            if path:
-                train = split == "train"
-                data[split] = QADataset(read_squad(path), tok, cfg.max_length, cfg.doc_stride,
-                                        cfg.batch_size if train else cfg.eval_batch_size,
-                                        cfg.seed, cfg.group_by_length and train, train)
-        return task, data
+        return task, {split: QADataset(read_squad(path), tok, cfg.max_length, cfg.doc_stride,
+                                       *batching(cfg, split))
+                      for split, path in split_files(cfg)}
 
     def build_head(self, hidden_size, dropout):
         return QAHead(hidden_size, dropout)

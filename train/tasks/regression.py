@@ -16,20 +16,19 @@ target range.
 
 import math
 
-import torch.nn as nn
 import torch.nn.functional as F
 
-from train.tasks.classification import EncodedDataset, encode_splits, new_linear, sentence_vector
-from train.data.examples import Example, read_examples
+from train.tasks.classification import (ClassificationHead, ClassificationTask, encode_splits,
+                                        sentence_vector, with_pair)
+from train.data.examples import read_examples
 from train.tasks.task import run_batches
 
 
-class RegressionHead(nn.Module):
+class RegressionHead(ClassificationHead):
+    """The classification head with one output, read as a number and trained with MSE."""
+
     def __init__(self, hidden_size, pooling, dropout):
-        super().__init__()
-        self.pooling = pooling
-        self.drop = nn.Dropout(dropout)
-        self.out = new_linear(hidden_size, 1)
+        super().__init__(hidden_size, 1, pooling, dropout)
 
     def forward(self, bert, batch):
         x = sentence_vector(bert, batch, self.pooling)  # (B, C)
@@ -135,19 +134,9 @@ class RegressionTask:
         m["loss"] = m["mse"] / self.std ** 2  # the training loss: MSE in standardised units
         return m
 
-    def read_inputs(self, texts, path, tok, batch_size):
-        if texts:
-            examples = [Example(t, None, None, f"--text {i + 1}") for i, t in enumerate(texts)]
-        else:
-            examples, _ = read_examples(path, self.meta["text_field"], self.meta["pair_field"],
-                                        None)
-        return EncodedDataset(examples, tok, self.meta["max_length"], None, batch_size)
+    # the inputs of classification: texts or text pairs, read with the run's fields
+    read_inputs = ClassificationTask.read_inputs
 
     def predict(self, model, ds, device):
-        rows = []
-        for ex, y in zip(ds.examples, self._predict_all(model, ds, device)):
-            row = {"text": ex.text, self.meta["target_field"]: round(y, 5)}
-            if ex.pair is not None:
-                row["pair"] = ex.pair
-            rows.append(row)
-        return rows
+        return [with_pair(ex, {"text": ex.text, self.meta["target_field"]: round(y, 5)})
+                for ex, y in zip(ds.examples, self._predict_all(model, ds, device))]

@@ -17,6 +17,8 @@ Limits: BIO (IOB2) only; no IOBES/BILOU, no IOB1 (where `I-` may start an entity
 breakdown beyond `per_type` counts.
 """
 
+from train.tasks.metrics import prf
+
 
 def is_bio(tags):
     """True when every tag is O, B-X or I-X."""
@@ -47,12 +49,6 @@ def spans(tags):
     return out
 
 
-def _prf(correct, n_pred, n_gold):
-    p = correct / n_pred if n_pred else 0.0
-    r = correct / n_gold if n_gold else 0.0
-    return p, r, (2 * p * r / (p + r) if p + r else 0.0)
-
-
 def entity_scores(gold_seqs, pred_seqs):
     """Micro P/R/F1 over lists of tag sequences, plus per-type counts and token accuracy."""
     if len(gold_seqs) != len(pred_seqs):
@@ -71,7 +67,7 @@ def entity_scores(gold_seqs, pred_seqs):
                 per_type.setdefault(typ, {"gold": 0, "pred": 0, "correct": 0})[kind] += 1
         tok_ok += sum(a == b for a, b in zip(g, p))
         tok_n += len(g)
-    p, r, f = _prf(correct, n_pred, n_gold)
+    p, r, f = prf(correct, n_pred, n_gold)
     return {"precision": p, "recall": r, "f1": f, "accuracy": tok_ok / max(tok_n, 1),
             "entities_gold": n_gold, "entities_pred": n_pred, "per_type": per_type}
 

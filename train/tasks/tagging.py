@@ -29,9 +29,9 @@ import torch.nn.functional as F
 
 from train.tasks.classification import new_linear
 from train.tasks.crf import CRF, bio_penalties
-from train.data.examples import DataError, batch_order
+from train.data.examples import Batched, DataError
 from train.tasks.seqeval import entity_scores, is_bio, repair_bio, spans, token_scores
-from train.tasks.task import run_batches
+from train.tasks.task import batching, run_batches, split_files
 
 
 def read_tagged(path, need_tags=True):
@@ -85,11 +85,12 @@ def word_offsets(words):
     return offs
 
 
-class TaggedDataset:
+class TaggedDataset(Batched):
     """Sentences as word pieces, with the position of each word's first piece."""
 
     def __init__(self, sents, tok, max_length, tag_index, batch_size, seed=0,
                  group_by_length=False, shuffle=False):
+        super().__init__(batch_size, seed, group_by_length, shuffle)
         self.sents = sents  # [(words, tags or None, where, text, word char offsets)]
         tok.tok.enable_truncation(max_length=max_length)
         try:
@@ -97,8 +98,6 @@ class TaggedDataset:
         finally:
             tok.tok.no_truncation()
         self.tok, self.tag_index = tok, tag_index
-        self.batch_size, self.seed = batch_size, seed
-        self.group_by_length, self.shuffle = group_by_length, shuffle
         self.lengths = [len(e.ids) for e in self.encodings]
         # first[i]: token position of the first piece of each word that has one, and that word
         self.first = []
@@ -109,10 +108,6 @@ class TaggedDataset:
                     seen.add(w)
                     pos.append((t, w))
             self.first.append(pos)
-
-    def batches(self, epoch):
-        return batch_order(self.lengths, self.batch_size, self.seed, epoch,
-                           self.group_by_length, self.shuffle)
 
     def collate(self, idx):
         batch = self.tok.collate([self.encodings[i] for i in idx])
@@ -181,8 +176,7 @@ class TokenTask:
 
     @classmethod
     def from_data(cls, cfg, tok):
-        sents = {s: read_tagged(getattr(cfg, s)) for s in ("train", "dev", "test")
-                 if getattr(cfg, s)}
+        sents = {s: read_tagged(path) for s, path in split_files(cfg)}
         counts = Counter(t for _, tags, _ in sents["train"] for t in tags)
         tags = sorted(counts, key=lambda t: (t != "O", t[2:], t))  # O first, B-X next to I-X
         for split, rows in sents.items():
@@ -199,12 +193,7 @@ class TokenTask:
                     "crf": cfg.crf, "bio_constraints": cfg.bio_constraints,
                     "fallback_tag": "O" if "O" in counts else counts.most_common(1)[0][0],
                     "max_length": cfg.max_length})
-        data = {}
-        for split, rows in sents.items():
-            train = split == "train"
-            data[split] = task._dataset(rows, tok, cfg.batch_size if train else cfg.eval_batch_size,
-                                        cfg.seed, cfg.group_by_length and train, train)
-        return task, data
+        return task, {s: task._dataset(rows, tok, *batching(cfg, s)) for s, rows in sents.items()}
 
     def _dataset(self, rows, tok, batch_size, seed=0, group=False, shuffle=False):
         sents = [(w, t, where, " ".join(w), word_offsets(w)) for w, t, where in rows]

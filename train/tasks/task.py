@@ -30,6 +30,20 @@ class TaskModel(nn.Module):
         return self.head(self.bert, batch)
 
 
+def split_files(cfg):
+    """(split, path) of each of --train, --dev and --test that is given, in that order."""
+    return [(s, getattr(cfg, s)) for s in ("train", "dev", "test") if getattr(cfg, s)]
+
+
+def batching(cfg, split):
+    """(batch size, seed, group_by_length, shuffle) of a split's dataset: training batches are
+    shuffled (and grouped by length with --group-by-length); the others, evaluation batches, are
+    taken in order."""
+    train = split == "train"
+    return (cfg.batch_size if train else cfg.eval_batch_size, cfg.seed,
+            cfg.group_by_length and train, train)
+
+
 @torch.no_grad()
 def run_batches(model, dataset, device, fn):
     """fn(outputs, indices) for every batch of `dataset` in length order (least padding), in eval
