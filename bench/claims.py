@@ -49,6 +49,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.finetune_vs_transformers import machine  # noqa: E402
+from minibert.io import load_json  # noqa: E402
 from bench.runs import finished, results, run_missing  # noqa: E402
 
 SIZES = [100, 300, 1000, 3000, None]  # None: all of train.jsonl
@@ -351,12 +352,9 @@ def row_layerwise(b, a):
             "default": [b.default(s) for s in a.seeds]}
     b.make(a.jobs)
     accs = compare(runs)
-    m = {k: stats(x) for k, x in accs.items()}
     return line("7. layer-wise rates embeddings 1e-3, blocks 5e-3, head 1e-2",
                 f"{fmt(accs['guide'])} against the default decay 0.9 from 1e-4: "
-                f"{fmt(accs['default'])}",
-                verdict(100 * (m["guide"][0] - m["default"][0]),
-                        [m["guide"][1], m["default"][1]]), "layerwise", a)
+                f"{fmt(accs['default'])}", versus(accs["guide"], accs["default"]), "layerwise", a)
 
 
 def row_batch(b, a):
@@ -394,11 +392,9 @@ def row_plateau(b, a):
             "linear": [b.default(s) for s in a.seeds]}
     b.make(a.jobs)
     accs = compare(runs)
-    m = {k: stats(x) for k, x in accs.items()}
     return line("10. ReduceLROnPlateau helps when the dev metric stalls",
                 f"plateau {fmt(accs['plateau'])} against linear decay {fmt(accs['linear'])}",
-                verdict(100 * (m["plateau"][0] - m["linear"][0]),
-                        [m["plateau"][1], m["linear"][1]]), "plateau", a)
+                versus(accs["plateau"], accs["linear"]), "plateau", a)
 
 
 def row_overfit(b, a):
@@ -418,13 +414,12 @@ def row_overfit(b, a):
     b.make(a.jobs)
     accs = compare(runs)
     secs = {k: statistics.mean(results(d)["train_seconds"] for d in v) for k, v in runs.items()}
-    m = {k: stats(x) for k, x in accs.items()}
-    best = max(["early stopping", "dropout 0.2, weight decay 0.1"], key=lambda k: m[k][0])
+    best = max(["early stopping", "dropout 0.2, weight decay 0.1"],
+               key=lambda k: stats(accs[k])[0])
     return line("9. dropout and early stopping fix overfitting on small data (100 examples)",
                 "; ".join(f"{k}: {fmt(accs[k])} in {secs[k]:.0f} s" for k in arms) +
                 " (every arm keeps its best checkpoint on dev)",
-                verdict(100 * (m[best][0] - m["no remedy"][0]),
-                        [m[best][1], m["no remedy"][1]]), "overfit", a)
+                versus(accs[best], accs["no remedy"]), "overfit", a)
 
 
 def alone(out):
@@ -432,8 +427,7 @@ def alone(out):
     its seconds would not time it. A shared run (the default recipe) that an untimed row made
     first is the usual case; removing it lets the timed row make it again, alone."""
     if finished(out):
-        with open(os.path.join(out, "config.json")) as f:
-            threads = json.load(f).get("threads")
+        threads = load_json(os.path.join(out, "config.json")).get("threads")
         if threads and threads < (os.cpu_count() or 1):
             raise SystemExit(f"{out}: made with --threads {threads} beside other runs, so its "
                              f"seconds time nothing; remove it (rm -r {out}) to make it alone")
@@ -507,11 +501,9 @@ def row_domain(b, a):
                 for s in a.seeds] for k, (m, f) in arms.items()}
     b.make(a.jobs)
     accs = compare(runs)
-    m = {k: stats(x) for k, x in accs.items()}
     return line("12. a model pretrained on data close to the target domain matters",
                 "; ".join(f"{k}: {fmt(x)}" for k, x in accs.items()),
-                verdict(100 * (m["tiny, reviews"][0] - m["tiny, news"][0]),
-                        [m["tiny, reviews"][1], m["tiny, news"][1]]), "domain", a)
+                versus(accs["tiny, reviews"], accs["tiny, news"]), "domain", a)
 
 
 def row_dapt(b, a):
@@ -523,10 +515,9 @@ def row_dapt(b, a):
             "MiniLM": [b.default(s) for s in a.seeds]}
     b.make(a.jobs)
     accs = compare(runs)
-    (mr, sr), (m0, s0) = stats(accs["MiniLM, continued on reviews"]), stats(accs["MiniLM"])
     return line("12. (MiniLM) continuing pretraining on in-domain text helps",
                 "; ".join(f"{k}: {fmt(x)}" for k, x in accs.items()),
-                verdict(100 * (mr - m0), [sr, s0]), "dapt", a)
+                versus(accs["MiniLM, continued on reviews"], accs["MiniLM"]), "dapt", a)
 
 
 ROWS = {"transfer": row_transfer, "lr": row_lr, "epochs": row_epochs, "freeze": row_freeze,

@@ -11,6 +11,7 @@ share runs may run at once: OUT.making, a directory holding its maker's pid, say
 being made, and the other bench waits for it instead of making it twice.
 """
 
+import contextlib
 import json
 import os
 import subprocess
@@ -73,11 +74,11 @@ def alive(lock):
 
 
 def release(lock):
-    for path in (os.path.join(lock, "pid"), lock):
-        try:
-            (os.rmdir if path == lock else os.remove)(path)
-        except OSError:  # gone already, or taken over meanwhile
-            pass
+    """Removes `lock`; one that is gone already, or taken over meanwhile, is left as it is."""
+    with contextlib.suppress(OSError):
+        os.remove(os.path.join(lock, "pid"))
+    with contextlib.suppress(OSError):
+        os.rmdir(lock)
 
 
 def run_one(out, args, threads):

@@ -38,8 +38,11 @@ def lr_curves(train):
     for name in (train[0]["lr"] if train else {}):
         curve = tuple(e["lr"].get(name, 0.0) for e in train)
         by_curve.setdefault(curve, []).append(name)
-    return [(names[0] + (f" (+{len(names) - 1} groups)" if len(names) > 1 else ""), steps,
-             list(curve)) for curve, names in by_curve.items()]
+    out = []
+    for curve, names in by_curve.items():
+        label = names[0] + (f" (+{len(names) - 1} groups)" if len(names) > 1 else "")
+        out.append((label, steps, list(curve)))
+    return out
 
 
 def plot_runs(runs, out, metric=None, labels=None):
