@@ -10,7 +10,7 @@ Runs `minibert finetune --task multitask` five times and prints dev and test met
     5 from 1, polarity head frozen      run 1's backbone and polarity head; the polarity head
                                         keeps its weights, its loss stays on, intensity learns
 
-    python bench/multitask_freezing.py [--max-train N] [--epochs E] [--threads 1]
+    python bench/multitask_freezing.py [--max-train N] [--epochs E] [--threads 1] [--seed S]
 
 Every run uses minibert's defaults (lr 1e-4 at the top block with layer-wise decay 0.9, head lr
 1e-3, mean pooling) except the flags named here. --max-train takes N evenly spaced train rows
@@ -38,8 +38,12 @@ def main():
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=42, help="every run's --seed (head init, dropout, "
+                   "batch order); seed 42's runs go in --out, another seed's in OUT-sSEED")
     p.add_argument("--out", default="runs/bench-multitask")
     a = p.parse_args()
+    if a.seed != 42:
+        a.out = f"{a.out}-s{a.seed}"
     data = f"{a.out}/data"
     subset(SRC, data, "train", a.max_train)
     for split in ("dev", "test"):
@@ -55,13 +59,15 @@ def main():
              ["--freeze-backbone"]),
             ("5 from 1, polarity head frozen", "5-frozen-polarity", first, [pol, inten],
              ["--init-heads", f"polarity={first}", "--freeze-head", "polarity"])]
-    print(f"machine: {machine()} (here; each run: --threads {a.threads})", flush=True)
+    print(f"machine: {machine()} (here; each run: --threads {a.threads}, --seed {a.seed})",
+          flush=True)
     rows = []
     for label, name, model, tasks, extra in runs:
         cmd = [sys.executable, "-P", "-m", "train.cli", "finetune", "--task", "multitask",
                "--model", model, "--tasks", ",".join(tasks), "--out", f"{a.out}/{name}",
                "--epochs", str(a.epochs), "--max-length", str(a.max_length),
-               "--eval-every", "none", "--log-every", "50", "--threads", str(a.threads), *extra]
+               "--eval-every", "none", "--log-every", "50", "--threads", str(a.threads),
+               "--seed", str(a.seed), *extra]
         print(" ".join(cmd), file=sys.stderr)
         t0 = time.time()
         subprocess.run(cmd, check=True)

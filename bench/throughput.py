@@ -27,13 +27,19 @@ over the GPU's dense bf16 peak. The same count is used for both libraries, so tr
 decoder does more work than it is credited for: the MFU ratio is the throughput ratio.
 
     python bench/throughput.py [--batch 64] [--ft-batch 32] [--steps 30] [--model DIR] [--compile]
+                               [--attention sdpa,triton,triton-varlen] [--tiles TILES.json]
     python bench/throughput.py --device cpu   # a seconds-long smoke test of this script's logic
+
+--attention lists minibert's attention implementations to time, each against the same
+transformers run (which always uses SDPA); --tiles loads a Triton tile table written by
+bench/flash_tiles.py.
 
 Limits: one GPU (no data parallelism here); the fine-tuning lengths come from the rt-snippets
 words (tokens ~ 1.25 x words + 2) unless `--model` has a tokenizer and `--data` is present.
 """
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -166,57 +172,77 @@ def maybe_compile(model, on):
 
 
 # ---------------------------------------------------------------------------- workloads
+def note(what, rate, unit, peak):
+    print(f"  {what}: {rate:,.1f} {unit}, peak {fmt_mb(peak)}", file=sys.stderr, flush=True)
+
+
 def pretraining(args, cfg, amp, device, ckpt_dir):
+    """{"minibert <attention>" | "transformers": (tokens/s, peak MB), "flops_per_token": ...}"""
     batches = mlm_batches(args.warmup + min(args.steps, 10), args.batch, args.seq_len,
                           cfg.vocab_size, device)
-    torch.manual_seed(0)
-    mlm = BertForMLM(cfg)
-    save_model(mlm, ckpt_dir)  # the one checkpoint both libraries start from
-    fpt = flops_per_token(mlm, MASK_PROB)
-    mlm = mlm.to(device).train()
-    run = maybe_compile(mlm, args.compile)
-    step = train_step(run, AdamW(mlm.parameters(), lr=1e-4, foreach=True),
-                      lambda m, b: mlm_loss_sparse(m, b["input_ids"], b["attention_mask"],
-                                                   b["labels"])[0], amp, device)
-    mb = measure(step, batches, args.warmup, args.steps, device)
-    del mlm, run, step
-    free(device)
+    tokens = args.steps * args.batch * args.seq_len
+    out = {}
+    for attention in args.attention:
+        torch.manual_seed(0)  # the same weights for every attention, and for transformers
+        mlm = BertForMLM(dataclasses.replace(cfg, attention=attention))
+        if not out:
+            save_model(mlm, ckpt_dir)  # the one checkpoint both libraries start from
+            out["flops_per_token"] = flops_per_token(mlm, MASK_PROB)
+        mlm = mlm.to(device).train()
+        run = maybe_compile(mlm, args.compile)
+        step = train_step(run, AdamW(mlm.parameters(), lr=1e-4, foreach=True),
+                          lambda m, b: mlm_loss_sparse(m, b["input_ids"], b["attention_mask"],
+                                                       b["labels"])[0], amp, device)
+        secs, peak = measure(step, batches, args.warmup, args.steps, device)
+        out[f"minibert {attention}"] = (tokens / secs, peak)
+        note(f"pretraining, minibert {attention}", tokens / secs, "tokens/s", peak)
+        del mlm, run, step
+        free(device)
 
     from transformers import BertForMaskedLM
     hf = BertForMaskedLM.from_pretrained(ckpt_dir, attn_implementation="sdpa").to(device).train()
     run = maybe_compile(hf, args.compile)
     step = train_step(run, hf_opt(hf, device), lambda m, b: m(**b).loss, amp, device)
-    tr = measure(step, batches, args.warmup, args.steps, device)
+    secs, peak = measure(step, batches, args.warmup, args.steps, device)
+    out["transformers"] = (tokens / secs, peak)
+    note("pretraining, transformers", tokens / secs, "tokens/s", peak)
     del hf, run, step
     free(device)
-    tokens = args.steps * args.batch * args.seq_len
-    return {"minibert": (tokens / mb[0], mb[1]), "transformers": (tokens / tr[0], tr[1]),
-            "flops_per_token": fpt}
+    return out
 
 
 def finetuning(args, cfg, amp, device, ckpt_dir):
+    """{"minibert <attention>" | "transformers": (examples/s, peak MB)}"""
     lengths = snippet_lengths(args.data, args.model, args.max_length)
     batches = classification_batches(args.warmup + min(args.steps, 10), args.ft_batch,
                                      lengths, cfg.vocab_size, device)
-    if args.model:
-        bert = load_model(args.model)
-        print(f"fine-tuning: weights of {args.model}", file=sys.stderr)
-    else:
-        torch.manual_seed(0)
-        bert = BertEncoder(cfg)
-        print("fine-tuning: MiniLM-L6's architecture with random weights (--model DIR for a "
-              "checkpoint; the speed does not depend on the values)", file=sys.stderr)
-    save_model(bert, ckpt_dir)
-    torch.manual_seed(1)
-    model = TaskModel(bert, ClassificationHead(bert.config.hidden_size, 2, "cls",
-                                               bert.config.hidden_dropout_prob))
-    model = model.to(device).train()
-    run = maybe_compile(model, args.compile)
-    step = train_step(run, AdamW(model.parameters(), lr=5e-5, foreach=True),
-                      lambda m, b: m(b)["loss"], amp, device)
-    mb = measure(step, batches, args.warmup, args.steps, device)
-    del model, run, step, bert
-    free(device)
+    n = args.steps * args.ft_batch
+    out = {}
+    for attention in args.attention:
+        if args.model:
+            bert = load_model(args.model, attention=attention)
+            print(f"fine-tuning: weights of {args.model}", file=sys.stderr)
+        else:
+            torch.manual_seed(0)
+            bert = BertEncoder(dataclasses.replace(cfg, attention=attention))
+            if not out:
+                print("fine-tuning: MiniLM-L6's architecture with random weights (--model DIR "
+                      "for a checkpoint; the speed does not depend on the values)",
+                      file=sys.stderr)
+        if not out:
+            save_model(bert, ckpt_dir)
+        torch.manual_seed(1)
+        model = TaskModel(bert, ClassificationHead(bert.config.hidden_size, 2, "cls",
+                                                   bert.config.hidden_dropout_prob))
+        model = model.to(device).train()
+        run = maybe_compile(model, args.compile)
+        step = train_step(run, AdamW(model.parameters(), lr=5e-5, foreach=True),
+                          lambda m, b: m(b)["loss"], amp, device)
+        secs, peak = measure(step, batches, args.warmup, args.steps, device)
+        out[f"minibert {attention}"] = (n / secs, peak)
+        note(f"fine-tuning, minibert {attention}", n / secs, "examples/s", peak)
+        del model, run, step, bert
+        free(device)
 
     from transformers import BertForSequenceClassification
     hf = BertForSequenceClassification.from_pretrained(ckpt_dir, num_labels=2,
@@ -224,11 +250,12 @@ def finetuning(args, cfg, amp, device, ckpt_dir):
     hf = hf.to(device).train()
     run = maybe_compile(hf, args.compile)
     step = train_step(run, hf_opt(hf, device), lambda m, b: m(**b).loss, amp, device)
-    tr = measure(step, batches, args.warmup, args.steps, device)
+    secs, peak = measure(step, batches, args.warmup, args.steps, device)
+    out["transformers"] = (n / secs, peak)
+    note("fine-tuning, transformers", n / secs, "examples/s", peak)
     del hf, run, step
     free(device)
-    n = args.steps * args.ft_batch
-    return {"minibert": (n / mb[0], mb[1]), "transformers": (n / tr[0], tr[1])}
+    return out
 
 
 # ---------------------------------------------------------------------------- report
@@ -253,7 +280,12 @@ def main(argv=None):
                    help="torch.compile both libraries' models")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="dense bf16 peak of the GPU (default: looked up from its name)")
+    p.add_argument("--attention", default="sdpa",
+                   help="minibert's attention implementations to time, comma-separated, from "
+                        "sdpa, eager, triton, triton-varlen")
+    p.add_argument("--tiles", help="a Triton tile table from bench/flash_tiles.py (JSON)")
     args = p.parse_args(argv)
+    args.attention = args.attention.split(",")
 
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -267,6 +299,11 @@ def main(argv=None):
         base, minilm, amp = TINY, TINY, None
         args.batch, args.seq_len, args.ft_batch = 4, 16, 4
         args.steps, args.warmup = min(args.steps, 2), min(args.warmup, 1)
+        if any(a.startswith("triton") for a in args.attention):
+            os.environ.setdefault("TRITON_INTERPRET", "1")  # the kernels on the CPU, slowly
+    if args.tiles:
+        from bench.flash_tiles import load_tiles
+        load_tiles(args.tiles)
     import transformers
     precision = "bf16 autocast, fp32 weights and optimizer state" if amp else "fp32"
     print(f"device: {name}; torch {torch.__version__}, transformers {transformers.__version__}; "
@@ -277,26 +314,24 @@ def main(argv=None):
         ft = finetuning(args, minilm, amp, device, os.path.join(tmp, "cls"))
 
     peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-    rows = []
-    for lib in ("minibert", "transformers"):
+    hf_pre, hf_ft = pre["transformers"][0], ft["transformers"][0]
+    head = ("", f"pretrain tokens/s (B={args.batch}, T={args.seq_len})", "MFU", "x hf",
+            "peak mem", f"finetune examples/s (B={args.ft_batch})", "x hf", "peak mem")
+    table = [head]
+    for lib in [f"minibert {a}" for a in args.attention] + ["transformers"]:
         tps, mem = pre[lib]
         mfu = f"{100 * pre['flops_per_token'] * tps / (peak * 1e12):.1f}%" if peak else "-"
-        rows.append((lib, f"{tps:,.0f}", mfu, fmt_mb(mem), f"{ft[lib][0]:,.1f}",
-                     fmt_mb(ft[lib][1])))
-    ratio = ("minibert / transformers", f"{pre['minibert'][0] / pre['transformers'][0]:.2f}x",
-             "", "", f"{ft['minibert'][0] / ft['transformers'][0]:.2f}x", "")
-    head = ("", f"pretrain tokens/s (B={args.batch}, T={args.seq_len})", "MFU", "peak mem",
-            f"finetune examples/s (B={args.ft_batch})", "peak mem")
-    table = [head] + rows + [ratio]
-    widths = [max(len(r[i]) for r in table) for i in range(len(head))]
+        table.append((lib, f"{tps:,.0f}", mfu, f"{tps / hf_pre:.2f}x", fmt_mb(mem),
+                      f"{ft[lib][0]:,.1f}", f"{ft[lib][0] / hf_ft:.2f}x", fmt_mb(ft[lib][1])))
     print(f"GPU: {name}" if device.type == "cuda" else f"device: {name}")
     print(f"precision: {precision}; compile: {args.compile}; pretraining: "
           f"{'BERT-base' if device.type == 'cuda' else 'tiny'} config; "
-          f"fine-tuning: {args.model or 'MiniLM-L6 architecture'}; peak bf16: "
-          f"{f'{peak} TFLOP/s' if peak else 'unknown (--peak-tflops)'}")
-    for r in table:
-        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in
-                        enumerate(zip(r, widths))))
+          f"fine-tuning: {args.model or 'MiniLM-L6 architecture'}; transformers with SDPA; "
+          f"peak bf16: {f'{peak} TFLOP/s' if peak else 'unknown (--peak-tflops)'}")
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for r in table[1:]:
+        print("| " + " | ".join(r) + " |")
 
 
 if __name__ == "__main__":

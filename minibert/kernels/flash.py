@@ -26,17 +26,26 @@ import math
 import torch
 import triton
 
-from minibert.kernels import check_device, check_head_size, interpreting
+from minibert.kernels import HEAD_SIZES, check_device, check_head_size, interpreting
 from minibert.kernels.flash_kernels import (_bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_preprocess,
                                             _fwd_kernel, _keep_mask_kernel)
 
 
+# Tiles per kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M counts queries, BLOCK_N
+# keys. "fwd" and "dq" own BLOCK_M queries per program and stream keys in BLOCK_N steps; "dkdv"
+# owns BLOCK_N keys and streams queries in BLOCK_M steps. Keyed by head size; chosen on a GPU by
+# bench/flash_tiles.py (its output is in bench/README.md). Module-level so that the bench can try
+# other tables; nothing in the library changes it.
+GPU_TILES = {hs: {"fwd": (128, 64, 4 if hs <= 64 else 8, 3),
+                  "dkdv": (64, 64, 4, 3), "dq": (64, 64, 4, 3)} for hs in HEAD_SIZES}
+# The interpreter pays per program and per op: few, large tiles. 64 wide, so that the tests'
+# T = 97 and 130 end in a ragged tile.
+INTERPRETER_TILES = {"fwd": (64, 64, 4, 1), "dkdv": (64, 64, 4, 1), "dq": (64, 64, 4, 1)}
+
+
 def _tiles(hs):
-    """(forward BLOCK_M, forward BLOCK_N, backward block, num_warps), fixed per head size."""
-    if interpreting():
-        return 64, 64, 64, 4  # the interpreter pays per program and per op: few, large tiles
-    # Forward: 128 queries share each k/v tile loaded. Backward: two fp32 (64, hs) accumulators.
-    return 128, 64, 64, (4 if hs <= 64 else 8)
+    """{"fwd" | "dkdv" | "dq": (BLOCK_M, BLOCK_N, num_warps, num_stages)} for this head size."""
+    return INTERPRETER_TILES if interpreting() else GPU_TILES[hs]
 
 
 def _precision(x):
@@ -58,14 +67,15 @@ class _FlashAttention(torch.autograd.Function):
         nh, hs = q.shape[1], q.shape[-1]  # dim 1 is the head in both layouts
         o = torch.zeros(q.shape, dtype=q.dtype, device=q.device)  # rows never visited stay 0
         lse = torch.empty((B, nh, T_max), dtype=torch.float32, device=q.device)
-        BM, BN, _, warps = _tiles(hs)
+        BM, BN, warps, stages = _tiles(hs)["fwd"]
         if o.numel() > 0 and T_max > 0:
             _fwd_kernel[(triton.cdiv(T_max, BM), B * nh)](
                 q, k, v, o, lse, seq, seq if mask is None else mask,
                 *_strides(q, is_varlen), *_strides(k, is_varlen), *_strides(v, is_varlen),
                 *_strides(o, is_varlen), nh, T_max, sm_scale, dropout_p, seed,
                 HS=hs, BLOCK_M=BM, BLOCK_N=BN, IS_VARLEN=is_varlen, HAS_MASK=mask is not None,
-                HAS_DROPOUT=dropout_p > 0.0, PREC=_precision(q), num_warps=warps)
+                HAS_DROPOUT=dropout_p > 0.0, PREC=_precision(q), num_warps=warps,
+                num_stages=stages)
         ctx.save_for_backward(q, k, v, o, lse, seq, mask)
         ctx.args = (B, nh, hs, T_max, sm_scale, dropout_p, seed, is_varlen)
         return o
@@ -79,20 +89,23 @@ class _FlashAttention(torch.autograd.Function):
         if o.numel() == 0 or T_max == 0:
             return dq, dk, dv, None, None, None, None, None, None
         delta = torch.empty_like(lse)  # (B, nh, T_max)
-        _, _, BLK, warps = _tiles(hs)
+        tiles = _tiles(hs)
         so = _strides(o, is_varlen)
-        _bwd_preprocess[(triton.cdiv(T_max, BLK), B * nh)](
-            o, do, delta, seq, *so, nh, T_max, HS=hs, BLOCK_M=BLK, IS_VARLEN=is_varlen)
-        common = (*_strides(q, is_varlen), *_strides(k, is_varlen), *_strides(v, is_varlen), *so,
-                  nh, T_max, sm_scale, dropout_p, seed)
-        flags = dict(HS=hs, BLOCK_M=BLK, BLOCK_N=BLK, IS_VARLEN=is_varlen,
-                     HAS_MASK=mask is not None, HAS_DROPOUT=dropout_p > 0.0, PREC=_precision(q),
-                     num_warps=warps)
-        mask_arg = seq if mask is None else mask
-        _bwd_dkdv_kernel[(triton.cdiv(T_max, BLK), B * nh)](
-            q, k, v, do, dk, dv, lse, delta, seq, mask_arg, *common, **flags)
-        _bwd_dq_kernel[(triton.cdiv(T_max, BLK), B * nh)](
-            q, k, v, do, dq, lse, delta, seq, mask_arg, *common, **flags)
+        _bwd_preprocess[(triton.cdiv(T_max, 64), B * nh)](
+            o, do, delta, seq, *so, nh, T_max, HS=hs, BLOCK_M=64, IS_VARLEN=is_varlen)
+        args = (seq, seq if mask is None else mask,
+                *_strides(q, is_varlen), *_strides(k, is_varlen), *_strides(v, is_varlen), *so,
+                nh, T_max, sm_scale, dropout_p, seed)
+        flags = dict(HS=hs, IS_VARLEN=is_varlen, HAS_MASK=mask is not None,
+                     HAS_DROPOUT=dropout_p > 0.0, PREC=_precision(q))
+        BM, BN, warps, stages = tiles["dkdv"]  # a program per BN keys
+        _bwd_dkdv_kernel[(triton.cdiv(T_max, BN), B * nh)](
+            q, k, v, do, dk, dv, lse, delta, *args, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps,
+            num_stages=stages, **flags)
+        BM, BN, warps, stages = tiles["dq"]  # a program per BM queries
+        _bwd_dq_kernel[(triton.cdiv(T_max, BM), B * nh)](
+            q, k, v, do, dq, lse, delta, *args, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps,
+            num_stages=stages, **flags)
         return dq, dk, dv, None, None, None, None, None, None
 
 
@@ -147,11 +160,21 @@ def flash_attention(q, k, v, key_padding_mask=None, softmax_scale=None, dropout_
 
 
 def flash_attention_varlen(q, k, v, cu_seqlens, max_seqlen, softmax_scale=None, dropout_p=0.0,
-                           seed=None):
+                           seed=None, validate=True):
     """The same over packed sequences: q, k, v (total, nh, hs), sequence b being rows
     cu_seqlens[b]:cu_seqlens[b+1] (cu_seqlens int32 (B+1,), starting at 0); max_seqlen >= the
-    longest sequence (it also sets the dropout offsets). Returns (total, nh, hs)."""
+    longest sequence (it also sets the dropout offsets). Returns (total, nh, hs).
+    validate=False skips the host-side check of cu_seqlens (one sync per call), for a caller
+    that built cu_seqlens itself and calls once per layer (minibert/kernels/unpad.py)."""
     _check_inputs(q, k, v, "(total, nh, hs)", dropout_p)
+    if validate:
+        _check_cu_seqlens(q, cu_seqlens, max_seqlen)
+    scale, seed = _resolve(softmax_scale, dropout_p, seed, q.size(-1))
+    return _FlashAttention.apply(q, k, v, cu_seqlens, None, int(max_seqlen), scale,
+                                 float(dropout_p), seed)
+
+
+def _check_cu_seqlens(q, cu_seqlens, max_seqlen):
     if (cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1
             or cu_seqlens.device != q.device):
         raise ValueError(f"cu_seqlens must be int32 (B+1,) on {q.device}; got {cu_seqlens.dtype} "
@@ -164,9 +187,6 @@ def flash_attention_varlen(q, k, v, cu_seqlens, max_seqlen, softmax_scale=None, 
             lengths, default=0) > max_seqlen:
         raise ValueError(f"cu_seqlens must rise from 0 to total={q.size(0)}, no sequence longer "
                          f"than max_seqlen={max_seqlen}; got cu_seqlens={cu}")
-    scale, seed = _resolve(softmax_scale, dropout_p, seed, q.size(-1))
-    return _FlashAttention.apply(q, k, v, cu_seqlens, None, int(max_seqlen), scale,
-                                 float(dropout_p), seed)
 
 
 def dropout_keep_mask(seed, B, nh, T, dropout_p, device):

@@ -31,7 +31,9 @@ def packed_block(block, x, cu_seqlens, max_seqlen):
     k = k.view(total, attn.nh, attn.hs)
     v = v.view(total, attn.nh, attn.hs)
     p = attn.dropout_p if attn.training else 0.0
-    y = flash_attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=p)  # (total, nh, hs)
+    # cu_seqlens comes from forward_unpadded, valid by construction: no per-layer host check
+    y = flash_attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=p,
+                               validate=False)  # (total, nh, hs)
     y = attn.proj(y.reshape(total, attn.nh * attn.hs))  # (total, C)
     x = block.ln_attn(x + block.drop(y))
     x = block.ln_mlp(x + block.drop(block.mlp(x)))
