@@ -10,7 +10,12 @@ Runs `minibert finetune --task multitask` five times and prints dev and test met
     5 from 1, polarity head frozen      run 1's backbone and polarity head; the polarity head
                                         keeps its weights, its loss stays on, intensity learns
 
-    python bench/multitask_freezing.py [--max-train N] [--epochs E] [--threads 1] [--seed S]
+    python bench/multitask_freezing.py [--max-train N] [--epochs E] [--threads 1]
+                                       [--seeds 42,43,44]
+
+With several seeds (each run's --seed: head init, dropout, batch order) every cell is the mean
++- sd over them. A run already finished under --out is read back, not made again: seed 42's
+runs are in --out, another seed's in OUT-sSEED.
 
 Every run uses minibert's defaults (lr 1e-4 at the top block with layer-wise decay 0.9, head lr
 1e-3, mean pooling) except the flags named here. --max-train takes N evenly spaced train rows
@@ -20,15 +25,42 @@ Every run uses minibert's defaults (lr 1e-4 at the top block with layer-wise dec
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.finetune_vs_transformers import machine  # noqa: E402
 from bench.tasks_vs_transformers import subset  # noqa: E402
 
 SRC = "data/rt-snippets"
+
+
+def mean_sd(xs):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "-"
+    return f"{statistics.mean(xs):.4f}" + (f" +- {statistics.stdev(xs):.4f}" if len(xs) > 1
+                                           else "")
+
+
+def runs_for(a, out):
+    """[(label, run dir, model, tasks, flags)] of one seed's five runs under `out`."""
+    data = f"{out}/data"
+    subset(SRC, data, "train", a.max_train)
+    for split in ("dev", "test"):
+        subset(SRC, data, split, 10 ** 9)
+    pol = f"polarity:classification:{data}/{{split}}.jsonl:label_field=label"
+    inten = f"intensity:regression:{data}/{{split}}.jsonl:target_field=score:" \
+            "standardize_targets=true"
+    first = f"{out}/1-polarity/best"
+    return [("1 polarity alone", f"{out}/1-polarity", a.model, [pol], []),
+            ("2 intensity alone", f"{out}/2-intensity", a.model, [inten], []),
+            ("3 together", f"{out}/3-together", a.model, [pol, inten], []),
+            ("4 together, backbone frozen", f"{out}/4-frozen-backbone", a.model, [pol, inten],
+             ["--freeze-backbone"]),
+            ("5 from 1, polarity head frozen", f"{out}/5-frozen-polarity", first, [pol, inten],
+             ["--init-heads", f"polarity={first}", "--freeze-head", "polarity"])]
 
 
 def main():
@@ -38,54 +70,42 @@ def main():
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seed", type=int, default=42, help="every run's --seed (head init, dropout, "
-                   "batch order); seed 42's runs go in --out, another seed's in OUT-sSEED")
+    p.add_argument("--seeds", default="42", help="comma-separated; each run's --seed")
     p.add_argument("--out", default="runs/bench-multitask")
     a = p.parse_args()
-    if a.seed != 42:
-        a.out = f"{a.out}-s{a.seed}"
-    data = f"{a.out}/data"
-    subset(SRC, data, "train", a.max_train)
-    for split in ("dev", "test"):
-        subset(SRC, data, split, 10 ** 9)
-    pol = f"polarity:classification:{data}/{{split}}.jsonl:label_field=label"
-    inten = f"intensity:regression:{data}/{{split}}.jsonl:target_field=score:" \
-            "standardize_targets=true"
-    first = f"{a.out}/1-polarity/best"
-    runs = [("1 polarity alone", "1-polarity", a.model, [pol], []),
-            ("2 intensity alone", "2-intensity", a.model, [inten], []),
-            ("3 together", "3-together", a.model, [pol, inten], []),
-            ("4 together, backbone frozen", "4-frozen-backbone", a.model, [pol, inten],
-             ["--freeze-backbone"]),
-            ("5 from 1, polarity head frozen", "5-frozen-polarity", first, [pol, inten],
-             ["--init-heads", f"polarity={first}", "--freeze-head", "polarity"])]
-    print(f"machine: {machine()} (here; each run: --threads {a.threads}, --seed {a.seed})",
+    seeds = [int(x) for x in a.seeds.split(",")]
+    print(f"machine: {machine()} (here; each run: --threads {a.threads}; seeds {seeds})",
           flush=True)
-    rows = []
-    for label, name, model, tasks, extra in runs:
-        cmd = [sys.executable, "-P", "-m", "train.cli", "finetune", "--task", "multitask",
-               "--model", model, "--tasks", ",".join(tasks), "--out", f"{a.out}/{name}",
-               "--epochs", str(a.epochs), "--max-length", str(a.max_length),
-               "--eval-every", "none", "--log-every", "50", "--threads", str(a.threads),
-               "--seed", str(a.seed), *extra]
-        print(" ".join(cmd), file=sys.stderr)
-        t0 = time.time()
-        subprocess.run(cmd, check=True)
-        with open(f"{a.out}/{name}/results.json") as f:
-            res = json.load(f)
-        rows.append((label, res, time.time() - t0))
-        print(json.dumps({"run": label, "dev": res["dev"], "test": res.get("test")}), flush=True)
+    found = {}  # label -> [results.json per seed]
+    for seed in seeds:
+        out = a.out if seed == 42 else f"{a.out}-s{seed}"
+        for label, run, model, tasks, extra in runs_for(a, out):
+            if not os.path.exists(f"{run}/results.json"):
+                cmd = [sys.executable, "-P", "-m", "train.cli", "finetune", "--task", "multitask",
+                       "--model", model, "--tasks", ",".join(tasks), "--out", run,
+                       "--epochs", str(a.epochs), "--max-length", str(a.max_length),
+                       "--eval-every", "none", "--log-every", "50", "--threads", str(a.threads),
+                       "--seed", str(seed), *extra]
+                print(" ".join(cmd), file=sys.stderr)
+                subprocess.run(cmd, check=True)
+            else:
+                print(f"{run}: finished, read back", file=sys.stderr)
+            with open(f"{run}/results.json") as f:
+                res = json.load(f)
+            found.setdefault(label, []).append(res)
+            print(json.dumps({"run": label, "seed": seed, "dev": res["dev"],
+                              "test": res.get("test")}), flush=True)
 
-    def cell(res, split, key):
-        v = (res.get(split) or {}).get(key)
-        return f"{v:.4f}" if v is not None else "-"
-    print("\n| run | polarity acc dev | test | intensity Pearson dev | test | seconds |")
+    def cell(label, split, key):
+        return mean_sd([(r.get(split) or {}).get(key) for r in found[label]])
+    print("\n| run | polarity acc dev | test | intensity Pearson dev | test | train seconds |")
     print("|---|---|---|---|---|---|")
-    for label, res, secs in rows:
-        print(f"| {label} | {cell(res, 'dev', 'polarity/accuracy')} | "
-              f"{cell(res, 'test', 'polarity/accuracy')} | "
-              f"{cell(res, 'dev', 'intensity/pearson')} | "
-              f"{cell(res, 'test', 'intensity/pearson')} | {secs:.0f} |")
+    for label, rs in found.items():
+        secs = statistics.mean(r["train_seconds"] for r in rs)
+        print(f"| {label} | {cell(label, 'dev', 'polarity/accuracy')} | "
+              f"{cell(label, 'test', 'polarity/accuracy')} | "
+              f"{cell(label, 'dev', 'intensity/pearson')} | "
+              f"{cell(label, 'test', 'intensity/pearson')} | {secs:.0f} |")
 
 
 if __name__ == "__main__":

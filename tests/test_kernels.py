@@ -90,7 +90,8 @@ def test_no_mask_matches_eager():
 
 @pytest.mark.parametrize("T, hs", [(97, 32), (130, 64)])
 def test_general_mask_matches_eager(T, hs):
-    # Holes in the middle and padding at the end: not a prefix mask, so the kernel reads the mask.
+    # Holes in the middle and padding at the end: the kernel must read the mask, not only the
+    # last real token.
     g = torch.Generator().manual_seed(T)
     mask = torch.rand(2, T, generator=g) < 0.6
     mask[:, 0] = True

@@ -11,9 +11,9 @@ reference live in flash_kernels.py, whose docstring explains the algorithm.
 - dropout_keep_mask(seed, B, nh, T, dropout_p, device): the dropout mask the kernels use, for tests.
 
 Padded query rows give 0, and padded keys/values (and padded query rows) get exactly 0 gradient.
-The mask is inspected on the host (one sync per call): a prefix mask (real tokens, then padding)
-becomes per-sequence lengths and no tile past a length is visited; any other mask is read per key
-tile, and tiles past the last real token are still skipped.
+A mask never leaves the device (no host sync, so a model calls this once per layer at no cost
+beyond the kernels): each sequence's last real token bounds the tiles visited, so no tile past it
+is read, and the mask itself is read per key tile, one byte per key.
 
 Limits: self-attention (one length and one mask for q and k), no causal mask or bias; head size
 16, 32, 64 or 128; fp16 / bf16 / fp32 on a CUDA GPU, or on the CPU under TRITON_INTERPRET=1.
@@ -33,9 +33,10 @@ from minibert.kernels.flash_kernels import (_bwd_dkdv_kernel, _bwd_dq_kernel, _b
 
 # Tiles per kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M counts queries, BLOCK_N
 # keys. "fwd" and "dq" own BLOCK_M queries per program and stream keys in BLOCK_N steps; "dkdv"
-# owns BLOCK_N keys and streams queries in BLOCK_M steps. Keyed by head size; chosen on a GPU by
-# bench/flash_tiles.py (its output is in bench/README.md). Module-level so that the bench can try
-# other tables; nothing in the library changes it.
+# owns BLOCK_N keys and streams queries in BLOCK_M steps. Keyed by head size. These are starting
+# points (FlashAttention-2's shapes), not yet timed on a GPU: bench/flash_tiles.py sweeps others
+# on the GPU at hand and writes a table that the benches load with --tiles, to be copied here.
+# Module-level so that the bench can try other tables; nothing in the library changes it.
 GPU_TILES = {hs: {"fwd": (128, 64, 4 if hs <= 64 else 8, 3),
                   "dkdv": (64, 64, 4, 3), "dq": (64, 64, 4, 3)} for hs in HEAD_SIZES}
 # The interpreter pays per program and per op: few, large tiles. 64 wide, so that the tests'
@@ -148,13 +149,9 @@ def flash_attention(q, k, v, key_padding_mask=None, softmax_scale=None, dropout_
             raise ValueError(f"key_padding_mask must be bool of shape (B, T) = {(B, T)}; got "
                              f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
         m = key_padding_mask.to(q.device)
-        lengths = m.sum(1, dtype=torch.int32)  # (B,)
-        pos = torch.arange(T, device=q.device)  # (T,)
-        if torch.equal(m, pos[None, :] < lengths[:, None]):  # a prefix mask: lengths say it all
-            seq, mask = lengths, None
-        else:  # a general mask: visit up to the last real token, and read the mask there
-            seq = torch.where(m, pos + 1, 0).amax(1).to(torch.int32)  # (B,) last real + 1
-            mask = m.to(torch.int8).contiguous()  # (B, T)
+        pos = torch.arange(1, T + 1, device=q.device)  # (T,) position + 1
+        seq = torch.where(m, pos, 0).amax(1).to(torch.int32)  # (B,) last real token + 1
+        mask = m.to(torch.int8).contiguous()  # (B, T), read per key tile
     scale, seed = _resolve(softmax_scale, dropout_p, seed, hs)
     return _FlashAttention.apply(q, k, v, seq, mask, T, scale, float(dropout_p), seed)
 

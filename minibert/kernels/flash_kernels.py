@@ -21,11 +21,11 @@ registers, with no atomics, at the cost of computing q k^T twice in the backward
 Two layouts share the kernels, chosen by IS_VARLEN:
 - padded (B, nh, T, hs) with a key padding mask (B, T), True at real tokens;
 - packed (total, nh, hs) with cu_seqlens (B+1,) int32, no padding at all (`flash_attention_varlen`).
-Masks (padded layout): a *prefix* mask (real tokens, then padding; what tokenizers produce) is
-turned into per-sequence lengths, so key and query blocks past the length are never visited and
-no mask is loaded. Any other mask is loaded per key block, and blocks at or past the last real
-token are still skipped. Either way padded query rows give zero output and padded keys/values
-get exactly zero gradient (their probabilities are exactly 0).
+Masks (padded layout): the mask (B, T) is loaded per key block (one byte per key, beside a
+(BN, hs) tile of K and one of V), and blocks past the last real token of a sequence are never
+visited, so right padding (what tokenizers produce) costs nothing past each sequence's end.
+Padded query rows give zero output and padded keys/values get exactly zero gradient (their
+probabilities are exactly 0). The wrapper finds the last real token on the device: no host sync.
 
 Dropout (as BERT fine-tuning uses, p = 0.1) happens inside the kernel: Philox random numbers
 from (seed, offset), offset = ((b nh + h) T + i) T + j for query i and key j (T: the padded
@@ -35,7 +35,8 @@ it. `dropout_keep_mask` returns that mask for tests.
 Limits: self-attention only (q, k, v of equal length, one mask for both); no causal mask, no
 attention bias; head size a power of two from 16 to 128 (it is a compile-time block width);
 fp16 / bf16 on a CUDA GPU, fp32 too (what TRITON_INTERPRET=1 runs on a CPU, slowly). Block sizes
-are fixed per head size, not autotuned. A mask costs one host sync per call (prefix detection).
+are a table per head size and kernel (GPU_TILES in flash.py), chosen by bench/flash_tiles.py, not
+autotuned at run time.
 """
 
 import math
@@ -79,7 +80,7 @@ def _seq_bounds(SEQ, b, IS_VARLEN: tl.constexpr):
     if IS_VARLEN:  # SEQ = cu_seqlens (B+1,)
         start = tl.load(SEQ + b)
         n = tl.load(SEQ + b + 1) - start
-    else:  # SEQ = (B,): the length (prefix mask) or last real token + 1 (general mask)
+    else:  # SEQ = (B,): the last real token + 1 (T without a mask)
         start = 0
         n = tl.load(SEQ + b)
     return start, n
