@@ -509,9 +509,13 @@ def row_domain(b, a):
 def row_dapt(b, a):
     """MiniLM with its pretraining continued on the review text (domain-adaptive pretraining,
     what users run) against MiniLM as it is: the default recipe from each."""
-    runs = {"MiniLM, continued on reviews": [
-                b.run("dapt-minilm-reviews", s, [], model=need(a, "minilm_reviews", "dapt"))
-                for s in a.seeds],
+    ckpt = need(a, "minilm_reviews", "dapt")
+    # runs named after the checkpoint's run (runs/minilm-reviews/best -> dapt-minilm-reviews), so
+    # that a longer continued pretraining gets runs of its own
+    path = os.path.abspath(ckpt)
+    name = os.path.basename(os.path.dirname(path) if os.path.basename(path) == "best" else path)
+    runs = {"MiniLM, continued on reviews": [b.run(f"dapt-{name}", s, [], model=ckpt)
+                                             for s in a.seeds],
             "MiniLM": [b.default(s) for s in a.seeds]}
     b.make(a.jobs)
     accs = compare(runs)
