@@ -172,8 +172,16 @@ def maybe_compile(model, on):
 
 
 # ---------------------------------------------------------------------------- workloads
-def note(what, rate, unit, peak):
-    print(f"  {what}: {rate:,.1f} {unit}, peak {fmt_mb(peak)}", file=sys.stderr, flush=True)
+def rate(model, opt, loss_fn, batches, args, amp, device, count, what, unit):
+    """Train `model` (compiled with --compile) on `batches`: (count / second, peak MB). Peak
+    memory is this measurement's alone (measure resets it); the caller drops the model."""
+    step = train_step(maybe_compile(model, args.compile), opt, loss_fn, amp, device)
+    secs, peak = measure(step, batches, args.warmup, args.steps, device)
+    print(f"  {what}: {count / secs:,.1f} {unit}, peak {fmt_mb(peak)}", file=sys.stderr,
+          flush=True)
+    del model, opt, step
+    free(device)
+    return count / secs, peak
 
 
 def pretraining(args, cfg, amp, device, ckpt_dir):
@@ -189,25 +197,16 @@ def pretraining(args, cfg, amp, device, ckpt_dir):
             save_model(mlm, ckpt_dir)  # the one checkpoint both libraries start from
             out["flops_per_token"] = flops_per_token(mlm, MASK_PROB)
         mlm = mlm.to(device).train()
-        run = maybe_compile(mlm, args.compile)
-        step = train_step(run, AdamW(mlm.parameters(), lr=1e-4, foreach=True),
-                          lambda m, b: mlm_loss_sparse(m, b["input_ids"], b["attention_mask"],
-                                                       b["labels"])[0], amp, device)
-        secs, peak = measure(step, batches, args.warmup, args.steps, device)
-        out[f"minibert {attention}"] = (tokens / secs, peak)
-        note(f"pretraining, minibert {attention}", tokens / secs, "tokens/s", peak)
-        del mlm, run, step
-        free(device)
+        out[f"minibert {attention}"] = rate(
+            mlm, AdamW(mlm.parameters(), lr=1e-4, foreach=True),
+            lambda m, b: mlm_loss_sparse(m, b["input_ids"], b["attention_mask"], b["labels"])[0],
+            batches, args, amp, device, tokens, f"pretraining, minibert {attention}", "tokens/s")
+        del mlm
 
     from transformers import BertForMaskedLM
     hf = BertForMaskedLM.from_pretrained(ckpt_dir, attn_implementation="sdpa").to(device).train()
-    run = maybe_compile(hf, args.compile)
-    step = train_step(run, hf_opt(hf, device), lambda m, b: m(**b).loss, amp, device)
-    secs, peak = measure(step, batches, args.warmup, args.steps, device)
-    out["transformers"] = (tokens / secs, peak)
-    note("pretraining, transformers", tokens / secs, "tokens/s", peak)
-    del hf, run, step
-    free(device)
+    out["transformers"] = rate(hf, hf_opt(hf, device), lambda m, b: m(**b).loss, batches, args,
+                               amp, device, tokens, "pretraining, transformers", "tokens/s")
     return out
 
 
@@ -235,26 +234,17 @@ def finetuning(args, cfg, amp, device, ckpt_dir):
         model = TaskModel(bert, ClassificationHead(bert.config.hidden_size, 2, "cls",
                                                    bert.config.hidden_dropout_prob))
         model = model.to(device).train()
-        run = maybe_compile(model, args.compile)
-        step = train_step(run, AdamW(model.parameters(), lr=5e-5, foreach=True),
-                          lambda m, b: m(b)["loss"], amp, device)
-        secs, peak = measure(step, batches, args.warmup, args.steps, device)
-        out[f"minibert {attention}"] = (n / secs, peak)
-        note(f"fine-tuning, minibert {attention}", n / secs, "examples/s", peak)
-        del model, run, step, bert
-        free(device)
+        out[f"minibert {attention}"] = rate(
+            model, AdamW(model.parameters(), lr=5e-5, foreach=True), lambda m, b: m(b)["loss"],
+            batches, args, amp, device, n, f"fine-tuning, minibert {attention}", "examples/s")
+        del model, bert
 
     from transformers import BertForSequenceClassification
     hf = BertForSequenceClassification.from_pretrained(ckpt_dir, num_labels=2,
                                                        attn_implementation="sdpa")
     hf = hf.to(device).train()
-    run = maybe_compile(hf, args.compile)
-    step = train_step(run, hf_opt(hf, device), lambda m, b: m(**b).loss, amp, device)
-    secs, peak = measure(step, batches, args.warmup, args.steps, device)
-    out["transformers"] = (n / secs, peak)
-    note("fine-tuning, transformers", n / secs, "examples/s", peak)
-    del hf, run, step
-    free(device)
+    out["transformers"] = rate(hf, hf_opt(hf, device), lambda m, b: m(**b).loss, batches, args,
+                               amp, device, n, "fine-tuning, transformers", "examples/s")
     return out
 
 
