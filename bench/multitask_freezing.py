@@ -25,11 +25,11 @@ Every run uses minibert's defaults (lr 1e-4 at the top block with layer-wise dec
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.claims import stats  # noqa: E402
 from bench.finetune_vs_transformers import machine  # noqa: E402
 from bench.tasks_vs_transformers import subset  # noqa: E402
 
@@ -40,8 +40,8 @@ def mean_sd(xs):
     xs = [x for x in xs if x is not None]
     if not xs:
         return "-"
-    return f"{statistics.mean(xs):.4f}" + (f" +- {statistics.stdev(xs):.4f}" if len(xs) > 1
-                                           else "")
+    m, sd = stats(xs)
+    return f"{m:.4f}" + (f" +- {sd:.4f}" if sd is not None else "")
 
 
 def runs_for(a, out):
@@ -74,8 +74,8 @@ def main():
     p.add_argument("--out", default="runs/bench-multitask")
     a = p.parse_args()
     seeds = [int(x) for x in a.seeds.split(",")]
-    print(f"machine: {machine()} (here; each run: --threads {a.threads}; seeds {seeds})",
-          flush=True)
+    print(f"machine: {machine()} (here; runs made now: --threads {a.threads}; finished runs are "
+          f"read back as they were made; seeds {seeds})", flush=True)
     found = {}  # label -> [results.json per seed]
     for seed in seeds:
         out = a.out if seed == 42 else f"{a.out}-s{seed}"
@@ -101,7 +101,7 @@ def main():
     print("\n| run | polarity acc dev | test | intensity Pearson dev | test | train seconds |")
     print("|---|---|---|---|---|---|")
     for label, rs in found.items():
-        secs = statistics.mean(r["train_seconds"] for r in rs)
+        secs = stats([r["train_seconds"] for r in rs])[0]
         print(f"| {label} | {cell(label, 'dev', 'polarity/accuracy')} | "
               f"{cell(label, 'test', 'polarity/accuracy')} | "
               f"{cell(label, 'dev', 'intensity/pearson')} | "

@@ -2,8 +2,8 @@
 
 tests/test_kernels.py holds the kernels to eager attention, op by op; here the commands run on
 the GPU as a user runs them (autocast, the Triton kernels inside a training loop, fp16 with its
-loss scaler, torch.compile). Every test here needs a CUDA GPU and is skipped without one: these
-are the only skips in the suite.
+loss scaler, torch.compile). Every test here needs a CUDA GPU and is skipped without one; these
+and test_kernels.py's low-precision cases are the suite's only skips.
 """
 
 import json
@@ -14,8 +14,9 @@ import sys
 import pytest
 import torch
 
-from tests.tiny import make_checkpoint, make_sentiment
+from tests.tiny import make_checkpoint, make_corpus, make_sentiment, pretrain_config
 from train.loop.rundir import read_jsonl
+from train.pretrain.pretrain import run_pretrain
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,20 +87,12 @@ def test_compile_on_the_gpu_matches_eager_mode(tmp_path):
 
 
 def test_pretraining_on_the_gpu(tmp_path):
-    from train.pretrain.config import PretrainConfig
-    from train.pretrain.pretrain import run_pretrain
-    words = "the senate voted on a nomination while markets fell and talks went well".split()
-    lines = [" ".join(words[(i * 7 + j) % len(words)] for j in range(5 + i % 30)) + "."
-             for i in range(80)]
-    (tmp_path / "train.txt").write_text("\n".join(lines[:70]) + "\n")
-    (tmp_path / "valid.txt").write_text("\n".join(lines[70:]) + "\n")
-    res = run_pretrain(PretrainConfig(
-        corpus=[str(tmp_path / "train.txt")], valid=str(tmp_path / "valid.txt"),
-        out=str(tmp_path / "out"), config="tiny", vocab_size=200, max_len=32, batch_size=8,
-        max_steps=20, eval_every=10, log_every=5, device="cuda", precision="bf16",
-        attention="triton-varlen", warmup_steps=2, cache_dir=str(tmp_path / "cache")))
+    # test_pretrain.py's tiny corpus and config, on the GPU in bf16 with the varlen kernels
+    corpus = make_corpus(tmp_path)
+    run_pretrain(pretrain_config(corpus, tmp_path / "out", device="cuda", precision="bf16",
+                                 attention="triton-varlen", batch_size=8, max_steps=20,
+                                 eval_every=10, warmup_steps=2))
     assert os.path.exists(tmp_path / "out" / "best" / "model.safetensors")
     losses = [e["train_loss"] for e in read_jsonl(str(tmp_path / "out" / "metrics.jsonl"))
               if e["event"] == "train"]
     assert losses[-1] < losses[0], losses
-    assert res is not None

@@ -7,7 +7,6 @@ Each run is a 2-layer, 128-wide model on a few thousand tokens for a handful of 
 """
 
 import json
-import random
 
 import pytest
 import torch
@@ -17,32 +16,16 @@ from safetensors.torch import load_file
 from minibert.checkpoint import load_model, save_model
 from minibert.model import BertEncoder, BertForMLM
 from minibert.tokenizer import Tokenizer
-from tests.tiny import compile_and_bf16_losses
+from tests.tiny import NEWS_WORDS as WORDS
+from tests.tiny import compile_and_bf16_losses, make_corpus
+from tests.tiny import pretrain_config as config
 from train.loop.rundir import read_jsonl
 from train.pretrain.pretrain import run_pretrain
-from train.pretrain.config import SIZES, PretrainConfig, model_config
-
-WORDS = ("the senate voted on a contentious nomination while markets fell sharply and the "
-         "president said that talks with europe went well despite unbelievable weather").split()
-
+from train.pretrain.config import SIZES, model_config
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    for name, n in (("train.txt", 60), ("valid.txt", 8)):
-        docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 40))) + "."
-                for _ in range(n)]
-        (d / name).write_text("\n".join(docs) + "\n", encoding="utf-8")
-    return d
-
-
-def config(corpus, out, **kw):
-    base = dict(corpus=[str(corpus / "train.txt")], valid=str(corpus / "valid.txt"), out=str(out),
-                config="tiny", vocab_size=200, max_len=32, batch_size=4, max_steps=4,
-                eval_every=2, log_every=1, threads=1, device="cpu", warmup_steps=1,
-                cache_dir=str(corpus / "cache"))
-    return PretrainConfig(**{**base, **kw})
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.fixture(scope="module")

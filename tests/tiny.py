@@ -87,3 +87,28 @@ def compile_and_bf16_losses(monkeypatch, capsys, train):
     assert losses["bf16"] != losses["eager"]
     assert losses["bf16"] == pytest.approx(losses["eager"], rel=2e-3)
     return losses
+
+
+NEWS_WORDS = ("the senate voted on a contentious nomination while markets fell sharply and the "
+              "president said that talks with europe went well despite unbelievable weather").split()
+
+
+def make_corpus(path):
+    """A pretraining corpus: train.txt (60 documents) and valid.txt (8) of 5-40 random words."""
+    rng = random.Random(0)
+    for name, n in (("train.txt", 60), ("valid.txt", 8)):
+        docs = [" ".join(rng.choice(NEWS_WORDS) for _ in range(rng.randint(5, 40))) + "."
+                for _ in range(n)]
+        (path / name).write_text("\n".join(docs) + "\n", encoding="utf-8")
+    return path
+
+
+def pretrain_config(corpus, out, **kw):
+    """A PretrainConfig for the tiny model on `corpus` (make_corpus): 4 steps on the CPU, unless
+    `kw` says otherwise."""
+    from train.pretrain.config import PretrainConfig
+    base = dict(corpus=[str(corpus / "train.txt")], valid=str(corpus / "valid.txt"), out=str(out),
+                config="tiny", vocab_size=200, max_len=32, batch_size=4, max_steps=4,
+                eval_every=2, log_every=1, threads=1, device="cpu", warmup_steps=1,
+                cache_dir=str(corpus / "cache"))
+    return PretrainConfig(**{**base, **kw})

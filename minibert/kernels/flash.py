@@ -11,9 +11,9 @@ reference live in flash_kernels.py, whose docstring explains the algorithm.
 - dropout_keep_mask(seed, B, nh, T, dropout_p, device): the dropout mask the kernels use, for tests.
 
 Padded query rows give 0, and padded keys/values (and padded query rows) get exactly 0 gradient.
-A mask never leaves the device (no host sync, so a model calls this once per layer at no cost
-beyond the kernels): each sequence's last real token bounds the tiles visited, so no tile past it
-is read, and the mask itself is read per key tile, one byte per key.
+A mask never leaves the device (no host sync, so a model calling this in every layer never
+stalls the GPU): each sequence's last real token bounds the tiles visited, so no tile past it is
+read, and the mask itself is read per key tile, one byte per key.
 
 Limits: self-attention (one length and one mask for q and k), no causal mask or bias; head size
 16, 32, 64 or 128; fp16 / bf16 / fp32 on a CUDA GPU, or on the CPU under TRITON_INTERPRET=1.
