@@ -129,6 +129,10 @@ def load_state_into(model, ckpt_dir, with_head, allow_missing_head=False):
                                           "initialised fresh"))
     head_keys = [k for k in tensors if k.startswith("cls.predictions.")]
     if with_head:
+        if not head_keys and not allow_missing_head:
+            raise CheckpointError(f"{path}: no masked-LM head (no cls.predictions.* tensors): an "
+                                  "encoder-only checkpoint cannot predict masked tokens; use one "
+                                  "saved with its head, such as a `minibert pretrain` run")
         head = {"head." + k: v for k, v in _HEAD_MAP.items()}
         mapping.update(head)
         if allow_missing_head:

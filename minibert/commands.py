@@ -50,16 +50,28 @@ def cmd_weights_import(args):
     import_weights(args.src, args.dest)
 
 
+def read_stdin_lines(command, what="--text"):
+    """The texts piped in, one a line, when `what` was not given. Every line counts, blank ones
+    too, so that line N of the output answers line N of the input."""
+    if sys.stdin.isatty():
+        raise SystemExit(f"minibert {command}: give {what}, or pipe texts in, one a line")
+    texts = [line.rstrip("\r\n") for line in sys.stdin]
+    if not texts:
+        raise SystemExit(f"minibert {command}: no {what}, and stdin is empty")
+    return texts
+
+
 @torch.no_grad()
 def cmd_embed(args):
     """Mean-pooled, L2-normalised sentence vectors: sentence-transformers' convention."""
     resolve_model(args, "embed")
+    texts = args.text or read_stdin_lines("embed")
     model = load_and_report(args.model)
     tok = Tokenizer.from_dir(args.model)
     check_vocabulary(model.config, tok, args.model)
     vectors = []
-    for i in range(0, len(args.text), args.batch_size):
-        b = tok.encode_batch(args.text[i:i + args.batch_size], max_length=args.max_length)
+    for i in range(0, len(texts), args.batch_size):
+        b = tok.encode_batch(texts[i:i + args.batch_size], max_length=args.max_length)
         h = model(b["input_ids"], b["attention_mask"], b["token_type_ids"])  # (B, T, C)
         v = torch.nn.functional.normalize(mean_pool(h, b["attention_mask"]), dim=-1)  # (B, C)
         vectors.extend(v.tolist())
@@ -100,7 +112,8 @@ def register(sub):
 
     p = sub.add_parser("embed", help="print mean-pooled, L2-normalised sentence vectors as JSON")
     add_model_argument(p, "checkpoint directory")
-    p.add_argument("--text", action="append", required=True, help="a sentence (repeatable)")
+    p.add_argument("--text", action="append", help="a sentence (repeatable); without it, the "
+                   "sentences are read from stdin, one a line")
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32)
     p.set_defaults(func=cmd_embed)

@@ -1,9 +1,10 @@
 """Problems users reported, one test each (the rest are cases of tests/test_bad_inputs.py):
-fill-mask and predict on bad inputs, files with a byte-order mark and CRLF line ends, what a
-checkpoint's config.json says it holds, strict JSON in every file a run writes, and one spelling
-(`--model`) for the model in every command, the old spelling still working.
+fill-mask and predict on bad inputs, texts piped on stdin, files with a byte-order mark and CRLF
+line ends, what a checkpoint's config.json says it holds, strict JSON in every file a run writes,
+and one spelling (`--model`) for the model in every command, the old spelling still working.
 """
 
+import io
 import json
 import os
 import shutil
@@ -12,7 +13,7 @@ import pytest
 
 from tests.test_bad_inputs import check, run_cli
 from tests.tiny import make_checkpoint, make_sentiment
-from train.data.examples import read_examples
+from train.data.examples import DataError, read_examples
 from train.finetune.config import FinetuneConfig
 from train.finetune.finetune import run_finetune
 
@@ -47,6 +48,45 @@ def test_fill_mask_names_a_bad_checkpoint(tiny, tmp_path, capsys):
     (cut / "model.safetensors").write_bytes((cut / "model.safetensors").read_bytes()[:500])
     check("fill-mask-truncated", ["fill-mask", cut, "a [MASK]"], cut / "model.safetensors",
           capsys)
+
+
+def test_fill_mask_on_an_encoder_only_checkpoint(tiny, capsys):
+    # a sentence-embedding model (MiniLM's layout) has no cls.predictions.*: say so, in one line
+    check("fill-mask-no-head", ["fill-mask", tiny / "model", "a [MASK]"], tiny / "model", capsys)
+    assert "no masked-LM head" in run_cli(["fill-mask", tiny / "model", "a [MASK]"], capsys)[1]
+
+
+def piped(argv, stdin, capsys, monkeypatch):
+    """(exit status or SystemExit's message, stdout) of `minibert ARGV < stdin`, in this process."""
+    from train.cli import main
+    monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:
+        return e.code, None
+    return code, capsys.readouterr().out
+
+
+def test_embed_and_predict_read_texts_from_stdin(tiny, capsys, monkeypatch):
+    # line N of the output answers line N of the input, a blank line too; CRLF is read
+    texts = ["good", "", "bad plot"]
+    for command, model, parse in (("embed", tiny / "model", json.loads),
+                                  ("predict", tiny / "run", lambda out: out.splitlines())):
+        flagged = piped([command, model, *(a for t in texts for a in ("--text", t))], "",
+                        capsys, monkeypatch)
+        stdin = piped([command, model], "good\r\n\nbad plot\n", capsys, monkeypatch)
+        assert flagged[0] == stdin[0] == 0, command
+        assert parse(stdin[1]) == parse(flagged[1]) and len(parse(flagged[1])) == 3, command
+        said, _ = piped([command, model], "", capsys, monkeypatch)
+        assert f"minibert {command}: no --text" in said and "stdin is empty" in said
+
+
+def test_a_bad_stdin_line_is_named_by_its_line():
+    from train.tasks.qa import QATask
+    with pytest.raises(DataError, match="^stdin:2: write 'QUESTION ||| CONTEXT'"):
+        QATask({}).read_inputs(["who ||| the good film", "no separator"], None, None, 4,
+                               "stdin:{}")
 
 
 def test_predict_refuses_a_number_for_a_text(tiny, tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""`minibert predict RUN --text T ... | --input F [--output F] [--backend torch|onnx]`: predictions
+"""`minibert predict RUN [--text T ... | --input F | < TEXTS] [--output F] [--backend torch|onnx]`: predictions
 as JSON lines (one per input, on stdout unless --output).
 
 --backend torch (the default) reads a fine-tuning run's best checkpoint; --backend onnx reads a
@@ -9,7 +9,7 @@ and predict, so they answer the same JSON lines."""
 import os
 import sys
 
-from minibert.commands import add_model_argument, resolve_model
+from minibert.commands import add_model_argument, read_stdin_lines, resolve_model
 from minibert.io import atomic_write_text, json_line
 from minibert.tokenizer import Tokenizer
 from train.finetune.finetune import load_task_model
@@ -42,8 +42,9 @@ def load_onnx(export_dir, threads):
 
 def cmd_predict(args):
     resolve_model(args, "predict")
+    texts, where = args.text, "--text {}"
     if not args.text and not args.input:
-        raise SystemExit("minibert predict: give --text or --input")
+        texts, where = read_stdin_lines("predict", "--text or --input"), "stdin:{}"
     if args.backend == "onnx":
         device = "cpu"  # onnxruntime's CPU provider; batches stay on the CPU
         model, task = load_onnx(args.model, args.threads)
@@ -52,7 +53,7 @@ def cmd_predict(args):
         tok_dir = find_best(args.model, "predict")
         device = pick_device(args.device)
         model, task = load_task_model(tok_dir, device)
-    data = task.read_inputs(args.text, args.input, Tokenizer.from_dir(tok_dir), args.batch_size)
+    data = task.read_inputs(texts, args.input, Tokenizer.from_dir(tok_dir), args.batch_size, where)
     rows = task.predict(model, data, device)
     lines = "".join(json_line(row) + "\n" for row in rows)
     if args.output:  # atomically: a killed predict leaves the old file, never half a new one
@@ -66,7 +67,8 @@ def register(sub):
     p = sub.add_parser("predict", help="predict with a fine-tuned run, as JSON lines")
     add_model_argument(p, "run directory (or its best/); with --backend onnx, a directory "
                           "written by `minibert export --to onnx` or `minibert quantize`")
-    p.add_argument("--text", action="append", help="an input text (repeatable)")
+    p.add_argument("--text", action="append", help="an input text (repeatable); with neither "
+                   "--text nor --input, texts are read from stdin, one a line")
     p.add_argument("--input", help="a file in the run's training format")
     p.add_argument("--output", help="write JSON lines here instead of stdout")
     p.add_argument("--batch-size", type=int, default=64)

@@ -126,9 +126,9 @@ class ClassificationTask:
         m["loss"] = F.cross_entropy(logits, gold).item()
         return m
 
-    def read_inputs(self, texts, path, tok, batch_size):
+    def read_inputs(self, texts, path, tok, batch_size, where="--text {}"):
         if texts:
-            examples = [Example(t, None, None, f"--text {i + 1}") for i, t in enumerate(texts)]
+            examples = [Example(t, None, None, where.format(i + 1)) for i, t in enumerate(texts)]
         else:
             examples, _ = read_examples(path, self.meta["text_field"], self.meta["pair_field"], None)
         return EncodedDataset(examples, tok, self.meta["max_length"], None, batch_size)

@@ -240,9 +240,10 @@ class MultiTask:
         out["loss"] = loss
         return out
 
-    def read_inputs(self, texts, path, tok, batch_size):
+    def read_inputs(self, texts, path, tok, batch_size, where="--text {}"):
         """Every head reads the same inputs, each with its own fields."""
-        return {n: t.read_inputs(texts, path, tok, batch_size) for n, t in self.tasks.items()}
+        return {n: t.read_inputs(texts, path, tok, batch_size, where)
+                for n, t in self.tasks.items()}
 
     def predict(self, model, ds, device):
         per_head = {n: self.tasks[n].predict(TaskModel(model.bert, model.head[n]), ds[n], device)

@@ -210,14 +210,14 @@ class QATask:
         m["loss"] = loss
         return m
 
-    def read_inputs(self, texts, path, tok, batch_size):
+    def read_inputs(self, texts, path, tok, batch_size, where="--text {}"):
         if texts:
             examples = []
             for i, t in enumerate(texts):
                 if "|||" not in t:
-                    raise DataError(f"--text {i + 1}: write 'QUESTION ||| CONTEXT'")
+                    raise DataError(f"{where.format(i + 1)}: write 'QUESTION ||| CONTEXT'")
                 q, c = (x.strip() for x in t.split("|||", 1))
-                examples.append(QAExample(f"text-{i + 1}", q, c, [], f"--text {i + 1}"))
+                examples.append(QAExample(f"text-{i + 1}", q, c, [], where.format(i + 1)))
         else:
             examples = read_squad(path, need_answers=False)
         return QADataset(examples, tok, self.meta["max_length"], self.meta["doc_stride"],

@@ -232,14 +232,14 @@ class TokenTask:
         m["loss"] = loss
         return m
 
-    def read_inputs(self, texts, path, tok, batch_size):
+    def read_inputs(self, texts, path, tok, batch_size, where="--text {}"):
         if texts:
             sents = []
             for i, text in enumerate(texts):
                 words = tok.tok.pre_tokenizer.pre_tokenize_str(text)  # [(word, (start, end))]
                 if not words:
-                    raise DataError(f"--text {i + 1}: no words")
-                sents.append(([w for w, _ in words], None, f"--text {i + 1}", text,
+                    raise DataError(f"{where.format(i + 1)}: no words")
+                sents.append(([w for w, _ in words], None, where.format(i + 1), text,
                               [o for _, o in words]))
             return TaggedDataset(sents, tok, self.meta["max_length"], self.index, batch_size)
         return self._dataset(read_tagged(path, need_tags=False), tok, batch_size)

@@ -9,7 +9,9 @@ A task is a class with these members (classification.py is the worked example):
                                       reads the files, builds meta (e.g. the label map from train)
     build_head(hidden_size, dropout)  -> nn.Module with forward(bert, batch) -> {"loss", ...}
     evaluate(model, ds, device)       -> metrics dict, always with "loss"
-    read_inputs(texts, path, tok)     -> a dataset of unlabelled inputs, for `minibert predict`
+    read_inputs(texts, path, tok, batch_size, where)
+                                      -> a dataset of unlabelled inputs, for `minibert predict`;
+                                      `where` names text i in errors ("--text {}", "stdin:{}")
     predict(model, ds, device)        -> list of JSON-able rows, one per input
 
 A dataset has `batches(epoch)`, `collate(indices)` and `lengths`, as train/loop/trainer.py expects.
