@@ -197,6 +197,25 @@ def test_report_summarises_the_run(tmp_path, capsys):
     assert "diagnosis: HEALTHY" in out and "2.0 min training, 50.0 examples/s" in out
 
 
+def test_report_shows_every_task_s_scores(tmp_path, capsys):
+    # regression's and a multi-task run's scores too, the run's --metric first
+    run = healthy_run(tmp_path / "run")
+    dev = {"combined": 0.85, "loss": 0.35, "polarity/accuracy": 0.86, "polarity/loss": 0.3,
+           "polarity/confusion_matrix": [[1, 0], [0, 1]], "score/pearson": 0.84,
+           "score/mse": 0.5, "rmse": 0.7, "mse": 0.49}
+    for metric, line in (("combined", "combined 0.8500, rmse 0.7000, loss 0.3500, "
+                                      "polarity/accuracy 0.8600, score/pearson 0.8400"),
+                         ("mse", "mse 0.4900, combined 0.8500, rmse 0.7000, loss 0.3500, "
+                                 "polarity/accuracy 0.8600, score/pearson 0.8400")):
+        with open(run / "config.json", "w") as f:
+            json.dump({"metric": metric}, f)
+        with open(run / "results.json", "w") as f:
+            json.dump({"best_step": 1000, "dev": dev}, f)
+        capsys.readouterr()
+        assert main(["report", str(run)]) == 0
+        assert f"dev (best checkpoint): {line}\n" in capsys.readouterr().out
+
+
 def test_partial_forgetting_high_and_flat_at_a_high_lr(tmp_path):
     # stuck at 0.5 nats (72% of chance): damaged by lr 1e-3, merely underfit at 2e-5
     stuck = (lambda x: 0.62 - 0.12 * min(x, 0.3) / 0.3, lambda x: 0.56, lambda x: 0.71)

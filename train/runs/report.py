@@ -16,9 +16,11 @@ from train.runs.diagnose import diagnose, format_diagnosis
 from train.finetune.config import FinetuneConfig
 from train.loop.rundir import read_jsonl
 
-# the metrics worth a line; a confusion matrix or per-class lists would not fit on one screen
-SHOWN = ("accuracy", "f1", "macro_f1", "precision", "recall", "loss", "perplexity",
-         "mlm_accuracy")
+# the metrics worth a line, for every task; a confusion matrix or per-class lists would not fit on
+# one screen. A multi-task run's heads ("polarity/accuracy") show their main scores only.
+SHOWN = ("combined", "accuracy", "exact_match", "f1", "macro_f1", "precision", "recall",
+         "pearson", "spearman", "rmse", "loss", "perplexity", "mlm_accuracy")
+HEAD_SHOWN = ("accuracy", "exact_match", "f1", "pearson", "spearman")
 
 
 def changed_options(config):
@@ -38,8 +40,11 @@ def group_lines(train):
     return [f"  {', '.join(names)}: peak lr {peak:.2e}" for peak, names in peaks.items()]
 
 
-def metrics_line(m):
-    return ", ".join(f"{k} {m[k]:.4f}" for k in SHOWN if isinstance(m.get(k), (int, float)))
+def metrics_line(m, metric=None):
+    """The run's own metric first (--metric), then the others that apply, in SHOWN's order."""
+    heads = [k for k in m if "/" in k and k.rsplit("/", 1)[1] in HEAD_SHOWN]
+    keys = dict.fromkeys([metric, *SHOWN, *heads])  # ordered, without repeats
+    return ", ".join(f"{k} {m[k]:.4f}" for k in keys if isinstance(m.get(k), (int, float)))
 
 
 def report(run):
@@ -62,11 +67,13 @@ def report(run):
         lines.append(f"best step: {results.get('best_step')}")
         for split in ("dev", "test"):
             if split in results:
-                lines.append(f"{split} (best checkpoint): {metrics_line(results[split])}")
+                lines.append(f"{split} (best checkpoint): "
+                             f"{metrics_line(results[split], config.get('metric'))}")
     else:
         lines.append("no results.json: the run did not finish")
         if evals:
-            lines.append(f"last dev: {metrics_line(evals[-1]['dev'])} (step {evals[-1]['step']})")
+            lines.append(f"last dev: {metrics_line(evals[-1]['dev'], config.get('metric'))} "
+                         f"(step {evals[-1]['step']})")
     d = read_json(os.path.join(run, "diagnosis.json")) or diagnose(run)
     lines += format_diagnosis(d).splitlines()
     secs = (results or {}).get("train_seconds", last.get("time", 0.0))
