@@ -16,7 +16,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from minibert.config import BertConfig
-from minibert.model import BertEncoder
+from minibert.model import BertEncoder, BertForMLM
+from train.pretrain.corpus import MLMData
+from train.pretrain.masking import IGNORE
+from train.pretrain.pretrain import MLMObjective
 from train.tasks.classification import ClassificationHead
 from train.finetune.finetune import run_finetune
 from train.finetune.config import FinetuneConfig
@@ -101,6 +104,45 @@ def test_accumulation_equals_one_big_batch(tmp_path, batch_size, accum):
     # fp32: the same sums in a different order (and different padding, masked out), ~1e-7
     for k in big:
         torch.testing.assert_close(small[k], big[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+class MaskedData(Data):
+    """Data's sequences as masked-LM batches: a different number of masked positions in each
+    sequence (1 to 8), so that a mean over sequences and a mean over masked tokens differ."""
+    count_items = staticmethod(MLMData.count_items)  # what pretraining's data counts
+
+    def collate(self, idx):
+        batch = super().collate(idx)
+        labels = torch.full_like(batch["input_ids"], IGNORE)
+        for r, i in enumerate(idx):
+            n = 1 + i % self.lengths[i]
+            labels[r, :n] = batch["input_ids"][r, :n]
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                "labels": labels}
+
+
+def mlm_weights_after_one_step(tmp_path, batch_size, accum):
+    torch.manual_seed(0)
+    model = MLMObjective(BertForMLM(tiny_model().bert.config))
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    make_trainer(model, MaskedData(batch_size), tmp_path / f"m{batch_size}a{accum}", opt,
+                 max_steps=1, grad_accum=accum, keep=tiny_model()).fit()  # keep: untied weights
+    return {k: v - before[k] for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("batch_size,accum", [(2, 4), (3, 3)])
+def test_masked_lm_accumulation_equals_one_big_batch(tmp_path, batch_size, accum):
+    # masked-LM's loss is a mean over masked tokens: micro-batches weigh by those, not by rows
+    big = mlm_weights_after_one_step(tmp_path, 8, 1)
+    small = mlm_weights_after_one_step(tmp_path, batch_size, accum)
+    assert sum(d.abs().sum() for d in big.values()) > 1e-2
+    for k in big:
+        torch.testing.assert_close(small[k], big[k], rtol=1e-4, atol=1e-6, msg=k)
+    # and the logged train loss is that mean too, as the evaluation's is
+    logged = [read_jsonl(tmp_path / f"m{b}a{a}" / "metrics.jsonl")[0]["train_loss"]
+              for b, a in ((8, 1), (batch_size, accum))]
+    assert logged[1] == pytest.approx(logged[0], rel=1e-6)
 
 
 class NaNAt(torch.nn.Module):

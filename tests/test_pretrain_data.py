@@ -74,6 +74,17 @@ def test_packing_loses_and_duplicates_nothing(tok_and_corpus, max_len):
     assert cur == [] and docs == want
 
 
+def test_a_corpus_line_that_is_not_utf8_is_named(tok_and_corpus, tmp_path):
+    tok, corpus = tok_and_corpus
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes(open(corpus, "rb").read() + "café\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=rf"^{bad}:6: not UTF-8 \(byte 0xe9 at column 4\)"):
+        tokenize_to_cache(str(bad), tok, str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match=rf"^{bad}:6: not UTF-8"):
+        train_tokenizer([str(bad)], vocab_size=200, min_frequency=1)
+    assert not os.listdir(tmp_path / "cache")  # nothing half-written left to be reused
+
+
 def test_packing_by_hand():
     # two documents [10 11 12] and [20 21], L = 3: stream 10 11 12 S 20 21 S
     p = Packing(np.array([10, 11, 12, 20, 21]), np.array([0, 3, 5]), max_len=5, cls_id=1, sep_id=2)
@@ -98,3 +109,9 @@ def test_batches_are_a_pure_function_of_seed_epoch_batch(tok_and_corpus):
         assert (x[k] == y[k]).all(), k
     z = data(1).collate(a.batches(1)[2])  # other seed: other masks for the same sequences
     assert not (z["labels"] == x["labels"]).all()
+
+
+def test_log_every_zero_is_refused_naming_the_flag():
+    from train.pretrain.config import PretrainConfig
+    with pytest.raises(ValueError, match="^--log-every 0 must be at least 1"):
+        PretrainConfig(corpus=["c.txt"], config="tiny", log_every=0)

@@ -6,6 +6,7 @@ exact equality: any difference is a different formula, not rounding.
 
 import functools
 import io
+import json
 import random
 
 import pytest
@@ -220,6 +221,27 @@ def test_warmup_then_plateau(resume_at):
     assert lrs(opt) == lrs(ref_opt)
     assert seen[:3] == [False] * 3 and all(seen[3:])   # evaluations at steps 5, 10, 15 ignored
     assert lrs(opt)[0] < BASE_LRS[0]                    # and the plateau did cut afterwards
+
+
+@pytest.mark.parametrize("mode", ["min", "max"])
+def test_plateau_state_before_any_evaluation_goes_through_json(mode):
+    # resume state is JSON (train/loop/state.py), which has no infinity: a state saved before the
+    # plateau's first evaluation must come back as the same scheduler, not with best = None
+    args = dict(mode=mode, factor=0.5, patience=0)
+    ref_opt, opt = make_optimizer(), make_optimizer()
+    ref = torch.optim.lr_scheduler.ReduceLROnPlateau(ref_opt, **args)
+    saved = json.loads(json.dumps(WarmupThenPlateau(opt, 4, **args).state_dict(),
+                                  allow_nan=False))
+    ours = WarmupThenPlateau(opt, 4, **args)
+    ours.load_state_dict(saved)
+    for step in range(12):
+        opt.step()
+        ours.step()
+        if step >= 4:
+            metric = [1.0, 2.0, 0.5][step % 3]
+            ref.step(metric)
+            ours.evaluate(metric)
+            assert lrs(opt) == lrs(ref_opt), step
 
 
 def test_warmup_then_plateau_group_added_during_warmup():

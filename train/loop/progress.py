@@ -9,13 +9,14 @@ import time
 
 
 class Progress:
-    def __init__(self, total, desc, file=None):
-        self.total, self.desc, self.file = total, desc, file
+    def __init__(self, total, desc, file=None, start=0):
+        # start: where a resumed job begins; the rate counts only what this process did
+        self.total, self.desc, self.file, self.start = total, desc, file, start
         self.tty = file is not None and file.isatty()
         self.min_interval = 0.2 if self.tty else 30
         self.t0 = time.time()
         self.last = 0.0
-        self.n = 0
+        self.n = start
 
     def update(self, n, **stats):
         self.n = n
@@ -25,7 +26,7 @@ class Progress:
         if now - self.last < self.min_interval and n < self.total:
             return
         self.last = now
-        rate = n / max(now - self.t0, 1e-9)
+        rate = (n - self.start) / max(now - self.t0, 1e-9)
         eta = (self.total - n) / rate if rate > 0 else float("inf")
         parts = [f"{self.desc} {n}/{self.total}", f"{100 * n / max(self.total, 1):3.0f}%",
                  f"eta {_fmt_time(eta)}"]

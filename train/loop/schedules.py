@@ -213,12 +213,16 @@ class ReduceLROnPlateau:
         return list(self._last_lr)
 
     def state_dict(self):
-        # plain numbers, strings and lists only, so torch.load(weights_only=True) can read it
-        return {key: value for key, value in self.__dict__.items() if key != "optimizer"}
+        # plain numbers, strings and lists only, so that JSON and torch.load(weights_only=True)
+        # read it; JSON has no infinity: the best before any evaluation is saved as None
+        state = {key: value for key, value in self.__dict__.items() if key != "optimizer"}
+        return {**state, "best": None if math.isinf(self.best) else self.best}
 
     def load_state_dict(self, state_dict):
         self._check_mode(state_dict["mode"], state_dict["threshold_mode"])
         self.__dict__.update(state_dict)
+        if self.best is None:
+            self.best = math.inf if self.mode == "min" else -math.inf
 
 
 class WarmupThenPlateau:

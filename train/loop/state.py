@@ -3,8 +3,9 @@
     state/model.safetensors   the weights (each tied tensor stored once)
     state/optimizer.pt        AdamW's state_dict: plain tensors, read with weights_only=True
     state/rng.pt              torch's generators (every rank's, in a data-parallel job)
-    state/trainer.json        step, epoch, position in the epoch, best so far, schedule, scaler,
-                              and how many metrics.jsonl events had been written
+    state/trainer.json        step, epoch, position in the epoch, best so far, whether early
+                              stopping said stop, schedule, scaler, and how many metrics.jsonl
+                              events had been written
 
 The directory is replaced whole (RunDir.save_dir), so a kill leaves the previous state intact.
 A resumed run continues bit for bit on one process: the data order is a pure function of
@@ -48,6 +49,7 @@ def save(t):
                           rng if t.dist.world == 1 else {**rng, "ranks": ranks})
         info = {"step": t.step, "epoch": t.epoch, "micro": t.micro,
                 "best": t.best, "best_step": t.best_step, "bad_evals": t.bad_evals,
+                "stopped": t.stopped,
                 "seconds": t.seconds, "examples_seen": t.examples_seen,
                 "n_events": len(t.run.events), "schedule": t.schedule.state_dict(),
                 "world": t.dist.world}
@@ -83,7 +85,7 @@ def load(t):
     t.step, t.epoch, t.micro = info["step"], info["epoch"], info["micro"]
     t.best, t.best_step, t.bad_evals = info["best"], info["best_step"], info["bad_evals"]
     t.seconds, t.examples_seen = info["seconds"], info["examples_seen"]
-    t.schedule.load_state_dict(info["schedule"])
+    t.stopped = info.get("stopped", False)  # absent from states saved before it was kept
     # save() stores each tied tensor once; the other names of it are the only keys allowed to be
     # missing, and nothing may be unexpected
     own = t.model.state_dict()
@@ -99,8 +101,15 @@ def load(t):
         raise UserError(f"{d}/model.safetensors does not fit the model: missing {lost}, "
                         f"unexpected {result.unexpected_keys}: this state belongs to another "
                         "model")
-    t._update_stage()  # rebuild the param groups of the saved stage before loading them
-    t.opt.load_state_dict(opt_state)
+    # the param groups of the saved unfreezing stage first, then their state, then the schedule
+    # (which checks that it sees the groups it saved)
+    t._update_stage()
+    try:
+        t.opt.load_state_dict(opt_state)
+    except ValueError as e:
+        raise UserError(f"{d}/optimizer.pt does not fit this run's parameter groups ({e}): was "
+                        "the state saved by another version or configuration?") from None
+    t.schedule.load_state_dict(info["schedule"])
     if t.scaler is not None:
         t.scaler.load_state_dict(info["scaler"])
     ranks = rng["ranks"] if "ranks" in rng else [rng]  # a one-process state has no "ranks"

@@ -2,15 +2,15 @@
 
 - a model whose `model(batch)` returns a dict with a scalar `loss` (mean over the batch's items)
   and, optionally, `terms`: named scalar parts of that loss, logged beside it as `train_terms`;
-- data with `batches(epoch)` (lists of example indices, a pure function of the epoch) and
-  `collate(indices)` (a dict of tensors);
+- data with `batches(epoch)` (lists of example indices, a pure function of the epoch),
+  `collate(indices)` (a dict of tensors) and, when its items are not examples, `count_items`;
 - `evaluate(model)`, returning dev metrics that include `loss`; or None when there is no dev
   set, and then every evaluation point simply saves the model: the last checkpoint is `best/`;
 - a schedule from train/loop/schedules.py, stepped after each update; a `WarmupThenPlateau`
   also sees each evaluation's metric;
 - optional hooks: `unfreezer.update(schedule, step, epoch)` and `save_best(dir)`.
 
-It adds: gradient accumulation weighted so that `batch x accum` equals one big batch, gradient
+It adds: gradient accumulation that equals one big batch (train/loop/accumulate.py), gradient
 clipping, evaluation every N steps and at each epoch end, early stopping, keeping the best
 checkpoint, a divergence guard, a clean stop on out-of-memory, metrics.jsonl, and exact resume
 from `state/` (train/loop/state.py). It prints nothing unless given a stream (`log`): the
@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from train.loop import state
+from train.loop.accumulate import micro_batches
 from train.loop.best import better
 from train.loop.device import autocast, memory_stats
 from train.loop.distributed import single
@@ -93,6 +94,7 @@ class Trainer:
         self.step, self.epoch, self.micro = 0, 0, 0  # optimizer steps; epoch; micro-batch in epoch
         self.best, self.best_step, self.bad_evals = None, None, 0
         self.seconds, self.examples_seen = 0.0, 0
+        self.stopped = False  # early stopping said stop: a resume must not train on
 
     # ------------------------------------------------------------------ the loop
     def fit(self):
@@ -110,43 +112,38 @@ class Trainer:
         if self.evaluate is None:
             self._say("no dev set: each evaluation point saves the model, so best/ is the last "
                       "checkpoint")
-        bar = Progress(self.total_steps, "train", file=self.log)
-        bar.n = self.step
+        bar = Progress(self.total_steps, "train", file=self.log, start=self.step)
         t_start, t_log = time.time() - self.seconds, time.time()
         ex_log, tok_log, loss_n, terms = 0, 0, 0, {}  # terms: the loss's named parts
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # read at logs only
         # the step and loss of the first non-finite loss, kept on the device (inf: none yet)
         self._bad_step = torch.full((), math.inf, device=self.device)
         self._bad_loss = torch.zeros((), device=self.device)
-        stop = False
         self._update_stage()
-        while self.step < self.total_steps and not stop:
+        while self.step < self.total_steps and not self.stopped:
             order = self.data.batches(self.epoch)
             while self.micro < len(order) and self.step < self.total_steps:
-                self._update_stage()  # gradual unfreezing may add groups before this update
                 group = order[self.micro:self.micro + s.grad_accum]
                 n_group = sum(len(b) for b in group)
                 self.model.train()
-                for j, idx in enumerate(group):  # accumulate: each weighted by its share
-                    part, n_real = self.dist.shard(idx)  # this rank's slice of a global batch
-                    cpu_batch = self.data.collate(part)
+                # this rank's slices of the group's global batches, each with its share of the
+                # step's items (train/loop/accumulate.py)
+                shares, total = micro_batches(self.data, self.dist, group)
+                for j, (cpu_batch, items, n_real) in enumerate(shares):
                     if "attention_mask" in cpu_batch and n_real:  # real tokens, for tokens/s;
                         tok_log += int(cpu_batch["attention_mask"].sum())  # counted on the host
                     batch = {k: v.to(self.device) for k, v in cpu_batch.items()}
-                    # x world: DDP averages the ranks' gradients, we want their sum over the group
-                    weight = n_real / n_group * self.dist.world
-                    with self.dist.no_sync(last=j == len(group) - 1):  # all-reduce on the last
+                    with self.dist.no_sync(last=j == len(shares) - 1):  # all-reduce on the last
                         with self._autocast():
                             out = self.net(batch)
                         loss = out["loss"]
                         if n_real:
                             self._watch(loss)
-                        self._backward(loss * weight)
-                    if n_real:
-                        loss_sum += loss.detach() * n_real
-                        loss_n += n_real
+                        self._backward(loss * (items / total * self.dist.world))
+                    loss_sum += loss.detach() * items  # the logged loss: a mean over items too
+                    loss_n += items
                     for k, v in out.get("terms", {}).items():  # x 0 too: every rank, same keys
-                        terms[k] = terms.get(k, 0.0) + v.detach().double() * n_real
+                        terms[k] = terms.get(k, 0.0) + v.detach().double() * items
                 if self.scaler is not None:
                     self.scaler.unscale_(self.opt)  # clip the true gradients, not scaled ones
                 if s.clip_grad_norm:
@@ -173,7 +170,11 @@ class Trainer:
                     self._say(f"time budget of {s.max_minutes} minutes reached at step "
                               f"{self.step}")
                     self.total_steps = self.step  # ends the loop; eval and save as at a normal end
-                if self.step % s.log_every == 0 or self.step == self.total_steps:
+                evaluating = (s.eval_every and self.step % s.eval_every == 0) or end_of_epoch \
+                    or self.step == self.total_steps
+                saving = evaluating or (s.save_every and self.step % s.save_every == 0)
+                # a save logs too, so that no log interval straddles a resume
+                if self.step % s.log_every == 0 or saving:
                     self._check_diverged()
                     # the loop's one host-device sync: loss and token sums of every rank
                     # (examples per step are known on every rank: the global group's size)
@@ -201,25 +202,23 @@ class Trainer:
                 if end_of_epoch:
                     self.epoch += 1
                     self.micro = 0
-                    self._update_stage()
-                if (s.eval_every and self.step % s.eval_every == 0) or end_of_epoch \
-                        or self.step == self.total_steps:
+                # gradual unfreezing: the next update's stage, set before the save so that
+                # state/ holds the param groups that a resume at this step rebuilds
+                self._update_stage()
+                if saving:
                     self.seconds = time.time() - t_start
                     self._check_diverged()  # never evaluate or save non-finite weights
-                    stop = self._eval()
+                    if evaluating:
+                        self.stopped = self._eval()
                     self.save_state()
-                elif s.save_every and self.step % s.save_every == 0:
-                    self.seconds = time.time() - t_start
-                    self._check_diverged()
-                    self.save_state()
-                if stop or end_of_epoch:
+                if self.stopped or end_of_epoch:
                     break
         bar.close()
         self.seconds = time.time() - t_start
         return {"best_step": self.best_step, "best_" + s.metric: self.best, "steps": self.step,
                 "train_seconds": round(self.seconds, 1),
                 "examples_per_second": round(self.examples_seen / max(self.seconds, 1e-9), 1),
-                "stopped_early": stop}
+                "stopped_early": self.stopped}
 
     def _say(self, msg):
         if self.log is not None:

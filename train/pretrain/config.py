@@ -131,6 +131,8 @@ class PretrainConfig:
             raise ValueError(f"--max-len {self.max_len} is too short to hold [CLS] text [SEP]")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("--batch-size and --grad-accum must be at least 1")
+        if self.log_every < 1:
+            raise ValueError(f"--log-every {self.log_every} must be at least 1")
         if self.init_from and self.config:
             raise ValueError("--init-from takes the architecture from its checkpoint; "
                              "drop --config")

@@ -34,6 +34,7 @@ import torch
 from minibert.fetch import cache_dir as minibert_cache_dir
 from minibert.io import atomic_open, atomic_write_json, load_json
 from train.loop.progress import Progress
+from train.pretrain.masking import IGNORE
 
 
 def _dtype_for(vocab_size):
@@ -57,6 +58,15 @@ def cache_paths(corpus, tok, cache_dir=None):
     return stem + ".tokens", stem + ".offsets.npy", stem + ".json"
 
 
+def decode_line(raw, path, n):
+    """Line n of a corpus file as text; a ValueError naming path:n when it is not UTF-8."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}:{n}: not UTF-8 (byte {raw[e.start]:#04x} at column "
+                         f"{e.start + 1}); convert the file, e.g. iconv -t UTF-8") from None
+
+
 def tokenize_to_cache(corpus, tok, cache_dir=None, lines_per_batch=1000, log=None):
     """Tokenize `corpus` once (a cache hit returns at once); returns (tokens memmap, offsets,
     meta). `log`: a stream for the progress bar (None: silent)."""
@@ -66,14 +76,16 @@ def tokenize_to_cache(corpus, tok, cache_dir=None, lines_per_batch=1000, log=Non
         lengths = []
         bar = Progress(os.path.getsize(corpus), f"tokenize {corpus} (bytes)", file=log)
         with open(corpus, "rb") as f, atomic_open(tokens_path, "wb") as out:
-            done = 0
+            done, line = 0, 0
             while True:
                 raw = [f.readline() for _ in range(lines_per_batch)]
                 raw = [r for r in raw if r]
                 if not raw:
                     break
                 done += sum(len(r) for r in raw)
-                docs = [s for s in (r.decode("utf-8").strip() for r in raw) if s]
+                docs = [decode_line(r, corpus, line + n).strip() for n, r in enumerate(raw, 1)]
+                docs = [s for s in docs if s]
+                line += len(raw)
                 for enc in tok.tok.encode_batch(docs, add_special_tokens=False):
                     out.write(np.asarray(enc.ids, dtype=dtype).tobytes())
                     lengths.append(len(enc.ids))
@@ -186,6 +198,12 @@ class MLMData:
         g = torch.Generator().manual_seed(_seed(self.seed, idx.epoch, idx.number, *idx.shard))
         corrupted, labels = self.masker(input_ids, g)
         return {"input_ids": corrupted, "attention_mask": attention_mask, "labels": labels}
+
+    @staticmethod
+    def count_items(batch):
+        """What the masked-LM loss is a mean over: the masked positions. Accumulated batches are
+        weighted by it (train/loop/accumulate.py), so that they add up to one big batch."""
+        return int((batch["labels"] != IGNORE).sum())
 
 
 def load_corpus(paths, tok, max_len, cache_dir=None, log=None):

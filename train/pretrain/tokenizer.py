@@ -25,6 +25,7 @@ from tokenizers.trainers import WordPieceTrainer
 
 from minibert.tokenizer import SPECIALS, Tokenizer, bert_normalization, bert_template
 from train.command import add_dataclass_flags, dataclass_from_args, print_config
+from train.pretrain.corpus import decode_line
 
 
 
@@ -44,7 +45,7 @@ def train_tokenizer(corpus, vocab_size, min_frequency=2, limit_alphabet=1000):
     """Learn a WordPiece vocabulary from the files in `corpus`; returns a minibert Tokenizer."""
     for path in corpus:
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"minibert tokenizer train: no such file {path}")
+            raise FileNotFoundError(f"{path}: no such file")
     if vocab_size <= len(SPECIALS):
         raise ValueError(f"--vocab-size {vocab_size} leaves no room beside {len(SPECIALS)} "
                          "special tokens")
@@ -53,7 +54,14 @@ def train_tokenizer(corpus, vocab_size, min_frequency=2, limit_alphabet=1000):
     trainer = WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                special_tokens=list(SPECIALS), limit_alphabet=limit_alphabet,
                                continuing_subword_prefix="##", show_progress=sys.stderr.isatty())
-    tok.train(list(corpus), trainer)
+    try:
+        tok.train(list(corpus), trainer)
+    except Exception as e:  # noqa: BLE001 (the Rust trainer's errors name no file)
+        for path in corpus:  # find the line it choked on: not UTF-8 is the usual cause
+            with open(path, "rb") as f:
+                for n, raw in enumerate(f, 1):
+                    decode_line(raw, path, n)
+        raise ValueError(f"{', '.join(corpus)}: {e}") from None
     # the trainer puts special tokens first, in the order given; check rather than trust it,
     # since the model zeroes (and never masks) whatever sits at pad_token_id = 0
     got = [tok.token_to_id(s) for s in SPECIALS]
@@ -69,7 +77,7 @@ def cmd_tokenizer_train(args):
     try:
         tok = train_tokenizer(cfg.corpus, cfg.vocab_size, cfg.min_frequency, cfg.limit_alphabet)
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(str(e)) from None
+        raise SystemExit(f"minibert tokenizer train: {e}") from None
     tok.save(cfg.out)
     print(f"tokenizer: {tok.vocab_size} tokens written to {cfg.out}/tokenizer.json and "
           "vocab.txt", file=sys.stderr)

@@ -1,0 +1,117 @@
+"""Resume at the moments that used to go wrong: a run stopped right after it saved its state at
+step k, then resumed with `--resume RUN`, must end as the uninterrupted run does (every weight of
+state/ and best/, every logged number but the clock's). The stop is an exception raised inside
+the process just after the save (what a kill at that instant leaves on disk), so each case runs
+in seconds; tests/test_kill.py does the same with real SIGKILLs at random moments.
+
+The moments: a save at a step where gradual unfreezing moves to its next stage (the state must
+hold that stage's param groups), under a linear and a plateau schedule; a plateau schedule saved
+before its first evaluation (its best is still infinite, which JSON cannot hold); a save after
+early stopping has said stop (the resumed run must not train on); and a save inside a log
+interval (the resumed run must log the same train loss). And the progress bar of a resumed run
+estimates its time left from its own steps only.
+"""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.tiny import make_checkpoint, make_sentiment
+from train.cli import main
+from train.loop import state
+from train.loop.rundir import read_jsonl
+
+CLOCK = {"time", "examples_per_second", "tokens_per_second", "memory"}
+
+
+class Killed(BaseException):
+    """Raised just after a save: nothing in the trainer catches it, as nothing catches SIGKILL."""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("resume")
+    return make_checkpoint(d / "ckpt"), make_sentiment(d / "data", n_train=48)
+
+
+def flags(setup, out, *extra):
+    ckpt, data = setup
+    return ["finetune", "--model", ckpt, "--train", data / "train.jsonl", "--dev",
+            data / "dev.jsonl", "--out", out, "--batch-size", "4", "--max-length", "16",
+            "--threads", "1", "--precision", "fp32", "--max-steps", "12", *extra]
+
+
+def run(argv):
+    assert main([str(a) for a in argv]) == 0
+
+
+def killed_after_save_at(step, argv, monkeypatch):
+    real = state.save
+
+    def save_then_die(t):
+        real(t)
+        if t.step >= step:
+            raise Killed
+
+    monkeypatch.setattr(state, "save", save_then_die)
+    with pytest.raises(Killed):
+        run(argv)
+    monkeypatch.setattr(state, "save", real)
+
+
+def same_run(a, b):
+    for d in ("state", "best"):
+        x, y = load_file(a / d / "model.safetensors"), load_file(b / d / "model.safetensors")
+        assert x.keys() == y.keys()
+        for k in x:
+            assert torch.equal(x[k], y[k]), f"{d}/{k}"
+    strip = lambda events: [{k: v for k, v in e.items() if k not in CLOCK} for e in events]  # noqa: E731
+    assert strip(read_jsonl(b / "metrics.jsonl")) == strip(read_jsonl(a / "metrics.jsonl"))
+
+
+def resumed_equals_uninterrupted(setup, tmp_path, monkeypatch, step, *extra):
+    run(flags(setup, tmp_path / "full", *extra))
+    killed = tmp_path / "killed"
+    killed_after_save_at(step, flags(setup, killed, *extra), monkeypatch)
+    assert (killed / "state").is_dir() and not (killed / "results.json").exists()
+    run(["finetune", "--resume", killed])
+    same_run(tmp_path / "full", killed)
+    return killed
+
+
+@pytest.mark.parametrize("schedule", [[], ["--schedule", "plateau", "--warmup-steps", "2"]])
+def test_resume_where_unfreezing_moves_to_its_next_stage(setup, tmp_path, monkeypatch, schedule):
+    # stages change at steps 2, 4, 6; the save at step 4 falls on a change
+    resumed_equals_uninterrupted(setup, tmp_path, monkeypatch, 4, "--unfreeze-every", "2",
+                                 "--unfreeze-unit", "step", "--eval-every", "4", *schedule)
+
+
+def test_resume_a_plateau_saved_before_its_first_evaluation(setup, tmp_path, monkeypatch):
+    # saves at steps 2 and 4 fall in the warm-up, where the plateau has seen nothing yet
+    resumed_equals_uninterrupted(setup, tmp_path, monkeypatch, 2, "--schedule", "plateau",
+                                 "--warmup-steps", "6", "--eval-every", "2")
+
+
+def test_resume_after_early_stopping_does_not_train_on(setup, tmp_path, monkeypatch):
+    extra = ["--eval-every", "1", "--early-stopping-patience", "1", "--lr", "1e-9",
+             "--lr-head", "1e-9"]  # nothing moves: the second evaluation is no better
+    run(flags(setup, tmp_path / "probe", *extra))
+    stopped_at = max(e["step"] for e in read_jsonl(tmp_path / "probe" / "metrics.jsonl"))
+    assert stopped_at < 12
+    resumed_equals_uninterrupted(setup, tmp_path, monkeypatch, stopped_at, *extra)
+
+
+def test_resume_inside_a_log_interval_logs_the_same_loss(setup, tmp_path, monkeypatch):
+    # saved at step 3, logged every 4 steps
+    resumed_equals_uninterrupted(setup, tmp_path, monkeypatch, 3, "--log-every", "4",
+                                 "--eval-every", "3", "--grad-accum", "2")
+
+
+def test_progress_after_a_resume_counts_only_this_process_s_steps():
+    import io
+    from train.loop.progress import Progress
+    out = io.StringIO()
+    bar = Progress(2000, "train", file=out, start=1000)  # resumed at step 1000
+    bar.t0 -= 100.0  # 100 s later, 400 steps done here: 4 steps/s, 600 steps to go
+    bar.update(1400)
+    assert "train 1400/2000 |  70% | eta 2:30" in out.getvalue()
