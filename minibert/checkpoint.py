@@ -97,26 +97,39 @@ def _canonical(raw, path):
     return out, notes
 
 
-def read_safetensors(path):
-    """All tensors of a safetensors file, on the CPU (no pickle involved). A file cut short or
-    not safetensors at all is a CheckpointError that names it."""
+def read_safetensors(path, keys_only=False):
+    """All tensors of a safetensors file, on the CPU (no pickle involved), or with keys_only
+    their names alone (read from the header). A file cut short or not safetensors at all is a
+    CheckpointError that names it."""
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+            return list(f.keys()) if keys_only else {k: f.get_tensor(k) for k in f.keys()}
     except SafetensorError as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e}); it may be "
                               "truncated: copy or download it again") from None
 
 
-def load_state_into(model, ckpt_dir, with_head, allow_missing_head=False):
-    """Load `ckpt_dir/model.safetensors` into a BertEncoder (with_head=False) or BertForMLM.
-    Returns notes, "PATH: what", on what was dropped or created fresh, and why."""
+def weights_path(ckpt_dir):
+    """`ckpt_dir/model.safetensors`, which must exist. A pickle beside it is named, never read."""
     path = os.path.join(ckpt_dir, "model.safetensors")
     if not os.path.exists(path):
         bin_ = os.path.exists(os.path.join(ckpt_dir, "pytorch_model.bin"))
         raise CheckpointError(f"{ckpt_dir}: no model.safetensors" + (
             "; it holds pytorch_model.bin, a pickle, which minibert never reads: convert it "
             "with transformers (save_pretrained(..., safe_serialization=True))" if bin_ else ""))
+    return path
+
+
+def has_mlm_head(ckpt_dir):
+    """Whether the checkpoint stores a masked-LM head (cls.predictions.*)."""
+    return any(k.startswith("cls.predictions.")
+               for k in read_safetensors(weights_path(ckpt_dir), keys_only=True))
+
+
+def load_state_into(model, ckpt_dir, with_head, allow_missing_head=False):
+    """Load `ckpt_dir/model.safetensors` into a BertEncoder (with_head=False) or BertForMLM.
+    Returns notes, "PATH: what", on what was dropped or created fresh, and why."""
+    path = weights_path(ckpt_dir)
     tensors, notes = _canonical(read_safetensors(path), path)
 
     enc = model.bert if with_head else model
@@ -198,7 +211,12 @@ def load_model(ckpt_dir, with_head=False, allow_missing_head=False, notes=None, 
     cfg = BertConfig.from_json(cfg_path)
     if overrides:
         cfg = BertConfig(**{**cfg.__dict__, **overrides})
-    model = BertForMLM(cfg) if with_head else BertEncoder(cfg)
+    # Building initialises every weight at random, though the checkpoint overwrites all but an
+    # absent pooler or head; on a forked CPU generator (the model is built on the CPU), so that
+    # loading leaves the caller's random stream where it was, and a seeded caller still gets
+    # the same fresh pooler or head.
+    with torch.random.fork_rng(devices=[]):
+        model = BertForMLM(cfg) if with_head else BertEncoder(cfg)
     found = load_state_into(model, ckpt_dir, with_head, allow_missing_head)
     if notes is not None:
         notes.extend(found)

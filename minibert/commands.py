@@ -1,5 +1,6 @@
 """The model-side commands: `weights import`, `embed`, `fill-mask`."""
 
+import argparse
 import json
 import sys
 
@@ -31,6 +32,29 @@ def resolve_model(args, command, rest=None):
         args.model = flag
     if args.model is None:
         raise SystemExit(f"minibert {command}: --model is required")
+
+
+def int_at_least(low):
+    """argparse type of a count or a length: below `low` it would mean nothing or, silently, no
+    limit (a max length under 2 has no room for [CLS] and [SEP]). argparse names the flag."""
+    def parse(s):
+        try:
+            n = int(s)
+        except ValueError:
+            n = low - 1
+        if n < low:
+            raise argparse.ArgumentTypeError(f"{s!r}: give an integer, at least {low}")
+        return n
+    return parse
+
+
+def longest_input(model, max_length, command):
+    """max_length, capped at the positions the model has embeddings for (said on stderr)."""
+    n = model.config.max_position_embeddings
+    if max_length > n:
+        print(f"minibert {command}: texts are cut at {n} tokens, the model's "
+              f"max_position_embeddings, not {max_length}", file=sys.stderr)
+    return min(max_length, n)
 
 
 def load_and_report(path, with_head=False):
@@ -69,9 +93,10 @@ def cmd_embed(args):
     model = load_and_report(args.model)
     tok = Tokenizer.from_dir(args.model)
     check_vocabulary(model.config, tok, args.model)
+    max_length = longest_input(model, args.max_length, "embed")
     vectors = []
     for i in range(0, len(texts), args.batch_size):
-        b = tok.encode_batch(texts[i:i + args.batch_size], max_length=args.max_length)
+        b = tok.encode_batch(texts[i:i + args.batch_size], max_length=max_length)
         h = model(b["input_ids"], b["attention_mask"], b["token_type_ids"])  # (B, T, C)
         v = torch.nn.functional.normalize(mean_pool(h, b["attention_mask"]), dim=-1)  # (B, C)
         vectors.extend(v.tolist())
@@ -87,14 +112,17 @@ def cmd_fill_mask(args):
     model = load_and_report(args.model, with_head=True)
     tok = Tokenizer.from_dir(args.model)
     check_vocabulary(model.config, tok, args.model)
+    max_length = model.config.max_position_embeddings
     for text in args.text:
-        b = tok.encode_batch([text])
+        b = tok.encode_batch([text], max_length=max_length)
         where = (b["input_ids"][0] == tok.mask_id).nonzero().flatten()
         if len(where) == 0:
-            raise SystemExit(f"minibert fill-mask: no [MASK] in {text!r}")
+            cut = b["input_ids"].shape[1] == max_length  # a [MASK] may lie in the part cut off
+            raise SystemExit(f"minibert fill-mask: no [MASK] in {text!r}" + (
+                f" within its first {max_length} tokens, all the model reads" if cut else ""))
         logits = model(b["input_ids"], b["attention_mask"], b["token_type_ids"])[0]  # (T, V)
         probs = logits[where].softmax(-1)  # (n_masks, V)
-        top = probs.topk(args.top_k, dim=-1)
+        top = probs.topk(min(args.top_k, probs.shape[-1]), dim=-1)  # k > V: all of V
         out = {"text": text, "masks": [
             [{"token": tok.id_to_token(i), "prob": round(p, 4)}
              for p, i in zip(ps.tolist(), ids.tolist())]
@@ -114,12 +142,13 @@ def register(sub):
     add_model_argument(p, "checkpoint directory")
     p.add_argument("--text", action="append", help="a sentence (repeatable); without it, the "
                    "sentences are read from stdin, one a line")
-    p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int_at_least(2), default=256,
+                   help="tokens per text, at most the model's max_position_embeddings")
+    p.add_argument("--batch-size", type=int_at_least(1), default=32)
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("fill-mask", help="top tokens for each [MASK] in a text, as JSON lines")
     add_model_argument(p, "checkpoint directory with an MLM head")
     p.add_argument("text", nargs="*", help="text with one or more [MASK]")
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-k", type=int_at_least(1), default=5)
     p.set_defaults(func=cmd_fill_mask)

@@ -33,7 +33,7 @@ class BertConfig:
     max_position_embeddings: int = 512  # learned absolute positions: the longest input
     type_vocab_size: int = 2  # segment A / segment B
     layer_norm_eps: float = 1e-12  # BERT's value; much smaller than PyTorch's 1e-5 default
-    pad_token_id: int = 0
+    pad_token_id: int | None = 0  # its row starts at zero; None (transformers allows it): none
     # Not a Hugging Face field: which attention code runs. `sdpa` is PyTorch's fused kernel and
     # the fast default; `eager` is the explicit softmax, kept as the readable reference.
     attention: str = "sdpa"
@@ -44,7 +44,9 @@ class BertConfig:
     intermediate_sizes: list | None = None
 
     def __post_init__(self):
-        problems = []
+        problems = self._check_types()
+        if problems:  # the value checks below would fail on a wrong type, naming no key
+            raise ConfigError("invalid BertConfig: " + "; ".join(problems))
         if self.hidden_act not in HIDDEN_ACTS:
             problems.append(
                 f"hidden_act={self.hidden_act!r} is not supported; use one of {HIDDEN_ACTS} "
@@ -54,7 +56,7 @@ class BertConfig:
             problems.append(f"attention={self.attention!r}; choose one of {ATTENTION_IMPLS}")
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "intermediate_size", "max_position_embeddings", "type_vocab_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+            if getattr(self, name) <= 0:
                 problems.append(f"{name}={getattr(self, name)!r} must be a positive integer")
         if not problems and self.hidden_size % self.num_attention_heads != 0:
             problems.append(
@@ -64,12 +66,30 @@ class BertConfig:
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 problems.append(f"{name}={getattr(self, name)} must be in [0, 1)")
-        if not 0 <= self.pad_token_id < self.vocab_size:
+        if self.layer_norm_eps <= 0:
+            problems.append(f"layer_norm_eps={self.layer_norm_eps} must be positive")
+        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
             problems.append(f"pad_token_id={self.pad_token_id} is outside the vocabulary")
         if not problems:
             problems += self._check_pruning()
         if problems:
             raise ConfigError("invalid BertConfig: " + "; ".join(problems))
+
+    def _check_types(self):
+        """A JSON value of the wrong type ("0.1" for 0.1, null, true for 1), one problem a key."""
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+        kinds = {"an integer": is_int, "a number": lambda v: is_int(v) or isinstance(v, float),
+                 "a string": lambda v: isinstance(v, str),
+                 "an integer or null": lambda v: v is None or is_int(v)}
+        want = {"hidden_act": "a string", "attention": "a string",
+                "hidden_dropout_prob": "a number", "attention_probs_dropout_prob": "a number",
+                "layer_norm_eps": "a number", "pad_token_id": "an integer or null",
+                **dict.fromkeys(("vocab_size", "hidden_size", "num_hidden_layers",
+                                 "num_attention_heads", "intermediate_size",
+                                 "max_position_embeddings", "type_vocab_size"), "an integer")}
+        return [f"{name}={getattr(self, name)!r} must be {kind}"
+                for name, kind in want.items() if not kinds[kind](getattr(self, name))]
 
     def _check_pruning(self):
         """Normalise `pruned_heads` (JSON gives string keys) and check both pruning fields."""

@@ -1,8 +1,9 @@
 """A thin layer over Hugging Face `tokenizers`: BERT's WordPiece, batched, padded, as LongTensors.
 
 It loads `tokenizer.json` when the checkpoint has one, else builds BERT's pipeline from
-`vocab.txt` (BertNormalizer: clean text, split CJK characters, strip accents, lowercase; then
-BertPreTokenizer on whitespace and punctuation; then WordPiece with `##` continuations). Either way
+`vocab.txt` (BertNormalizer: clean text, split CJK characters, strip accents, lowercase, as
+`tokenizer_config.json` says; then BertPreTokenizer on whitespace and punctuation; then WordPiece
+with `##` continuations; [CLS], [SEP], [MASK]... written in a text are those tokens). Either way
 the ids equal `transformers.BertTokenizerFast` (tests/test_tokenizer.py).
 
 Truncation is longest-first: for a pair, tokens are taken from the longer side until it fits.
@@ -13,6 +14,7 @@ import json
 import os
 
 import torch
+from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
@@ -45,11 +47,8 @@ class Tokenizer:
         if os.path.exists(tj):
             return cls(HFTokenizer.from_file(tj), source=tj)
         if os.path.exists(vt):
-            lower = True
-            tc = os.path.join(path, "tokenizer_config.json")
-            if os.path.exists(tc):
-                lower = load_json(tc).get("do_lower_case", True)
-            return cls(build_wordpiece(read_vocab(vt), lowercase=lower), source=vt)
+            options = read_normalizer_options(os.path.join(path, "tokenizer_config.json"))
+            return cls(build_wordpiece(read_vocab(vt), **options), source=vt)
         if not os.path.isdir(path):
             raise CheckpointError(f"{path}: no such checkpoint directory")
         raise CheckpointError(f"{path}: neither tokenizer.json nor vocab.txt")
@@ -108,9 +107,15 @@ class Tokenizer:
         atomic_write_text(os.path.join(out_dir, "tokenizer.json"), self.tok.to_str())
         vocab = sorted(self.tok.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
         atomic_write_text(os.path.join(out_dir, "vocab.txt"), "".join(t + "\n" for t, _ in vocab))
-        atomic_write_text(os.path.join(out_dir, "tokenizer_config.json"), json.dumps(
-            {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": 512},
-            indent=2) + "\n")
+        # transformers rebuilds BERT's normalizer from these keys, ignoring tokenizer.json's: they
+        # must say what ours does, or a cased model is read lowercased there.
+        config = {"tokenizer_class": "BertTokenizer", "model_max_length": 512}
+        norm = self.tok.normalizer
+        if isinstance(norm, normalizers.BertNormalizer):
+            config.update(do_lower_case=norm.lowercase, strip_accents=norm.strip_accents,
+                          tokenize_chinese_chars=norm.handle_chinese_chars)
+        atomic_write_text(os.path.join(out_dir, "tokenizer_config.json"),
+                          json.dumps(config, indent=2) + "\n")
 
 
 def read_vocab(path):
@@ -118,13 +123,35 @@ def read_vocab(path):
         return {line.rstrip("\n"): i for i, line in enumerate(f)}
 
 
-def bert_normalization(tok: HFTokenizer, lowercase=True):
+def read_normalizer_options(path):
+    """build_wordpiece's keywords from transformers' `tokenizer_config.json`, when there is one:
+    do_lower_case, strip_accents (None: strip when lowercasing) and tokenize_chinese_chars."""
+    if not os.path.exists(path):
+        return {}
+    try:
+        config = load_json(path)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    options = {}
+    for key, ours, none_ok in (("do_lower_case", "lowercase", False),
+                               ("strip_accents", "strip_accents", True),
+                               ("tokenize_chinese_chars", "chinese_chars", False)):
+        if key in config:
+            if not (isinstance(config[key], bool) or none_ok and config[key] is None):
+                raise CheckpointError(f"{path}: {key}={config[key]!r} must be true or false"
+                                      + (" or null" if none_ok else ""))
+            options[ours] = config[key]
+    return options
+
+
+def bert_normalization(tok: HFTokenizer, lowercase=True, strip_accents=None, chinese_chars=True):
     """BERT's text pipeline around a WordPiece model: BertNormalizer (clean control characters,
-    space around CJK characters, lowercase and, with it, strip accents), BertPreTokenizer (split on
-    whitespace and punctuation), and the `##`-joining decoder. `minibert tokenizer train` sets it
-    before learning a vocabulary, so a trained tokenizer reads text exactly as a loaded one."""
-    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
-                                                strip_accents=None, lowercase=lowercase)
+    space around CJK characters, lowercase and strip accents; strip_accents=None strips them when
+    lowercasing, as BERT does), BertPreTokenizer (split on whitespace and punctuation), and the
+    `##`-joining decoder. `minibert tokenizer train` sets it before learning a vocabulary, so a
+    trained tokenizer reads text exactly as a loaded one."""
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=chinese_chars,
+                                                strip_accents=strip_accents, lowercase=lowercase)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix="##")
 
@@ -138,9 +165,13 @@ def bert_template(tok: HFTokenizer):
         special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
 
 
-def build_wordpiece(vocab, lowercase=True):
+def build_wordpiece(vocab, lowercase=True, strip_accents=None, chinese_chars=True):
     """BERT's tokenizer around a WordPiece vocabulary ({token: id}), as vocab.txt describes it."""
     tok = HFTokenizer(WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
-    bert_normalization(tok, lowercase)
+    bert_normalization(tok, lowercase, strip_accents, chinese_chars)
+    # "[MASK]" in a text is the mask token, not "[", "mask", "]": matched before normalization
+    # (lowercasing would make it "[mask]"), as transformers registers BERT's special tokens.
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False)
+                            for s in SPECIALS if s in vocab])
     bert_template(tok)
     return tok

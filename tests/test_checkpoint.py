@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
 
 import pytest
@@ -152,6 +153,53 @@ def test_config_errors_are_clear(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError, match=r"config\.json: invalid BertConfig: hidden_act='relu'"):
         minibert.load_encoder(tmp_path)
+
+
+@pytest.mark.parametrize("key,value,says", [
+    ("hidden_dropout_prob", "0.1", "hidden_dropout_prob='0.1' must be a number"),
+    ("layer_norm_eps", None, "layer_norm_eps=None must be a number"),
+    ("num_hidden_layers", 2.0, "num_hidden_layers=2.0 must be an integer"),
+    ("pad_token_id", "0", "pad_token_id='0' must be an integer or null"),
+])
+def test_config_value_of_a_wrong_type_is_named(key, value, says, tmp_path):
+    cfg = BertConfig(**TINY).to_hf_dict() | {key: value}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=r"config\.json: invalid BertConfig: " + re.escape(says)):
+        minibert.load_encoder(tmp_path)
+
+
+def test_pad_token_id_null_loads_as_transformers_reads_it(tmp_path):
+    # transformers accepts "pad_token_id": null (no padding row); so must we, with the same output
+    cfg = transformers.BertConfig(**TINY, pad_token_id=None)
+    hf = randomize_(transformers.BertModel(cfg), seed=3).eval()
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    assert json.loads((tmp_path / "config.json").read_text())["pad_token_id"] is None
+    ours = minibert.load_encoder(tmp_path)
+    assert ours.config.pad_token_id is None and ours.embeddings.word.padding_idx is None
+    batch = tiny_batch()
+    real = batch["attention_mask"].bool()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**batch)[real], hf(**batch).last_hidden_state[real],
+                                   atol=ATOL_FP32, rtol=0)
+
+
+def test_loading_leaves_the_global_rng_as_it_was(tmp_path):
+    """Building a model draws random weights that the checkpoint then overwrites; the caller's
+    random stream must not move. A checkpoint without pooler or head gets fresh ones, the same
+    for the same seed."""
+    hf = tiny_hf("BertModel")
+    sd = {k: v for k, v in hf.state_dict().items() if "pooler" not in k}
+    save_file(sd, tmp_path / "model.safetensors")
+    hf.config.to_json_file(tmp_path / "config.json")
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    minibert.load_encoder(tmp_path)
+    assert torch.equal(torch.get_rng_state(), before)
+    fresh = minibert.load_model(tmp_path, with_head=True, allow_missing_head=True)
+    assert torch.equal(torch.get_rng_state(), before)
+    again = minibert.load_model(tmp_path, with_head=True, allow_missing_head=True)
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k]), k
 
 
 class _Trap:

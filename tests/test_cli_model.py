@@ -141,3 +141,55 @@ def test_weights_import_of_a_directory(tiny_mlm_dir, tmp_path, capsys):
     with torch.no_grad():
         torch.testing.assert_close(minibert.load_mlm(dest)(ids), hf(ids).logits,
                                    atol=ATOL_FP32, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """tests/tiny.py's 2-layer BERT with an MLM head: 64 positions, a 27-token vocabulary."""
+    from tests.tiny import make_checkpoint
+    return str(make_checkpoint(tmp_path_factory.mktemp("tiny") / "mlm", mlm=True))
+
+
+def test_texts_longer_than_the_model_are_cut_at_its_positions(tiny_dir, capsys):
+    long = "good movie " * 100  # 200 tokens; the model has 64 positions
+    (cut,) = _stdout_json_lines(capsys, ["embed", tiny_dir, "--text", long])  # --max-length 256
+    (at_64,) = _stdout_json_lines(capsys, ["embed", tiny_dir, "--text", long, "--max-length",
+                                           "64"])
+    assert cut == at_64
+    (line,) = _stdout_json_lines(capsys, ["fill-mask", tiny_dir, "the [MASK] was " + long])
+    assert len(line["masks"]) == 1
+    with pytest.raises(SystemExit, match=r"no \[MASK\] in .* within its first 64 tokens"):
+        main(["fill-mask", tiny_dir, long + "the [MASK]"])  # the mask lies past position 64
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["embed", "--text", "good", "--batch-size", "0"], "--batch-size"),
+    (["embed", "--text", "good", "--batch-size", "-1"], "--batch-size"),
+    (["embed", "--text", "good", "--max-length", "1"], "--max-length"),
+    (["embed", "--text", "good", "--max-length", "0"], "--max-length"),
+    (["fill-mask", "good [MASK]", "--top-k", "0"], "--top-k"),
+    (["fill-mask", "good [MASK]", "--top-k", "-3"], "--top-k"),
+])
+def test_counts_and_lengths_below_their_minimum_are_refused(tiny_dir, argv, flag, capsys):
+    with pytest.raises(SystemExit) as e:  # argparse: status 2, one line naming the flag
+        main([argv[0], tiny_dir, *argv[1:]])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: '{argv[-1]}': give an integer" in err and "Traceback" not in err
+
+
+def test_weights_import_names_a_damaged_or_pickled_checkpoint(tiny_dir, tmp_path, capsys):
+    from tests.test_bad_inputs import check
+
+    cut = tmp_path / "cut"
+    shutil.copytree(tiny_dir, cut)
+    (cut / "model.safetensors").write_bytes((cut / "model.safetensors").read_bytes()[:500])
+    check("import-truncated", ["weights", "import", cut, tmp_path / "d1"],
+          cut / "model.safetensors", capsys)
+    binary = tmp_path / "bin"
+    shutil.copytree(tiny_dir, binary)
+    os.remove(binary / "model.safetensors")
+    (binary / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
+    check("import-bin-only", ["weights", "import", binary, tmp_path / "d2"],
+          "pytorch_model.bin, a pickle", capsys)
+    assert not (tmp_path / "d1").exists() and not (tmp_path / "d2").exists()

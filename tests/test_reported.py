@@ -133,8 +133,8 @@ def test_every_json_a_run_writes_is_strict(tiny):
 
 
 def test_one_spelling_for_the_model(tiny, capsys):
-    # both spellings read the same model and texts (the tiny vocabulary has no [MASK] token in
-    # running text, so both stop at the first text, naming it)
+    # both spellings read the same model and texts (neither text holds a [MASK], so both stop
+    # at the first text, naming it)
     new = run_cli(["fill-mask", "--model", tiny / "mlm", "a film", "the end"], capsys)
     old = run_cli(["fill-mask", tiny / "mlm", "a film", "the end"], capsys)
     assert new[0] == old[0] == 1 and "no [MASK] in 'a film'" in new[1] == old[1]

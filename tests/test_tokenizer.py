@@ -4,15 +4,22 @@ Three ways to get a minibert tokenizer are checked against the same reference: t
 `tokenizer.json`, the one `weights import` re-saves, and `vocab.txt` alone (minibert then builds
 BERT's normalizer, pre-tokenizer, WordPiece and [CLS]/[SEP] template itself). Ids, segment ids,
 the attention mask and character offsets must be equal, not close.
+
+Then the options of `tokenizer_config.json` (cased, accents kept or stripped, CJK split or not),
+on a small vocabulary: read from `vocab.txt` by both libraries, and written back by minibert's
+`save` so that transformers reads the saved tokenizer as minibert does.
 """
 
+import json
 import os
 import shutil
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 import minibert
+from minibert.errors import CheckpointError
 
 LONG = " ".join(f"Sentence number {i} talks about tokenization, truncation and padding."
                 for i in range(80))  # about 1,000 tokens: longer than any max_length below
@@ -26,6 +33,7 @@ TEXTS = [
     "日本語のテキストと中文字符，以及한국어.",  # CJK (split per character) and Hangul
     "Emoji 😀🎉 and symbols ™ © → ∞",  # mostly [UNK]
     "tabs\tand\nnew lines\r\n and \u200b zero-width \x00 control chars",
+    "The capital of France is [MASK]. [CLS] a [SEP] b [UNK] [PAD]; [mask] is plain text",
     "",
     LONG,
 ]
@@ -93,3 +101,54 @@ def test_known_ids(ours):
     assert b["token_type_ids"].tolist() == [[0, 0, 0, 0, 0, 0, 1, 1]]
     assert (ours.pad_id, ours.unk_id, ours.cls_id, ours.sep_id, ours.mask_id) == (0, 100, 101,
                                                                                   102, 103)
+
+
+# A vocabulary in which casing, accents and CJK splitting each change the ids.
+SMALL_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "Hello", "World", "hello", "world",
+               "Café", "café", "cafe", "naïve", "naive", "Naïve", ".", ",", "日", "本", "日本"]
+OPTION_TEXTS = ["Hello World, hello world.", "Café naïve Naïve cafe.", "Hello [MASK].", "日本"]
+OPTIONS = [
+    {"do_lower_case": False},  # a cased model
+    {"do_lower_case": True, "strip_accents": False},  # lowercase, accents kept
+    {"do_lower_case": False, "strip_accents": True},  # cased, accents stripped
+    {"do_lower_case": True, "tokenize_chinese_chars": False},
+]
+
+
+def _small_tokenizer_dir(d, options):
+    d.mkdir()
+    (d / "vocab.txt").write_text("".join(t + "\n" for t in SMALL_VOCAB), encoding="utf-8")
+    (d / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "BertTokenizer", **options}))
+    return d
+
+
+def _ids(tok, texts):
+    if isinstance(tok, minibert.Tokenizer):
+        return tok.encode_batch(texts)["input_ids"].tolist()
+    return tok(texts, padding="longest", return_tensors="pt")["input_ids"].tolist()
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: json.dumps(o))
+def test_vocab_txt_follows_tokenizer_config(options, tmp_path):
+    d = _small_tokenizer_dir(tmp_path / "tok", options)
+    ours = minibert.load_tokenizer(d)
+    assert ours.source.endswith("vocab.txt")
+    assert _ids(ours, OPTION_TEXTS) == _ids(AutoTokenizer.from_pretrained(d), OPTION_TEXTS)
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: json.dumps(o))
+def test_saved_tokenizer_config_says_how_it_normalizes(options, tmp_path):
+    # transformers rebuilds BERT's normalizer from tokenizer_config.json, not tokenizer.json
+    ours = minibert.load_tokenizer(_small_tokenizer_dir(tmp_path / "tok", options))
+    ours.save(tmp_path / "saved")
+    want = _ids(ours, OPTION_TEXTS)
+    assert _ids(AutoTokenizer.from_pretrained(tmp_path / "saved"), OPTION_TEXTS) == want
+    assert _ids(minibert.load_tokenizer(tmp_path / "saved"), OPTION_TEXTS) == want
+
+
+def test_a_bad_tokenizer_config_value_is_named(tmp_path):
+    d = _small_tokenizer_dir(tmp_path / "tok", {"do_lower_case": "no"})
+    with pytest.raises(CheckpointError,
+                       match=r"tokenizer_config.json: do_lower_case='no' must be true or false"):
+        minibert.load_tokenizer(d)
