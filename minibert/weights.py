@@ -48,4 +48,3 @@ def _import_dir(src, dest, source):
     print(f"minibert: wrote {dest} ({n / 1e6:.1f}M parameters, "
           f"{'with' if has_head else 'without'} MLM head)", file=sys.stderr)
     return dest
-
