@@ -127,6 +127,8 @@ def data_cases(t):
          where=str(t / "c.csv") + ":2")
     case("tsv-fractional-label", path=str(t / "d.tsv"), text="text\tlabel\nhi\t2.5\nho\t0\n",
          where="--task regression")
+    case("csv-quote-never-closed", path=str(t / "c2.csv"),
+         text='text,label\nhi,1\n"ho,0\nhu,1\n', where=str(t / "c2.csv") + ":3")
     case("unknown-format", path=str(t / "e.xml"), text="<x/>")
     reg = ["--task", "regression", "--target-field", "score"]
     case("regression-text-target", [{"text": "a", "score": "high"}, {"text": "b", "score": 1}],
@@ -143,6 +145,9 @@ def data_cases(t):
               str(t / "g-dev.conll"), *tok], str(t / "g-dev.conll") + ":1"))
     case("tagging-length-mismatch", [{"tokens": ["a", "b"], "tags": ["O"]}], "{p}:1", extra=tok)
     case("tagging-no-tokens", [{"tokens": [], "tags": []}], "{p}:1", extra=tok)
+    case("tagging-integer-tags", [{"tokens": ["a", "b"], "tags": [0, 3]}], "{p}:1", extra=tok)
+    case("conll-not-utf8", path=str(t / "f2.conll"), text=b"good O\ncaf\xe9 O\n",
+         where=str(t / "f2.conll") + ":2", extra=tok)
     qa = ["--task", "qa"]
     para = {"context": "the film was good", "qas": [
         {"id": "q1", "question": "how?", "answers": [{"text": "good", "answer_start": 13}]}]}
@@ -159,6 +164,13 @@ def data_cases(t):
     empty["qas"][0]["answers"] = [{"text": "", "answer_start": 0}]
     case("squad-empty-answer", path=str(t / "l.json"),
          text=json.dumps({"data": [{"paragraphs": [empty]}]}), where="q1", extra=qa)
+    no_ctx = {"qas": para["qas"]}
+    case("squad-no-context", path=str(t / "n.json"),
+         text=json.dumps({"data": [{"paragraphs": [no_ctx]}]}), where="paragraphs[0]", extra=qa)
+    str_pos = json.loads(json.dumps(para))
+    str_pos["qas"][0]["answers"][0]["answer_start"] = "13"
+    case("squad-answer-start-not-int", path=str(t / "o.json"),
+         text=json.dumps({"data": [{"paragraphs": [str_pos]}]}), where="answer_start", extra=qa)
     none = json.loads(json.dumps(para))
     none["qas"][0]["answers"] = []
     case("squad-no-answers", path=str(t / "m.json"),
@@ -291,6 +303,9 @@ def test_contradictory_and_wrong_flags(base, tmp_path, capsys):
         ("not-a-number", ["--lr", "fast"], "--lr"),
         ("not-a-choice", ["--pooling", "max"], "--pooling"),
         ("batch-size-zero", ["--batch-size", "0"], "--batch-size"),
+        ("log-every-zero", ["--log-every", "0"], "--log-every"),
+        ("metric-not-the-tasks", ["--metric", "acuracy"], "--metric"),
+        ("doc-stride-too-long", ["--task", "qa", "--doc-stride", "128"], "--doc-stride"),
     ]
     for name, flags, where in cases:
         check(name, ["finetune", *common, *flags], where, capsys, runs=[base / "run"])
@@ -301,6 +316,11 @@ def test_contradictory_and_wrong_flags(base, tmp_path, capsys):
     check("multitask-bad-spec", ["finetune", "--task", "multitask", "--model", base / "model",
                                  "--tasks", "a:classification", "--out", tmp_path / "m"],
           "--tasks spec 1", capsys)
+    check("multitask-metric-not-a-heads", ["finetune", "--task", "multitask", "--model",
+                                           base / "model", "--tasks",
+                                           f"a:classification:{base}/data/{{split}}.jsonl",
+                                           "--metric", "b/accuracy", "--out", tmp_path / "m2"],
+          "--metric", capsys)
 
 
 def test_the_corpus_is_large(capsys):

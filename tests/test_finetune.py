@@ -2,6 +2,7 @@
 strict data reading, prediction, and the options end to end (early stopping, --pooling cls,
 --init random, sentence pairs, fp16 resume). All on a tiny checkpoint and dataset built here."""
 
+import csv
 import json
 import os
 import random
@@ -195,11 +196,52 @@ def test_csv_and_pairs(setup, tmp_path):
                                                         ("bad", "dull plot", "no")]
 
 
+def _texts(path):
+    ex, _ = read_examples(str(path), "text", None, "label")
+    return [(e.text, e.where.rsplit(":", 1)[1]) for e in ex]
+
+
+def test_csv_keeps_every_character_of_a_field_and_the_line_numbers(tmp_path):
+    # a newline inside a quoted field, and characters str.splitlines() would split at
+    f = tmp_path / "a.csv"
+    f.write_bytes('text,label\n"multi\nline",1\n"a\u2028b",0\n"c\x0cd\x85e",1\n\nlast,0\n'
+                  .encode())
+    assert _texts(f) == [("multi\nline", "2"), ("a\u2028b", "4"), ("c\x0cd\x85e", "5"),
+                         ("last", "7")]
+
+
+def test_tsv_has_no_quoting(tmp_path):
+    # GLUE's TSV files: a quote is text, even at the start of a field or left open
+    f = tmp_path / "a.tsv"
+    f.write_text('text\tlabel\n" a gripping film\t1\nawful plot\t0\n"the end" came\t1\n')
+    assert _texts(f) == [('" a gripping film', "2"), ("awful plot", "3"),
+                         ('"the end" came', "4")]
+
+
+def test_csv_that_does_not_parse_is_named(tmp_path):
+    # a quote never closed would swallow the rest of the file into one field
+    f = tmp_path / "a.csv"
+    f.write_text('text,label\nfine,1\n"open quote,0\nmore,1\n')
+    with pytest.raises(DataError, match=r"a\.csv:3: not valid CSV"):
+        read_examples(str(f), "text", None, "label")
+    f.write_text("text,label\nfine,1\na, b and c,0\n")  # an unquoted comma
+    with pytest.raises(DataError, match=r"a\.csv:3: 3 fields, but the header has 2"):
+        read_examples(str(f), "text", None, "label")
+
+
+def test_csv_field_longer_than_the_csv_default_limit(tmp_path):
+    limit = csv.field_size_limit()
+    f = tmp_path / "a.csv"
+    f.write_text(f"text,label\n{'x' * (limit + 10)},1\nshort,0\n")
+    assert [len(t) for t, _ in _texts(f)] == [limit + 10, 5]
+    assert csv.field_size_limit() == limit  # the process-wide limit is left as it was
+
+
 def test_learns_and_predicts(setup, tmp_path):
     run = tmp_path / "r"
     results = run_finetune(cfg_for(setup, run, epochs=10, lr=3e-3, lr_head=3e-3))
     assert results["test"]["accuracy"] >= 0.9, results["test"]
-    assert set(results["test"]) >= {"accuracy", "f1", "precision", "recall", "loss"}
+    assert set(results["test"]) >= set(ClassificationTask.metrics)  # what --metric accepts
     r = subprocess.run([sys.executable, "-P", "-m", "train.cli", "predict", str(run),
                         "--text", "a good movie", "--text", "an awful plot"],
                        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from minibert.checkpoint import load_model
 from minibert.tokenizer import Tokenizer
 from tests.tiny import FILLER, NEGATIVE, POSITIVE, make_checkpoint
 from train.finetune.finetune import TASKS, build_model, run_finetune
@@ -198,3 +199,23 @@ def test_init_heads_spec_keeps_a_directory_with_an_equals_sign_whole():
     assert head_spec("polarity=runs/a/best") == ("polarity", "runs/a/best")
     assert head_spec("runs/sweep/lr=1e-3/best") == (None, "runs/sweep/lr=1e-3/best")
     assert head_spec("polarity=runs/sweep/lr=1e-3/best") == ("polarity", "runs/sweep/lr=1e-3/best")
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_the_pooler_trains_when_a_head_reads_it(setup, tmp_path, pooling):
+    # the top-level --pooling stays at its default (mean): pooling is chosen per head
+    ckpt, data = setup
+    cfg = cfg_for(setup, tmp_path / "r", epochs=1, tasks=[
+        f"polarity:classification:{data}/{{split}}.jsonl:pooling={pooling}",
+        f"intensity:regression:{data}/{{split}}.jsonl:target_field=score"])
+    run_finetune(cfg)
+    after = load_file(os.path.join(tmp_path, "r", "state", "model.safetensors"))
+    before = load_model(ckpt).pooler.weight
+    assert torch.equal(after["bert.pooler.weight"], before) == (pooling == "mean")
+
+
+def test_metric_must_be_one_the_heads_report(setup, tmp_path):
+    with pytest.raises(ValueError, match=r"--metric polarity/acc: not a metric of --task "
+                                         r"multitask; one of combined, loss, polarity/accuracy"):
+        run_finetune(cfg_for(setup, tmp_path / "r", metric="polarity/acc"))
+    assert not os.path.exists(tmp_path / "r" / "state")  # refused before any training

@@ -6,6 +6,7 @@ model's raw output can be read).
 Each run is a few steps on the tiny checkpoint of tests/tiny.py: what is checked is that predict
 answers what the saved model computes, not that the model is good."""
 
+import io
 import json
 import math
 
@@ -104,3 +105,29 @@ def test_predict_qa_squad_json(tmp_path, capsys):
         assert ctx[r["start"]:r["end"]] == r["answer"]  # the span is the context's characters
         assert (r["answer"], r["start"], r["end"]) == (d["answer"], d["start"], d["end"])
         assert r["score"] == pytest.approx(d["score"], abs=1e-4)  # both rounded to 4 decimals
+
+
+def test_predict_text_on_a_pair_model_reads_both_texts(tmp_path, capsys, monkeypatch):
+    pairs = [("a film", "it was superb"), ("the plot", "dull and boring")] * 8
+    train = tmp_path / "pairs.jsonl"
+    train.write_text("".join(json.dumps({"text": a, "hyp": b, "label": i % 2}) + "\n"
+                             for i, (a, b) in enumerate(pairs)))
+    run = _finetune(tmp_path, train=str(train), pair_field="hyp")
+    model, _ = load_task_model(str(run / "best"), "cpu")
+    tok = Tokenizer.from_dir(str(run / "best"))
+    capsys.readouterr()
+    assert main(["predict", "--model", str(run), "--text", "a film ||| it was superb",
+                 "--device", "cpu"]) in (0, None)
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert (row["text"], row["pair"]) == ("a film", "it was superb")
+    with torch.no_grad():
+        p = model(tok.encode_batch(["a film"], ["it was superb"]))["logits"][0].softmax(-1)
+    assert list(row["probabilities"].values()) == pytest.approx(p.tolist(), abs=ATOL)
+    # one text alone would be classified without its pair: refused, naming the input
+    assert main(["predict", "--model", str(run), "--text", "a film ||| fine", "--text",
+                 "a film", "--device", "cpu"]) == 2
+    assert "--text 2: this model reads text pairs ('hyp'); write 'TEXT ||| PAIR'" in \
+        capsys.readouterr().err
+    monkeypatch.setattr("sys.stdin", io.StringIO("a film ||| fine\nno pair here\n"))
+    assert main(["predict", "--model", str(run), "--device", "cpu"]) == 2
+    assert "stdin:2: this model reads text pairs" in capsys.readouterr().err

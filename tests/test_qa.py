@@ -14,7 +14,7 @@ from tests.tiny import FILLER, NEGATIVE, POSITIVE, make_checkpoint, tiny_tokeniz
 from train.data.examples import DataError
 from train.finetune.finetune import load_task_model, run_finetune
 from train.finetune.config import FinetuneConfig
-from train.tasks.qa import QADataset, QAExample, read_squad
+from train.tasks.qa import QADataset, QAExample, QATask, read_squad
 from train.tasks.squad_eval import exact_match, f1, normalize_answer, squad_scores
 
 
@@ -201,8 +201,53 @@ def test_learns_spans_across_windows_and_predicts_text(tmp_path):
                          hidden_dropout=0.0, attention_dropout=0.0)
     res = run_finetune(cfg)
     assert res["dev"]["exact_match"] > 80, res["dev"]
+    assert set(res["dev"]) >= set(QATask.metrics)  # every name --metric accepts
     model, task = load_task_model(str(tmp_path / "r" / "best"), "cpu")
     ctx = "the movie was dull and boring but the story was lovely and the plot very poor"
     ds = task.read_inputs([f"the good ||| {ctx}"], None, tiny_tokenizer(), 4)
     (row,) = task.predict(model, ds, "cpu")
     assert row["answer"] == "lovely" and ctx[row["start"]:row["end"]] == "lovely", row
+
+
+def test_qa_runs_with_the_default_length_and_stride(tmp_path):
+    # BERT's SQuAD runs share 128 tokens between windows of 384; a fixed --doc-stride 128 did
+    # not fit the default --max-length 128. The stride now follows the length.
+    assert FinetuneConfig(task="qa").doc_stride == 42  # --max-length 128 // 3
+    assert FinetuneConfig(task="qa", max_length=384).doc_stride == 128
+    assert FinetuneConfig(task="qa", max_length=384, doc_stride=64).doc_stride == 64
+    with pytest.raises(ValueError, match=r"--doc-stride 128 must be below --max-length 128"):
+        FinetuneConfig(task="qa", doc_stride=128)
+    ckpt = str(make_checkpoint(tmp_path / "ckpt", max_position_embeddings=128))
+    train = make_squad(tmp_path / "train.json", 8, 0, words=150)  # longer than one window
+    res = run_finetune(FinetuneConfig(model=ckpt, task="qa", train=train, out=str(tmp_path / "r"),
+                                      max_steps=1, batch_size=8, threads=1))
+    assert res["best_step"] == 1
+
+
+@pytest.mark.parametrize("edit, named", [
+    (lambda d: d["data"][0].pop("paragraphs"), r"data\[0\]: missing 'paragraphs'"),
+    (lambda d: d["data"][0]["paragraphs"][0].pop("context"),
+     r"paragraphs\[0\]: missing 'context'"),
+    (lambda d: d["data"][0]["paragraphs"][0].pop("qas"), r"paragraphs\[0\]: missing 'qas'"),
+    (lambda d: d["data"][0]["paragraphs"][0]["qas"][0].pop("id"), r"qas\[0\]: missing 'id'"),
+    (lambda d: d["data"][0]["paragraphs"][0]["qas"][0].pop("question"),
+     r"qas\[0\] \(id 'q1'\): missing 'question'"),
+    (lambda d: d["data"][0]["paragraphs"][0]["qas"][0]["answers"][0].pop("text"),
+     r"\(id 'q1'\) answers\[0\]: missing 'text'"),
+    (lambda d: d["data"][0]["paragraphs"][0]["qas"][0]["answers"][0].pop("answer_start"),
+     r"\(id 'q1'\) answers\[0\]: missing 'answer_start'"),
+    (lambda d: d["data"][0]["paragraphs"][0]["qas"][0]["answers"][0].update(answer_start="5"),
+     r"answers\[0\]: 'answer_start' is '5', not an integer"),
+    (lambda d: d["data"][0]["paragraphs"][0]["qas"][0].update(answers={"text": "good"}),
+     r"\(id 'q1'\): 'answers' is .*, not a list"),
+    (lambda d: d["data"][0]["paragraphs"].append("text"), r"paragraphs\[1\]: missing 'context'"),
+])
+def test_malformed_squad_names_the_place_and_the_key(tmp_path, edit, named):
+    data = {"data": [{"paragraphs": [{"context": "the film was good", "qas": [
+        {"id": "q1", "question": "how?", "answers": [{"text": "good", "answer_start": 13}]}]}]}]}
+    edit(data)
+    p = tmp_path / "bad.json"
+    p.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=named) as e:
+        read_squad(str(p))
+    assert str(e.value).startswith(f"{p}: data[0]")

@@ -14,7 +14,7 @@ from tests.tiny import FILLER, NEGATIVE, POSITIVE, make_checkpoint
 from train.data.examples import DataError
 from train.finetune.finetune import load_task_model, run_finetune
 from train.finetune.config import FinetuneConfig
-from train.tasks.regression import ranks, regression_metrics
+from train.tasks.regression import RegressionTask, ranks, regression_metrics
 
 
 def test_metrics_equal_scipy_with_ties():
@@ -60,6 +60,7 @@ def test_standardised_regression_learns_and_predicts_in_data_units(data, tmp_pat
     assert cfg.metric == "pearson" and cfg.metric_mode == "max"
     res = run_finetune(cfg)
     assert res["dev"]["pearson"] > 0.9, res["dev"]
+    assert set(res["dev"]) >= set(RegressionTask.metrics)  # every name --metric accepts
     model, task = load_task_model(str(tmp_path / "r" / "best"), "cpu")
     ys = [json.loads(line)["y"] for line in open(train)]
     mean = sum(ys) / len(ys)

@@ -13,8 +13,8 @@ from train.data.examples import DataError
 from train.finetune.finetune import run_finetune
 from train.finetune.config import FinetuneConfig
 from train.cli import main
-from train.tasks.seqeval import entity_scores, is_bio, repair_bio, spans
-from train.tasks.tagging import TaggedDataset, read_tagged
+from train.tasks.seqeval import entity_scores, is_bio, repair_bio, spans, token_scores
+from train.tasks.tagging import TaggedDataset, TokenTask, read_tagged
 
 
 def test_textbook_entity_scores():
@@ -86,6 +86,37 @@ def test_conll_reading_and_errors(tmp_path):
         read_tagged(str(q))
 
 
+def test_both_scorings_report_every_name_metric_accepts():
+    for score in (entity_scores, token_scores):  # BIO tags, and other tag sets
+        assert set(score([["O", "B-X"]], [["O", "B-X"]])) | {"loss"} >= set(TokenTask.metrics)
+
+
+def test_tagged_files_are_split_at_newlines_only(tmp_path):
+    # raw U+2028 and U+0085 inside a JSON string (json.dumps escapes them; other writers do not)
+    q = tmp_path / "a.jsonl"
+    q.write_bytes('{"tokens": ["a\u2028b", "c\x85"], "tags": ["O", "B-X"]}\n'.encode())
+    assert [(w, t, where[-2:]) for w, t, where in read_tagged(str(q))] == \
+        [(["a\u2028b", "c\x85"], ["O", "B-X"], ":1")]
+    # a byte-order mark before CoNLL's document marker
+    p = tmp_path / "a.conll"
+    p.write_bytes(b"\xef\xbb\xbf-DOCSTART- O\n\nthe O\nfilm B-X\n")
+    assert [(w, where[-2:]) for w, _, where in read_tagged(str(p))] == [(["the", "film"], ":3")]
+
+
+def test_tagged_files_that_cannot_be_read_are_named(tmp_path):
+    q = tmp_path / "a.jsonl"
+    q.write_text(json.dumps({"tokens": ["a", "b"], "tags": [0, 3]}) + "\n")  # HF's ner_tags
+    with pytest.raises(DataError, match=r"a.jsonl:1: 'tags' must be tag names .* not 0"):
+        read_tagged(str(q))
+    q.write_text('{"tokens": ["a"], "tags": ["O"]}\n["a", "O"]\n')
+    with pytest.raises(DataError, match=r"a.jsonl:2: not a JSON object"):
+        read_tagged(str(q))
+    p = tmp_path / "a.conll"
+    p.write_bytes(b"the O\n\ncaf\xe9 O\n")
+    with pytest.raises(DataError, match=r"a.conll:3: not UTF-8"):
+        read_tagged(str(p))
+
+
 def make_ner(path, n, seed):
     """Entities: a sentiment word (B-POS / B-NEG), sometimes continued by 'story' (I-...)."""
     rng = random.Random(seed)
@@ -124,6 +155,7 @@ def test_learns_entities_and_predicts_spans(ner, tmp_path, crf):
     # learned to look left), which repair turns into a wrong B-POS; the CRF's transitions (and
     # constraints) settle the type from the B- tag before it.
     assert res["dev"]["f1"] > (0.95 if crf else 0.6), res["dev"]
+    assert set(res["dev"]) >= set(TokenTask.metrics)  # every name --metric accepts
     out = tmp_path / "pred.jsonl"
 
     assert main(["predict", "--model", str(tmp_path / "r"), "--text", "the film was superb story and dull",

@@ -187,7 +187,11 @@ DATASETS = {
 def cmd_data_get(args):
     get, _ = DATASETS[args.name]
     out = args.out or os.path.join("data", args.name)
-    os.makedirs(out, exist_ok=True)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:  # e.g. a file of that name
+        raise SystemExit(f"minibert data get {args.name}: --out {out}: cannot make this "
+                         f"directory ({e.strerror})") from None
     try:
         summary, notes = get(out)
     except (FetchError, DataError) as e:

@@ -11,6 +11,7 @@ pure function of (seed, epoch), which is what makes exact resume possible.
 """
 
 import csv
+import io
 import json
 import os
 import random
@@ -54,9 +55,9 @@ def _rows(path):
         data = fb.read()
     if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark, as many Windows tools write
         data = data[3:]
-    raw_lines = data.split(b"\n")  # a CRLF line keeps its "\r": JSON and csv both allow it
     if ext in (".jsonl", ".json"):
-        for i, raw in enumerate(raw_lines, 1):
+        # a CRLF line keeps its "\r": JSON allows it
+        for i, raw in enumerate(data.split(b"\n"), 1):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -71,15 +72,43 @@ def _rows(path):
                 continue
             yield i, row if isinstance(row, dict) else DataError(f"{path}:{i}: not a JSON object")
         return
-    delim = "\t" if ext == ".tsv" else ","
     try:
-        text = b"\n".join(raw_lines).decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = b"\n".join(raw_lines)[:e.start].count(b"\n") + 1
+        line = data[:e.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not UTF-8 ({e.reason})") from None
-    reader = csv.DictReader(text.splitlines(), delimiter=delim)
-    for row in reader:
-        yield reader.line_num, row
+    yield from _table_rows(path, text, tsv=ext == ".tsv")
+
+
+def _table_rows(path, text, tsv):
+    """(line number, dict) of each data row of CSV or TSV `text`; a row's number is the line it
+    starts on (a quoted CSV field may hold newlines).
+
+    CSV is read as RFC 4180 says, strictly: a quote left open would otherwise swallow every line
+    after it into one field. TSV is read as GLUE's files are written, with no quoting at all: a
+    text may start with a quote. A row with more fields than the header is an error: a comma or
+    tab inside an unquoted text would otherwise cut the text short silently."""
+    reader = csv.reader(io.StringIO(text, newline=""),  # newline="": keep them inside fields
+                        delimiter="\t" if tsv else ",", strict=not tsv,
+                        quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
+    # No field is longer than the file. The limit is process-wide: restored once read.
+    old_limit = csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
+    rows, start = [], 1
+    try:
+        header = next(reader, [])
+        start = reader.line_num + 1
+        for row in reader:
+            if len(row) > len(header):
+                rows.append((start, DataError(f"{path}:{start}: {len(row)} fields, but the "
+                                              f"header has {len(header)}")))
+            elif row:  # [] is a blank line
+                rows.append((start, dict(zip(header, row))))
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise DataError(f"{path}:{start}: not valid {'TSV' if tsv else 'CSV'} ({e})") from None
+    finally:
+        csv.field_size_limit(old_limit)
+    return rows
 
 
 def read_examples(path, text_field, pair_field, target_field, skip_bad_rows=False,

@@ -20,6 +20,14 @@ DEFAULT_METRIC = {**{n: t.default_metric for n, t in SINGLE_TASKS.items()},
 TASKS = tuple(DEFAULT_METRIC)
 
 
+def check_metric(metric, names, task):
+    """--metric must be one of `names`, the scores that --task `task` reports: a typo would
+    otherwise train until the first evaluation and stop there."""
+    if metric not in names:
+        raise ValueError(f"--metric {metric}: not a metric of --task {task}; one of "
+                         f"{', '.join(names)}")
+
+
 def head_spec(spec):
     """An --init-heads entry: 'NAME=DIR' -> (NAME, DIR); 'DIR' -> (None, DIR). A directory may hold
     '=' itself (a sweep's trial 'lr=1e-3/best'): a NAME never holds a path separator."""
@@ -44,7 +52,10 @@ class FinetuneConfig:
                                        "targets; predictions are mapped back")
     crf: bool = option(False, "tokens: a linear-chain CRF over the words' tag scores")
     bio_constraints: bool = option(False, "tokens with --crf: forbid O->I-X, B-X->I-Y, start->I-X")
-    doc_stride: int = option(128, "qa: tokens shared by consecutive windows of a long context")
+    # None: max length // 3, the proportion of BERT's SQuAD runs (stride 128 at length 384); a
+    # fixed 128 would not fit the default --max-length 128
+    doc_stride: int | None = option(None, "qa: tokens shared by consecutive windows of a long "
+                                    "context (default: --max-length // 3)")
     max_answer_len: int = option(30, "qa: longest answer span, in tokens")
     tasks: list[str] | None = option(None, "multitask: comma-separated specs "
                                      "NAME:TYPE:PATH_WITH_{split}[:key=value...] "
@@ -126,7 +137,8 @@ class FinetuneConfig:
     eval_every: int | None = option(100, "evaluate on dev every N steps (and at each epoch end)")
     log_every: int = option(20, "log train loss, lr, speed and memory every N steps")
     metric: str | None = option(None, "dev metric for early stopping and the best checkpoint "
-                                "(default: the task's, see DEFAULT_METRIC)")
+                                "(default: the task's, see DEFAULT_METRIC; multitask: combined, "
+                                "loss or NAME/METRIC of a head)")
     early_stopping_patience: int | None = option(None, "stop after N evaluations without a better "
                                                  "dev metric ('none': never)")
     save_every: int | None = option(None, "also save resume state every N steps (always at evals)")
@@ -147,6 +159,17 @@ class FinetuneConfig:
     def __post_init__(self):
         if self.metric is None:
             self.metric = DEFAULT_METRIC[self.task]
+        if self.task == "qa":
+            if self.doc_stride is None:
+                self.doc_stride = self.max_length // 3
+            # a window is [CLS] question [SEP] context [SEP]: the shared part must leave room
+            if not 0 <= self.doc_stride < self.max_length - 3:
+                raise ValueError(f"--doc-stride {self.doc_stride} must be below --max-length "
+                                 f"{self.max_length} minus 3 special tokens; leave it out for "
+                                 f"{self.max_length // 3}")
+        if self.log_every < 1:
+            raise ValueError(f"--log-every must be a positive number of steps, not "
+                             f"{self.log_every}")
         if self.nproc < 1:
             raise ValueError("--nproc must be at least 1")
         if self.freeze_head and self.task != "multitask":

@@ -21,7 +21,7 @@ from minibert.io import atomic_save_safetensors, atomic_write_json, load_json
 from minibert.model import BertEncoder
 from minibert.tokenizer import Tokenizer
 from train.runs.diagnose import write_diagnosis
-from train.finetune.config import FinetuneConfig, batch_size_arg, head_spec
+from train.finetune.config import FinetuneConfig, batch_size_arg, check_metric, head_spec
 from train.command import add_dataclass_flags
 from train.runs.memory import auto_batch_size, plan_accumulation
 from train.tasks.multitask import MultiTask
@@ -203,6 +203,8 @@ def train_task_model(cfg, resume, dist, build=finetune_model, name="finetune"):
 
     tok = Tokenizer.from_dir(cfg.model)
     task, data = TASKS[cfg.task].from_data(cfg, tok)
+    # before any training; here, since a multitask's metric names come with its heads
+    check_metric(cfg.metric, task.metrics, cfg.task)
     print(f"task: {json.dumps(task.meta)}", file=sys.stderr)
     model, data["train"] = build(cfg, task, tok, data, resume, dist)
 
@@ -222,8 +224,8 @@ def train_task_model(cfg, resume, dist, build=finetune_model, name="finetune"):
         trainable = set(units_top_down(n_layers)) - frozen
         scale = 1.0
     set_trainable(model, trainable)
-    if cfg.pooling == "mean":
-        model.bert.pooler.requires_grad_(False)  # unused by mean pooling: nothing to train
+    if not task.uses_pooler:  # mean pooling, tagging, QA: no head reads it, nothing to train
+        model.bert.pooler.requires_grad_(False)
     for head in cfg.freeze_head or []:  # multitask: a head that keeps its weights bit for bit
         task.freeze_head(model.head, head)
     groups = param_groups(model, trainable, policy, scale)

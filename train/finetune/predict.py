@@ -68,7 +68,9 @@ def register(sub):
     add_model_argument(p, "run directory (or its best/); with --backend onnx, a directory "
                           "written by `minibert export --to onnx` or `minibert quantize`")
     p.add_argument("--text", action="append", help="an input text (repeatable); with neither "
-                   "--text nor --input, texts are read from stdin, one a line")
+                   "--text nor --input, texts are read from stdin, one a line. A model of text "
+                   "pairs (--pair-field) reads 'TEXT ||| PAIR', a QA model 'QUESTION ||| "
+                   "CONTEXT'")
     p.add_argument("--input", help="a file in the run's training format")
     p.add_argument("--output", help="write JSON lines here instead of stdout")
     p.add_argument("--batch-size", type=int, default=64)

@@ -6,7 +6,8 @@ tokens' vectors, which suits checkpoints trained for sentence embeddings (MiniLM
 sentence-transformers was trained with mean pooling; its pooler was never trained).
 
 The label map comes from the training data (sorted, numeric labels numerically) and is saved in
-best/task.json, so predictions name the same labels.
+best/task.json, so predictions name the same labels. `predict --text` on a model of text pairs
+takes 'TEXT ||| PAIR', as QA takes 'QUESTION ||| CONTEXT'.
 """
 
 import torch
@@ -14,7 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minibert.model import mean_pool
-from train.data.examples import Batched, Example, build_label_map, label_key, read_examples
+from train.data.examples import (Batched, DataError, Example, build_label_map, label_key,
+                                 read_examples)
 from train.tasks.metrics import classification_metrics
 from train.tasks.task import batching, run_batches, split_files
 
@@ -89,6 +91,9 @@ def with_pair(ex, row):
 class ClassificationTask:
     name = "classification"
     default_metric = "accuracy"
+    # what evaluate() reports that --metric may choose (the confusion matrix is no score)
+    metrics = ("accuracy", "f1", "precision", "recall", "macro_f1", "macro_precision",
+               "macro_recall", "loss")
 
     def __init__(self, meta):
         self.meta = meta
@@ -115,6 +120,10 @@ class ClassificationTask:
                     "pair_field": cfg.pair_field})
         return task, encode_splits(cfg, tok, read, lambda t: task.index[label_key(t)])
 
+    @property
+    def uses_pooler(self):
+        return self.meta["pooling"] == "cls"
+
     def build_head(self, hidden_size, dropout):
         return ClassificationHead(hidden_size, len(self.labels), self.meta["pooling"], dropout)
 
@@ -128,10 +137,21 @@ class ClassificationTask:
 
     def read_inputs(self, texts, path, tok, batch_size, where="--text {}"):
         if texts:
-            examples = [Example(t, None, None, where.format(i + 1)) for i, t in enumerate(texts)]
+            examples = [self._text_input(t, where.format(i + 1)) for i, t in enumerate(texts)]
         else:
             examples, _ = read_examples(path, self.meta["text_field"], self.meta["pair_field"], None)
         return EncodedDataset(examples, tok, self.meta["max_length"], None, batch_size)
+
+    def _text_input(self, text, where):
+        """An Example from a --text (or stdin line): 'TEXT ||| PAIR' for a model of text pairs,
+        as QA reads 'QUESTION ||| CONTEXT'; the second text is never dropped silently."""
+        if self.meta["pair_field"] is None:
+            return Example(text, None, None, where)
+        first, sep, pair = (x.strip() for x in text.partition("|||"))
+        if not (sep and first and pair):
+            raise DataError(f"{where}: this model reads text pairs ({self.meta['pair_field']!r}); "
+                            "write 'TEXT ||| PAIR'")
+        return Example(first, pair, None, where)
 
     def predict(self, model, ds, device):
         probs = run_batches(model, ds, device,

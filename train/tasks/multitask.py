@@ -219,6 +219,14 @@ class MultiTask:
                 for s, p in parts.items() if p}
         return task, data
 
+    @property
+    def metrics(self):
+        return ["combined", "loss"] + [f"{n}/{m}" for n, t in self.tasks.items() for m in t.metrics]
+
+    @property
+    def uses_pooler(self):  # pooling is per head: one head with --pooling cls trains it
+        return any(t.uses_pooler for t in self.tasks.values())
+
     def build_head(self, hidden_size, dropout):
         return MultiHead({n: t.build_head(hidden_size, dropout) for n, t in self.tasks.items()},
                          self.weights)

@@ -46,32 +46,57 @@ class QAExample:
     where: str
 
 
+KINDS = {str: "a string", int: "an integer", list: "a list"}  # for error messages
+
+
+def _field(obj, key, kind, where):
+    """obj[key], which must be a `kind` (or one of a tuple of kinds); a DataError naming `where`
+    and the key otherwise."""
+    if not isinstance(obj, dict) or key not in obj:
+        raise DataError(f"{where}: missing {key!r}")
+    value = obj[key]
+    if not isinstance(value, kind) or isinstance(value, bool):  # True is an int to Python
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        raise DataError(f"{where}: {key!r} is {value!r}, not "
+                        f"{' or '.join(KINDS[k] for k in kinds)}")
+    return value
+
+
 def read_squad(path, need_answers=True):
     try:
         data = load_json(path)["data"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise DataError(f"{path}: not SQuAD JSON with a top-level 'data' list ({e})") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: not SQuAD JSON with a top-level 'data' list")
     out, seen = [], {}
     for a, article in enumerate(data):
-        for p, para in enumerate(article["paragraphs"]):
-            ctx = para["context"]
-            for q, qa in enumerate(para["qas"]):
-                where = f"{path}: data[{a}].paragraphs[{p}].qas[{q}] (id {qa.get('id')!r})"
-                if str(qa.get("id")) in seen:
-                    raise DataError(f"{where}: id already used at {seen[str(qa['id'])]}; "
+        for p, para in enumerate(_field(article, "paragraphs", list, f"{path}: data[{a}]")):
+            at = f"{path}: data[{a}].paragraphs[{p}]"
+            ctx = _field(para, "context", str, at)
+            for q, qa in enumerate(_field(para, "qas", list, at)):
+                where = f"{at}.qas[{q}]"
+                qid = str(_field(qa, "id", (str, int), where))
+                where += f" (id {qid!r})"
+                if qid in seen:
+                    raise DataError(f"{where}: id already used at {seen[qid]}; "
                                     "every question needs its own id")
-                seen[str(qa.get("id"))] = where.split(": ", 1)[1]
-                answers = [(x["text"], x["answer_start"]) for x in qa.get("answers", [])]
+                seen[qid] = where.split(": ", 1)[1]
+                question = _field(qa, "question", str, where)
+                given = _field(qa, "answers", list, where) if "answers" in qa else []
+                answers = [(_field(x, "text", str, f"{where} answers[{k}]"),
+                            _field(x, "answer_start", int, f"{where} answers[{k}]"))
+                           for k, x in enumerate(given)]
                 for text, start in answers:
                     if not text.strip():
                         raise DataError(f"{where}: an empty answer text; give the answer span "
                                         "or leave the question out")
-                    if ctx[start:start + len(text)] != text:
+                    if start < 0 or ctx[start:start + len(text)] != text:
                         raise DataError(f"{where}: answer {text!r} is not at character {start} "
                                         "of the context")
                 if need_answers and not answers:
                     raise DataError(f"{where}: no answers")
-                out.append(QAExample(str(qa["id"]), qa["question"], ctx, answers, where))
+                out.append(QAExample(qid, question, ctx, answers, where))
     if not out:
         raise DataError(f"{path}: no questions")
     return out
@@ -164,6 +189,8 @@ def best_span(windows, max_answer_len):
 class QATask:
     name = "qa"
     default_metric = "f1"
+    metrics = ("f1", "exact_match", "loss")  # what --metric may choose
+    uses_pooler = False  # spans are scored on the token vectors
 
     def __init__(self, meta):
         self.meta = meta

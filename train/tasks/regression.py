@@ -87,6 +87,7 @@ def to_number(value):
 class RegressionTask:
     name = "regression"
     default_metric = "pearson"
+    metrics = ("pearson", "spearman", "mse", "rmse", "loss")  # what --metric may choose
 
     def __init__(self, meta):
         self.meta = meta
@@ -119,6 +120,8 @@ class RegressionTask:
         return task, encode_splits(cfg, tok, lambda p, s: cache.get(s) or read(p, s),
                                    lambda t: (to_number(t) - mean) / std)
 
+    uses_pooler = ClassificationTask.uses_pooler  # with --pooling cls
+
     def build_head(self, hidden_size, dropout):
         return RegressionHead(hidden_size, self.meta["pooling"], dropout)
 
@@ -136,6 +139,7 @@ class RegressionTask:
 
     # the inputs of classification: texts or text pairs, read with the run's fields
     read_inputs = ClassificationTask.read_inputs
+    _text_input = ClassificationTask._text_input
 
     def predict(self, model, ds, device):
         return [with_pair(ex, {"text": ex.text, self.meta["target_field"]: round(y, 5)})

@@ -38,8 +38,7 @@ def read_tagged(path, need_tags=True):
     """[(tokens, tags or None, 'file:line')] from a .jsonl or CoNLL-style (.conll/.txt) file."""
     ext = os.path.splitext(path)[1].lower()
     out = []
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
+    lines = _lines(path)
     if ext == ".jsonl":
         for n, line in enumerate(lines, 1):
             if not line.strip():
@@ -48,12 +47,19 @@ def read_tagged(path, need_tags=True):
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{n}: not a JSON object")
             toks, tags = row.get("tokens"), row.get("tags")
             if not isinstance(toks, list) or not toks:
                 raise DataError(f"{path}:{n}: 'tokens' must be a non-empty list")
             if need_tags and (not isinstance(tags, list) or len(tags) != len(toks)):
                 raise DataError(f"{path}:{n}: 'tags' must be a list as long as 'tokens' "
                                 f"({len(toks)})")
+            if need_tags and not all(isinstance(t, str) for t in tags):
+                # integer tags (Hugging Face's ner_tags) index a label list this file lacks
+                raise DataError(f"{path}:{n}: 'tags' must be tag names such as 'B-PER', not "
+                                f"{next(t for t in tags if not isinstance(t, str))!r}; map "
+                                "integer ids to their names first")
             out.append(([str(t) for t in toks], tags if need_tags else None, f"{path}:{n}"))
     elif ext in (".conll", ".txt"):
         toks, tags, start = [], [], 1
@@ -74,6 +80,23 @@ def read_tagged(path, need_tags=True):
     if not out:
         raise DataError(f"{path}: no sentences")
     return out
+
+
+def _lines(path):
+    """The lines of `path`, split at "\n" only: str.splitlines() would also split at U+2028 or
+    U+0085 inside a JSON string. A UTF-8 byte-order mark is dropped; a line that is not UTF-8
+    is an error naming it."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    lines = []
+    for n, raw in enumerate(data.split(b"\n"), 1):
+        try:
+            lines.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}:{n}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    return lines
 
 
 def word_offsets(words):
@@ -166,6 +189,9 @@ class TokenHead(nn.Module):
 class TokenTask:
     name = "tokens"
     default_metric = "f1"
+    # what --metric may choose: the scores BIO and other tag sets both report
+    metrics = ("f1", "precision", "recall", "accuracy", "loss")
+    uses_pooler = False  # every token's vector is tagged; there is no sentence vector
 
     def __init__(self, meta):
         self.meta = meta

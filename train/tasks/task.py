@@ -3,6 +3,8 @@
 A task is a class with these members (classification.py is the worked example):
 
     name, default_metric              e.g. "classification", "accuracy"
+    metrics                           the names in evaluate()'s dict that --metric may choose
+    uses_pooler                       whether a head reads BERT's pooler (else it stays frozen)
     __init__(meta)                    meta: a JSON-able dict saved as best/task.json; it holds
                                       everything needed to rebuild the head and read inputs
     from_data(cfg, tokenizer)         classmethod -> (task, {"train": ds, "dev": ds, "test": ds}):
