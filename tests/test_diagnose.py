@@ -23,8 +23,9 @@ def linear_lr(peak, warmup=100, total=STEPS):
 
 
 def write_run(path, train_loss, dev_loss, dev_acc, lr=linear_lr(5e-5), head_lr=None,
-              config=None, extra=()):
-    """train_loss/dev_loss/dev_acc: functions of the step (fraction of the run in [0, 1])."""
+              config=None, extra=(), terms=None):
+    """train_loss/dev_loss/dev_acc: functions of the step (fraction of the run in [0, 1]);
+    terms, if given, the same for the dict logged as train_terms (distillation's parts)."""
     os.makedirs(path, exist_ok=True)
     events = []
     head = head_lr or (lambda s: 20 * lr(s))
@@ -32,7 +33,8 @@ def write_run(path, train_loss, dev_loss, dev_acc, lr=linear_lr(5e-5), head_lr=N
         s = i * STEPS // 20
         events.append({"event": "train", "step": s, "epoch": s / 500,
                        "train_loss": train_loss(s / STEPS),
-                       "lr": {"head": head(s), "layer.0": lr(s), "embeddings": lr(s)}})
+                       "lr": {"head": head(s), "layer.0": lr(s), "embeddings": lr(s)},
+                       **({"train_terms": terms(s / STEPS)} if terms else {})})
         if i % 2 == 0:
             acc = dev_acc(s / STEPS)
             ok = round(acc * 500)
@@ -158,6 +160,40 @@ def test_missing_run_is_a_clear_error(tmp_path):
         main(["diagnose", str(tmp_path / "nothing")])
 
 
+@pytest.mark.parametrize("where", ["config", "task.json"])
+def test_a_crf_sentence_loss_is_not_compared_with_chance(tmp_path, where):
+    # a CRF's loss is the NLL of a whole sentence: ~5 nats for a well-trained tagger of 10-word
+    # sentences is far above ln K per token, yet healthy (dev f1 0.86)
+    run = write_run(tmp_path / "run", lambda x: 5 + 5 * math.exp(-3 * x), lambda x: 6 - x,
+                    lambda x: 0.80 + 0.06 * x, config={"crf": True} if where == "config" else {})
+    if where == "task.json":
+        os.makedirs(run / "best")
+        with open(run / "best" / "task.json", "w") as f:
+            json.dump({"task": "tokens", "labels": ["O", "B-X", "I-X"], "crf": True}, f)
+    d = diagnose(run)
+    assert d["verdict"] == "healthy", d
+    # the same curve from a softmax tagger is indeed far above chance: the rule is still there
+    write_run(tmp_path / "softmax", lambda x: 5 + 5 * math.exp(-3 * x), lambda x: 6 - x,
+              lambda x: 0.80 + 0.06 * x)
+    assert diagnose(tmp_path / "softmax")["verdict"] == "underfitting"
+
+
+def test_distillation_is_judged_on_its_hard_term(tmp_path):
+    # train_loss = 0.5 * hard + 0.5 * soft (soft carries T^2 and can be large): the mix says
+    # nothing about chance, the hard term (cross-entropy on the gold labels) does
+    def mixed(hard, soft):
+        return (lambda x: 0.5 * hard(x) + 0.5 * soft(x),
+                lambda x: {"hard": hard(x), "soft": soft(x)})
+    loss, terms = mixed(lambda x: 0.6 * math.exp(-2 * x) + 0.15, lambda x: 2.0 - 0.5 * x)
+    learned = diagnose(write_run(tmp_path / "learned", loss, lambda x: 0.45 - 0.1 * x,
+                                 lambda x: 0.80 + 0.06 * x, terms=terms))
+    assert learned["verdict"] == "healthy", learned
+    loss, terms = mixed(lambda x: 0.694, lambda x: 0.001)
+    stuck = diagnose(write_run(tmp_path / "stuck", loss, lambda x: 0.693, lambda x: 0.5,
+                               terms=terms))
+    assert stuck["verdict"] == "underfitting" and "0.6940 at the end" in stuck["evidence"][0]
+
+
 # ------------------------------------------------------------------ plot and report read the same
 def test_plot_overlays_runs(tmp_path):
     import matplotlib  # noqa: F401  (test extra: the plot is part of what is tested)
@@ -166,6 +202,26 @@ def test_plot_overlays_runs(tmp_path):
     out = tmp_path / "curves.png"
     assert main(["plot", str(a), str(b), "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_refuses_an_unknown_format_and_writes_atomically(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+    run = healthy_run(tmp_path / "a")
+    with pytest.raises(SystemExit, match=r"--out .*c\.xyz: not an image format .*\.png"):
+        main(["plot", str(run), "--out", str(tmp_path / "c.xyz")])
+    assert not (tmp_path / "c.xyz").exists()
+    # the format follows the real extension, though the file is written under a temporary name
+    assert main(["plot", str(run), "--out", str(tmp_path / "c.svg")]) == 0
+    assert (tmp_path / "c.svg").read_text().startswith("<?xml")
+
+    def killed(self, fname, **kw):  # a drawing that dies half-way through its file
+        with open(fname, "wb") if isinstance(fname, (str, os.PathLike)) else fname as f:
+            f.write(b"half")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Figure, "savefig", killed)
+    assert main(["plot", str(run), "--out", str(tmp_path / "c.svg")]) == 130  # interrupted
+    assert (tmp_path / "c.svg").read_text().startswith("<?xml")  # the old plot, whole
+    assert sorted(os.listdir(tmp_path)) == ["a", "c.svg"]  # no temporary file left
 
 
 def test_plot_without_matplotlib_says_how_to_install(tmp_path, monkeypatch):
@@ -195,6 +251,16 @@ def test_report_summarises_the_run(tmp_path, capsys):
     assert "head: peak lr 1.00e-03" in out
     assert "dev (best checkpoint): accuracy 0.8600, loss 0.3500" in out
     assert "diagnosis: HEALTHY" in out and "2.0 min training, 50.0 examples/s" in out
+
+
+def test_report_shows_pretraining_s_valid_scores(tmp_path, capsys):
+    run = healthy_run(tmp_path / "run")
+    with open(run / "results.json", "w") as f:  # what `minibert pretrain` writes
+        json.dump({"steps": 1000, "best_step": 1000, "valid": {
+            "mlm_loss": 2.5, "perplexity": 12.18, "mlm_accuracy": 0.51}}, f)
+    assert main(["report", str(run)]) == 0
+    assert "valid (best checkpoint): mlm_loss 2.5000, perplexity 12.1800, mlm_accuracy 0.5100" \
+        in capsys.readouterr().out
 
 
 def test_report_shows_every_task_s_scores(tmp_path, capsys):

@@ -208,3 +208,47 @@ def test_prune_refuses_bad_fractions_and_a_directory_that_is_not_a_run(tmp_path,
     assert "minibert prune: --heads 1.5: give a fraction in [0, 1)" in capsys.readouterr().err
     assert main(["prune", str(tmp_path), "--heads", "0.5", "--out", str(tmp_path / "o")]) == 2
     assert "not a minibert run directory" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("prune-runs")
+    make_checkpoint(str(d / "ckpt"), num_attention_heads=4, intermediate_size=64)
+    return d, make_sentiment(str(d / "data"))
+
+
+def run_flags(data, out):
+    return ["--train", f"{data}/train.jsonl", "--dev", f"{data}/dev.jsonl", "--out", str(out),
+            "--max-steps", "2", "--batch-size", "16", "--threads", "1", "--eval-every", "2"]
+
+
+def prune_and_finetune(run, out):
+    assert main(["prune", str(run), "--heads", "0.5", "--out", str(out), "--importance-examples",
+                 "16", "--finetune-steps", "1", "--threads", "1"]) == 0
+    return json.loads((out / "results.json").read_text())
+
+
+def test_a_run_from_random_weights_prunes_and_finetunes(data, tmp_path):
+    # the pruned backbone is trained now: its fine-tune starts from it ("pretrained"), with
+    # the run's head, instead of an --init random config that refuses --init-heads
+    d, sentiment = data
+    run = tmp_path / "run"
+    assert main(["finetune", "--model", str(d / "ckpt"), "--init", "random",
+                 *run_flags(sentiment, run)]) == 0
+    res = prune_and_finetune(run, tmp_path / "p")
+    assert res["size_after"]["heads"] == 4 and "dev" in res["finetuned"]
+    saved = json.loads((tmp_path / "p" / "finetune" / "config.json").read_text())
+    assert saved["init"] == "pretrained"
+    assert saved["init_heads"] == [str(tmp_path / "p" / "pruned")]
+
+
+def test_a_distilled_run_prunes_and_finetunes_without_its_teacher(data, tmp_path):
+    d, sentiment = data
+    teacher, student = tmp_path / "teacher", tmp_path / "student"
+    assert main(["finetune", "--model", str(d / "ckpt"), *run_flags(sentiment, teacher)]) == 0
+    assert main(["distill", "--teacher", str(teacher), "--student", "layers=0,1",
+                 *run_flags(sentiment, student)]) == 0
+    assert "teacher" in json.loads((student / "config.json").read_text())
+    res = prune_and_finetune(student, tmp_path / "p")
+    assert res["size_after"]["heads"] == 4 and "dev" in res["finetuned"]
+    assert "teacher" not in json.loads((tmp_path / "p" / "finetune" / "config.json").read_text())

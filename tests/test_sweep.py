@@ -75,3 +75,44 @@ def test_random_draws_a_seeded_subset(tiny_setup, tmp_path):
     assert a == b and len(a) == 4 and len({tuple(t.values()) for t in a}) == 4
     with pytest.raises(SystemExit, match="not a finetune option"):
         parse_grid(["learning_rate=1"])
+
+
+def test_boolean_fields_become_flags_finetune_accepts(tmp_path):
+    from train.cli import build_parser
+    from train.runs.sweep import finetune_command, parse_grid, trials
+    grid = parse_grid(["freeze_embeddings=true,false"])
+    for values, want in zip(trials(grid), (True, False)):
+        cmd = finetune_command(["--model", "m", "--train", "t"], values, str(tmp_path / "r"))
+        assert build_parser().parse_args(cmd[1:]).freeze_embeddings is want, cmd
+    with pytest.raises(SystemExit, match="freeze_embeddings=yes: .* boolean .* true,false"):
+        parse_grid(["freeze_embeddings=true,yes"])
+
+
+def test_changed_finetune_args_are_refused_same_ones_reused(tiny_setup, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    args = sweep_args(tiny_setup, out, ["lr=1e-2"])
+    assert main(args) == 0
+    saved = json.loads((out / "sweep.json").read_text())["finetune_args"]
+    assert saved == args[args.index("--") + 1:]
+    # trials are named by their grid values only: lr=1e-2 of 16 steps is not lr=1e-2 of 8
+    changed = [("8" if a == "16" else a) for a in args]
+    with pytest.raises(SystemExit, match=f"--out {out} holds trials run with other finetune"):
+        main(changed)
+    assert main(args) == 0
+    capsys.readouterr()
+    (trial,) = json.loads((out / "sweep.json").read_text())["trials"]
+    assert trial["how"] == "already done"
+
+
+def test_a_metric_no_trial_reports_is_named(tiny_setup, tmp_path, capsys):
+    # a classification run reports accuracy, f1, ... but no pearson: stop after the first
+    # trial, naming --metric and the metrics there are (not a TypeError at the very end)
+    out = tmp_path / "sweep"
+    args = sweep_args(tiny_setup, out, ["lr=1e-2,1e-3"])
+    with pytest.raises(SystemExit, match=r"--metric pearson: trial lr=1e-2 reports no dev "
+                                         r"pearson; its dev metrics: accuracy, .*loss"):
+        main(args[:1] + ["--metric", "pearson"] + args[1:])
+    assert not (out / "lr=1e-3").exists()
+    from train.runs.sweep import check_metric
+    with pytest.raises(SystemExit, match=r"its dev metrics: none \(pass --dev after --\)"):
+        check_metric({"best_step": 3}, "accuracy", "lr=1")

@@ -13,7 +13,8 @@ neurons each layer lost; DIR/pruned/ and DIR/finetune/best/ serve `minibert pred
 `minibert export` like any fine-tuned model.
 
 Limits: structured pruning only (whole heads, whole neurons), so the matrices really shrink;
-every layer keeps at least one head and one neuron.
+every layer keeps at least one head and one neuron. A distilled run (`minibert distill`) is pruned
+like any other, but its short fine-tune learns from the gold labels alone, without the teacher.
 """
 
 import dataclasses
@@ -88,8 +89,15 @@ def run_prune(cfg: PruneConfig):
         return _prune(cfg, device)
 
 
+def finetune_recipe(run):
+    """RUN's FinetuneConfig. A distilled run saved a DistillConfig, the fine-tuning fields plus
+    the teacher's: those are left out, as the fine-tune after pruning has no teacher."""
+    names = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    return FinetuneConfig(**{k: v for k, v in read_run_config(run).items() if k in names})
+
+
 def _prune(cfg, device):
-    run_cfg = FinetuneConfig(**read_run_config(cfg.model))
+    run_cfg = finetune_recipe(cfg.model)
     best = find_best(cfg.model, "prune")
     model, task = load_task_model(best, device)
     tok = Tokenizer.from_dir(best)
@@ -120,18 +128,22 @@ def _prune(cfg, device):
                "before": evaluate(task, model, data, device),
                "pruned": evaluate(task, small, data, device)}
     out = RunDir(cfg.out)
+    pruned_dir = out.file("pruned")
+    if cfg.finetune_steps:  # built (and checked) before anything is written
+        # init "pretrained": the backbone is the pruned one, whatever the run started from (an
+        # --init random run would otherwise refuse the trained head of --init-heads)
+        ft = dataclasses.replace(
+            run_cfg, model=pruned_dir, init="pretrained", init_heads=[pruned_dir],
+            out=out.file("finetune"), max_steps=cfg.finetune_steps, seed=cfg.seed,
+            device=cfg.device, threads=cfg.threads,
+            eval_every=min(run_cfg.eval_every or cfg.finetune_steps, cfg.finetune_steps), nproc=1)
     out.save_dir("pruned", lambda d: save_task_model(small, tok, task, d))
     for split, m in results["pruned"].items():
         print(f"{split}: before " + scores(results["before"][split]) + "; pruned " + scores(m),
               file=sys.stderr)
-    results["model"] = out.file("pruned")
+    results["model"] = pruned_dir
 
     if cfg.finetune_steps:
-        pruned_dir = out.file("pruned")
-        ft = dataclasses.replace(
-            run_cfg, model=pruned_dir, init_heads=[pruned_dir], out=out.file("finetune"),
-            max_steps=cfg.finetune_steps, seed=cfg.seed, device=cfg.device, threads=cfg.threads,
-            eval_every=min(run_cfg.eval_every or cfg.finetune_steps, cfg.finetune_steps), nproc=1)
         print(f"fine-tune: {cfg.finetune_steps} steps with the run's recipe -> {ft.out}",
               file=sys.stderr)
         tuned = run_finetune(ft)

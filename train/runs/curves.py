@@ -2,7 +2,9 @@
 rules take of them (the end of a curve, its smoothed shape, warm-up, noise of a dev metric).
 
 Everything comes from RUN/metrics.jsonl (the events loop/trainer.py writes), RUN/config.json and
-RUN/best/task.json; a run without best/ or config.json still loads, with those parts empty.
+RUN/best/task.json; a run without best/ or config.json still loads, with those parts empty. The
+train loss of a distillation run is its hard term (the task's loss on gold labels), the part
+comparable with chance and with the dev loss.
 """
 
 import math
@@ -38,10 +40,14 @@ class Curves:
     majority: float | None  # accuracy of always answering the most frequent dev label
     n_dev: int | None
     config: dict
+    crf: bool = False  # a CRF tagger: its loss is per sentence, not per label
 
     @property
     def chance_loss(self):
-        return math.log(self.n_labels) if self.n_labels else None
+        """ln K: the per-example loss of guessing uniformly among K labels. A CRF's loss is the
+        NLL of a whole sentence (about words * ln K at chance), and the logs do not say how many
+        words a sentence has, so a CRF run has no chance level."""
+        return math.log(self.n_labels) if self.n_labels and not self.crf else None
 
     def better(self, a, b):
         return better(a, b, self.mode)
@@ -77,8 +83,12 @@ def load_curves(run, n_labels=None):
         n_labels = len(task["labels"]) if task and "labels" in task else (len(cm) if cm else None)
     rows = [sum(r) for r in cm] if cm else None
     groups = list(train[0]["lr"]) if train else []
+    # Distillation logs alpha * hard + (1 - alpha) * soft (+ feature terms) as its train loss;
+    # only the hard term, the task's own loss on gold labels, compares with chance and dev loss.
+    hard = all("hard" in e.get("train_terms", {}) for e in train) and bool(train)
     return Curves(
-        train_steps=[e["step"] for e in train], train_loss=[e["train_loss"] for e in train],
+        train_steps=[e["step"] for e in train],
+        train_loss=[e["train_terms"]["hard"] if hard else e["train_loss"] for e in train],
         lr={g: [e["lr"].get(g, 0.0) for e in train] for g in groups},
         eval_steps=[e["step"] for e in evals],
         dev_loss=[e["dev"].get("loss", float("nan")) for e in evals],
@@ -86,7 +96,8 @@ def load_curves(run, n_labels=None):
         metric=metric, mode=metric_mode(metric),
         diverged=next((e for e in events if e["event"] == "diverged"), None),
         n_labels=n_labels, majority=max(rows) / sum(rows) if rows and sum(rows) else None,
-        n_dev=sum(rows) if rows else None, config=config)
+        n_dev=sum(rows) if rows else None, config=config,
+        crf=bool(config.get("crf") or (task or {}).get("crf")))
 
 
 def mean(xs):

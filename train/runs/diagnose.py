@@ -13,7 +13,8 @@ returns a Finding or None; they are tried in order of severity and the first one
 the verdict, the others are listed as "also". The thresholds are the constants below, each with
 its reason. Known limits: a curve with fewer than 3 train logs or 3 evaluations says little, and
 the rules that need it then stay silent; "chance level" needs the number of labels, which a
-pretraining run does not record, so the chance-based rules are skipped there.
+pretraining run does not record, and a per-example loss, which a CRF's sentence NLL is not, so the
+chance-based rules are skipped there. A distillation run is judged on its hard term (see curves).
 """
 
 import json
@@ -22,8 +23,8 @@ import os
 import sys
 from dataclasses import asdict, dataclass, field
 
-from train.runs.curves import (at_chance_on_dev, backbone_peak_lr, best_eval, dev_vs_chance, late_mean,
-                          load_curves, metric_noise, smooth, warmup_end)
+from train.runs.curves import (at_chance_on_dev, backbone_peak_lr, best_eval, dev_vs_chance,
+                               late_mean, load_curves, metric_noise, smooth, warmup_end)
 
 # A train loss >= 85% of chance (ln K for K labels) means the model barely beats guessing the
 # label prior: after a full run that is either forgetting (high lr) or no learning at all.

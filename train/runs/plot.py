@@ -11,12 +11,14 @@ Three panels, all against the optimizer step, every run in its own colour:
 Everything comes from RUN/metrics.jsonl (train/loop/trainer.py's events), so pretraining runs
 plot the same way. matplotlib is an optional dependency (`pip install 'minibert[plot]'`). The
 figure is a `matplotlib.figure.Figure` drawn straight to a file: no pyplot, no display, and the
-process's matplotlib backend is left as the caller set it.
+process's matplotlib backend is left as the caller set it. The image format is the one that
+--out's extension names, checked before any run is read.
 """
 
 import os
 import sys
 
+from minibert.io import atomic_open
 from train.loop.rundir import read_jsonl
 from train.runs.curves import read_json, run_metric
 
@@ -45,8 +47,21 @@ def lr_curves(train):
     return out
 
 
+def image_format(fig, out):
+    """The format --out's extension names; the file is written under a temporary name, so
+    matplotlib cannot be left to guess it from the name."""
+    ext = os.path.splitext(out)[1][1:].lower()
+    # not pgf: matplotlib writes it by running LaTeX, which would fail with a traceback here
+    known = set(fig.canvas.get_supported_filetypes()) - {"pgf"}
+    if ext not in known:
+        raise SystemExit(f"minibert plot: --out {out}: not an image format minibert plot writes; "
+                         f"end it in one of {', '.join('.' + k for k in sorted(known))}")
+    return ext
+
+
 def plot_runs(runs, out, metric=None, labels=None):
     fig, colors = _figure()
+    fmt = image_format(fig, out)
     ax_loss, ax_metric, ax_lr = fig.subplots(1, 3)
     for i, run in enumerate(runs):
         events = read_jsonl(os.path.join(run, "metrics.jsonl"))
@@ -78,7 +93,8 @@ def plot_runs(runs, out, metric=None, labels=None):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    with atomic_open(out, "wb") as f:
+        fig.savefig(f, format=fmt, dpi=110)
 
 
 def cmd_plot(args):

@@ -3,9 +3,9 @@
 It gathers what is spread over the run directory (train/loop/rundir.py): the config options that
 differ from the defaults (RUN/config.json against FinetuneConfig's defaults; every option when
 the run is not a fine-tuning run), the parameter groups and their peak learning rates (from the
-train events' lr dicts), the best step, dev and test metrics (RUN/results.json), the diagnosis
-(RUN/diagnosis.json, or computed now), time, throughput and peak memory (the events' memory
-records). The report goes to stdout: it is the command's data.
+train events' lr dicts), the best step, dev and test metrics (pretraining's: valid) from
+RUN/results.json, the diagnosis (RUN/diagnosis.json, or computed now), time, throughput and
+peak memory (the events' memory records). The report goes to stdout: it is the command's data.
 """
 
 import dataclasses
@@ -19,7 +19,7 @@ from train.loop.rundir import read_jsonl
 # the metrics worth a line, for every task; a confusion matrix or per-class lists would not fit on
 # one screen. A multi-task run's heads ("polarity/accuracy") show their main scores only.
 SHOWN = ("combined", "accuracy", "exact_match", "f1", "macro_f1", "precision", "recall",
-         "pearson", "spearman", "rmse", "loss", "perplexity", "mlm_accuracy")
+         "pearson", "spearman", "rmse", "loss", "mlm_loss", "perplexity", "mlm_accuracy")
 HEAD_SHOWN = ("accuracy", "exact_match", "f1", "pearson", "spearman")
 
 
@@ -65,7 +65,7 @@ def report(run):
                  f"{len(evals)} evaluations")
     if results:
         lines.append(f"best step: {results.get('best_step')}")
-        for split in ("dev", "test"):
+        for split in ("dev", "valid", "test"):  # pretraining scores its "valid" split
             if split in results:
                 lines.append(f"{split} (best checkpoint): "
                              f"{metrics_line(results[split], config.get('metric'))}")

@@ -4,16 +4,20 @@
         --out runs/sweep -- --model weights/minilm-l6 --train ... --dev ...
 
 Every `--grid NAME=V1,V2,...` names a field of the fine-tuning config (train/finetune/config.py);
-the trials are the cartesian product, or `--random N` of them drawn with `--seed`. Each trial is
-its own run directory under `--out`, named by its values (`lr=2e-5_batch_size=16`), made by
-`minibert finetune` in a subprocess: a trial that crashes, diverges or runs out of memory is
-recorded with its error, and the sweep goes on.
+a boolean field takes true,false (passed as --name / --no-name). The trials are the cartesian
+product, or `--random N` of them drawn with `--seed`. Each trial is its own run directory under
+`--out`, named by its values (`lr=2e-5_batch_size=16`), made by `minibert finetune` in a
+subprocess: a trial that crashes, diverges or runs out of memory is recorded with its error, and
+the sweep goes on.
 
 A sweep is resumable: run the same command again. A trial with results.json is done and is only
 read; one with state/ but no results.json was interrupted and continues with `finetune --resume`;
-the others start. OUT/sweep.json (rewritten after every trial) holds every trial's values, status,
-metrics and command; at the end the table, sorted by the dev metric, is printed on stdout and
-saved as OUT/sweep.md, with the best configuration and the command that reproduces it.
+the others start. Trials are named by their grid values alone, so OUT/sweep.json records the
+arguments after `--` before the first trial, and a rerun with other ones is refused rather than
+mixing trials of two setups. OUT/sweep.json (rewritten after every trial) holds every trial's
+values, status, metrics and command; at the end the table, sorted by the dev metric, is printed on
+stdout and saved as OUT/sweep.md, with the best configuration and the command that reproduces it.
+The first finished trial must report the dev metric `--metric` names; the sweep stops there if not.
 
 Limits: trials run one after another (one machine, one process at a time); the grid is over
 config fields only, with values given as text exactly as on the command line.
@@ -28,16 +32,18 @@ import shlex
 import subprocess
 import sys
 import time
+import typing
 
 from minibert.io import atomic_write_json, atomic_write_text, load_json
 from train.command import minibert_argv
 from train.finetune.config import FinetuneConfig
-from train.loop.best import metric_mode, rank_key
+from train.loop.best import is_missing, metric_mode, rank_key
 
 
 def parse_grid(specs):
     """['lr=1e-5,2e-5', ...] -> {'lr': ['1e-5', '2e-5'], ...}, names checked against the config."""
     fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    flags = bool_fields()
     grid = {}
     for spec in specs:
         name, sep, values = spec.partition("=")
@@ -49,9 +55,19 @@ def parse_grid(specs):
         if name == "out":
             raise SystemExit("minibert sweep: --grid out: the sweep names the run directories")
         grid[name] = [v for v in values.split(",") if v != ""]
+        wrong = [v for v in grid[name] if name in flags and v not in ("true", "false")]
+        if wrong:
+            raise SystemExit(f"minibert sweep: --grid {name}={wrong[0]}: {name} is a boolean "
+                             "option, give its values as true,false")
     if not grid:
         raise SystemExit("minibert sweep: give at least one --grid NAME=V1,V2,...")
     return grid
+
+
+def bool_fields():
+    """The config's boolean fields: finetune spells them --x / --no-x, without a value."""
+    hints = typing.get_type_hints(FinetuneConfig)
+    return {f.name for f in dataclasses.fields(FinetuneConfig) if hints[f.name] is bool}
 
 
 def trials(grid, n_random=None, seed=0):
@@ -72,8 +88,13 @@ def trial_name(values):
 
 def finetune_command(base_args, values, out):
     cmd = ["minibert", "finetune", *base_args]
+    flags = bool_fields()
     for k, v in values.items():
-        cmd += ["--" + k.replace("_", "-"), v]
+        flag = k.replace("_", "-")
+        if k in flags:
+            cmd += ["--" + flag if v == "true" else "--no-" + flag]
+        else:
+            cmd += ["--" + flag, v]
     return cmd + ["--out", out]
 
 
@@ -95,12 +116,34 @@ def last_error(run_dir):
     return lines[-1] if lines else "no output"
 
 
-def read_results(run_dir, metric):
-    r = load_json(os.path.join(run_dir, "results.json"))
+def check_finetune_args(out, base):
+    """Refuse to reuse OUT's trials when they were run with other arguments after `--`."""
+    path = os.path.join(out, "sweep.json")
+    old = load_json(path).get("finetune_args") if os.path.exists(path) else None
+    if old is not None and old != base:
+        raise SystemExit(f"minibert sweep: --out {out} holds trials run with other finetune "
+                         f"arguments ({shlex.join(old)}); give a new --out, or delete it")
+
+
+def check_metric(r, metric, name):
+    """The ranking metric must be one the trials report (a regression reports no accuracy)."""
+    dev = r.get("dev") or {}
+    if metric not in dev:
+        have = ", ".join(k for k, v in dev.items() if isinstance(v, (int, float))) or \
+            "none (pass --dev after --)"
+        raise SystemExit(f"minibert sweep: --metric {metric}: trial {name} reports no dev "
+                         f"{metric}; its dev metrics: {have}")
+
+
+def read_results(r, metric):
     dev, test = r.get("dev", {}), r.get("test", {})
     return {"dev_" + metric: dev.get(metric), "dev_loss": dev.get("loss"),
             "test_" + metric: test.get(metric), "best_step": r.get("best_step"),
             "train_seconds": r.get("train_seconds")}
+
+
+def fmt(v):
+    return "n/a" if is_missing(v) else f"{v:.4f}"
 
 
 def sort_key(metric):
@@ -138,11 +181,15 @@ def cmd_sweep(args):
         raise SystemExit("minibert sweep: --out/--resume are set by the sweep; drop them")
     grid = parse_grid(args.grid)
     todo = trials(grid, args.random, args.seed)
+    check_finetune_args(args.out, base)
     os.makedirs(args.out, exist_ok=True)
     print(f"sweep: {len(todo)} trials into {args.out}", file=sys.stderr)
     records = []
     summary = {"grid": grid, "random": args.random, "seed": args.seed, "metric": args.metric,
                "finetune_args": base, "trials": records}
+    # recorded before the first trial starts: a trial is never on disk without its arguments
+    atomic_write_json(os.path.join(args.out, "sweep.json"), summary)
+    checked = False
     for i, values in enumerate(todo):
         run_dir = os.path.join(args.out, trial_name(values))
         cmd = finetune_command(base, values, run_dir)
@@ -161,15 +208,20 @@ def cmd_sweep(args):
                 print(f"[{i + 1}/{len(todo)}] {rec['name']}: FAILED ({rec['error']})",
                       file=sys.stderr)
         if "status" not in rec:
-            rec.update(status="done", how=how, **read_results(run_dir, args.metric))
+            r = load_json(os.path.join(run_dir, "results.json"))
+            if not checked:  # once, before the other trials run: they all share the task
+                check_metric(r, args.metric, rec["name"])
+                checked = True
+            rec.update(status="done", how=how, **read_results(r, args.metric))
             print(f"[{i + 1}/{len(todo)}] {rec['name']}: {how}, dev {args.metric} "
-                  f"{rec['dev_' + args.metric]}", file=sys.stderr)
+                  f"{fmt(rec['dev_' + args.metric])}", file=sys.stderr)
         records.append(rec)
         atomic_write_json(os.path.join(args.out, "sweep.json"), summary)  # progress survives
 
     records.sort(key=sort_key(args.metric))
     text = table(records, list(grid), args.metric)
-    best = records[0] if records and records[0]["status"] == "done" else None
+    best = records[0] if records and records[0]["status"] == "done" and \
+        not is_missing(records[0]["dev_" + args.metric]) else None
     if best:
         reproduce = finetune_command(base, best["values"], os.path.join(args.out, "best-rerun"))
         summary["best"] = {"name": best["name"], "values": best["values"],
@@ -179,7 +231,7 @@ def cmd_sweep(args):
                  f"{best['dev_' + args.metric]:.4f}, run {best['run']})\n"
                  f"reproduce: {shlex.join(reproduce)}")
     else:
-        text += "\n\nno trial finished"
+        text += f"\n\nno trial finished with a dev {args.metric}"
     atomic_write_json(os.path.join(args.out, "sweep.json"), summary)
     atomic_write_text(os.path.join(args.out, "sweep.md"), text + "\n")
     print(text)
