@@ -20,7 +20,9 @@ from minibert.model import BertEncoder, BertForMLM
 from train.pretrain.corpus import MLMData
 from train.pretrain.masking import IGNORE
 from train.pretrain.pretrain import MLMObjective
+from tests.tiny import tiny_tokenizer
 from train.tasks.classification import ClassificationHead
+from train.tasks.tagging import TokenTask
 from train.finetune.finetune import run_finetune
 from train.finetune.config import FinetuneConfig
 from train.runs.memory import largest_fitting, plan_accumulation
@@ -143,6 +145,32 @@ def test_masked_lm_accumulation_equals_one_big_batch(tmp_path, batch_size, accum
     logged = [read_jsonl(tmp_path / f"m{b}a{a}" / "metrics.jsonl")[0]["train_loss"]
               for b, a in ((8, 1), (batch_size, accum))]
     assert logged[1] == pytest.approx(logged[0], rel=1e-6)
+
+
+def tagger_weights_after_one_step(tmp_path, batch_size, accum, crf):
+    # sentences of 1 to 8 words: a mean over words and a mean over sentences differ
+    words = ["good", "film", "bad", "plot", "the", "movie", "was", "very"]
+    rows = [(words[:n], ["B-X" if w in ("good", "bad") else "O" for w in words[:n]], f"t:{n}")
+            for n in range(1, N + 1)]
+    task = TokenTask({"task": "tokens", "labels": ["O", "B-X"], "scheme": "bio", "crf": crf,
+                      "bio_constraints": False, "fallback_tag": "O", "max_length": 16})
+    data = task._dataset(rows, tiny_tokenizer(), batch_size)
+    torch.manual_seed(0)
+    model = TaskModel(tiny_model().bert, task.build_head(16, 0.0))
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    make_trainer(model, data, tmp_path / f"t{crf}{batch_size}a{accum}", opt, max_steps=1,
+                 grad_accum=accum).fit()
+    return {k: v - before[k] for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("crf", [False, True])  # a mean over words; over sentences
+def test_tagging_accumulation_equals_one_big_batch(tmp_path, crf):
+    big = tagger_weights_after_one_step(tmp_path, 8, 1, crf)
+    small = tagger_weights_after_one_step(tmp_path, 3, 3, crf)
+    assert sum(d.abs().sum() for d in big.values()) > 1e-2
+    for k in big:
+        torch.testing.assert_close(small[k], big[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
 class NaNAt(torch.nn.Module):

@@ -424,5 +424,7 @@ def test_quantize_command_matches_the_reference_model(lab, tmp_path, capsys):
     assert 0 < err_same and gap <= err_same
     assert err_fast <= 2 * err_token
     # the int8 directory is served like any export
-    rows = predict_rows([out, "--backend", "onnx", "--text", "the good film"], tmp_path, "int8")
+    # (a model of text pairs: the pair after |||)
+    rows = predict_rows([out, "--backend", "onnx", "--text", "the good film ||| a fine story"],
+                        tmp_path, "int8")
     assert rows[0]["label"] in ("neg", "pos")

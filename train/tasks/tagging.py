@@ -148,6 +148,12 @@ class TaggedDataset(Batched):
             batch["labels"] = labels
         return batch
 
+    def count_items(self, batch):
+        """What a softmax tagger's loss is a mean over: the tagged words. Accumulated batches are
+        weighted by it (train/loop/accumulate.py); a CRF's loss is per sentence, and its task
+        sets this to None."""
+        return int((batch["labels"] != -100).sum())
+
 
 class TokenHead(nn.Module):
     def __init__(self, hidden_size, n_tags, dropout, crf=None):
@@ -223,8 +229,11 @@ class TokenTask:
 
     def _dataset(self, rows, tok, batch_size, seed=0, group=False, shuffle=False):
         sents = [(w, t, where, " ".join(w), word_offsets(w)) for w, t, where in rows]
-        return TaggedDataset(sents, tok, self.meta["max_length"], self.index, batch_size, seed,
-                             group, shuffle)
+        ds = TaggedDataset(sents, tok, self.meta["max_length"], self.index, batch_size, seed,
+                           group, shuffle)
+        if self.meta["crf"]:
+            ds.count_items = None  # a CRF's loss is a mean over sentences: the examples
+        return ds
 
     def build_head(self, hidden_size, dropout):
         crf = None
