@@ -62,6 +62,16 @@ def test_healthy(tmp_path):
     assert "best dev accuracy 0.8600 at step 1000" in d["evidence"][1]
 
 
+def test_healthy_says_which_way_the_train_loss_went():
+    from train.runs.curves import Curves
+    from train.runs.diagnose import healthy
+    for losses, said in (([0.60, 0.50], "fell"), ([0.60, 0.70], "rose"), ([0.6, 0.6], "stayed")):
+        c = Curves(train_steps=[1, 2], train_loss=losses, lr={}, eval_steps=[], dev_loss=[],
+                   dev_metric=[], metric="accuracy", mode="max", diverged=None, n_labels=2,
+                   majority=None, n_dev=None, config={})
+        assert healthy(c).evidence[0].startswith(f"train loss {said} from"), said
+
+
 def test_overfitting_names_the_eval_and_the_gap(tmp_path):
     # dev loss bottoms out at x = 0.3 (the 3rd eval, step 300) and climbs 80%, train loss -> 0
     run = write_run(tmp_path / "run", lambda x: 0.5 * math.exp(-6 * x) + 0.005,

@@ -147,3 +147,17 @@ def test_one_spelling_for_the_model(tiny, capsys):
                     "memory"):
         assert "--model" in sub[command].format_help(), command
     assert "older spelling" in sub["embed"].format_help()
+
+
+def test_a_command_s_own_stop_exits_as_an_input_error(tmp_path):
+    # `minibert` (train.cli:run): status 2 and one line, the traceback only under --debug, as for
+    # a UserError; main() itself still raises, for tests and library callers
+    import subprocess
+    import sys
+    argv = [sys.executable, "-P", "-m", "train.cli", "predict", str(tmp_path / "no"), "--text", "a"]
+    for debug in ([], ["--debug"]):
+        r = subprocess.run(argv[:4] + debug + argv[4:], capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 2 and r.stdout == "", r.stderr
+        assert r.stderr.splitlines()[-1].startswith(f"minibert predict: {tmp_path / 'no'}")
+        assert ("Traceback" in r.stderr) == bool(debug), r.stderr

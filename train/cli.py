@@ -73,6 +73,22 @@ def main(argv=None):
         return 2
 
 
+def run():
+    """The `minibert` program: main(), with a command's own one-line stop (`SystemExit("minibert
+    CMD: ...")`, raised where a UserError would need more context than the message) ending as an
+    input error does: status 2, and its traceback under --debug. main() itself lets it propagate,
+    so that tests and library callers see the exception."""
+    try:
+        return main()
+    except SystemExit as e:
+        if not isinstance(e.code, str):
+            raise  # argparse's exits and plain statuses stay as they are
+        if sys.argv[1:2] == ["--debug"] or os.environ.get("MINIBERT_DEBUG") == "1":
+            traceback.print_exc()
+        print(e.code, file=sys.stderr)
+        return 2
+
+
 def describe(e):
     """The one line for an input error; an OSError says the path first, as the others do."""
     if isinstance(e, OSError) and e.filename is not None:
@@ -82,4 +98,4 @@ def describe(e):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

@@ -10,10 +10,11 @@ help), with dynamic masking and sparse prediction (pretrain/masking.py). `RUN/be
 Face `BertForMaskedLM` checkpoint, so `transformers`, `minibert finetune` and `minibert fill-mask`
 read it as is.
 
-Limits: one device; bf16 is the default only on CUDA (`--precision bf16` asks for it on a CPU);
-model FLOPs utilisation counts 6 N per token for the matmuls (N = non-embedding parameters, plus
-the decoder at masked positions only) and leaves out attention's T^2 term, as the PaLM paper's
-simple form does, so it slightly understates.
+Precision and scale as in fine-tuning: `--precision auto` is bf16 autocast on CUDA and on a CPU
+with bf16 instructions, and `--nproc N` runs data-parallel. Model FLOPs utilisation counts 6 N
+per token for the matmuls (N = non-embedding parameters, plus the decoder at masked positions
+only) and leaves out attention's T^2 term, as the PaLM paper's simple form does, so it slightly
+understates.
 """
 
 import dataclasses

@@ -227,7 +227,9 @@ RULES = (rule_nonfinite, rule_forgetting, rule_rising, rule_underfitting, rule_o
 def healthy(c):
     ev = []
     if c.train_loss:
-        ev.append(f"train loss fell from {c.train_loss[0]:.4f} to {c.train_loss[-1]:.4f}")
+        first, last = c.train_loss[0], c.train_loss[-1]
+        verb = "fell" if last < first else "rose" if last > first else "stayed"
+        ev.append(f"train loss {verb} from {first:.4f} to {last:.4f}")
     if c.eval_steps:
         b = best_eval(c)
         i = min(range(len(c.dev_loss)), key=lambda k: c.dev_loss[k])
