@@ -262,4 +262,5 @@ def save_model(model, out_dir, tokenizer=None):
     atomic_save_safetensors(os.path.join(out_dir, "model.safetensors"), hf_state_dict(model),
                             metadata={"format": "pt"})
     if tokenizer is not None:
-        tokenizer.save(out_dir)
+        # what transformers truncates to: the positions the model has
+        tokenizer.save(out_dir, model_max_length=model.config.max_position_embeddings)

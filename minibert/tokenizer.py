@@ -101,7 +101,7 @@ class Tokenizer:
     def id_to_token(self, i):
         return self.tok.id_to_token(i)
 
-    def save(self, out_dir):
+    def save(self, out_dir, model_max_length=512):
         from minibert.io import atomic_write_text
         os.makedirs(out_dir, exist_ok=True)
         atomic_write_text(os.path.join(out_dir, "tokenizer.json"), self.tok.to_str())
@@ -109,7 +109,7 @@ class Tokenizer:
         atomic_write_text(os.path.join(out_dir, "vocab.txt"), "".join(t + "\n" for t, _ in vocab))
         # transformers rebuilds BERT's normalizer from these keys, ignoring tokenizer.json's: they
         # must say what ours does, or a cased model is read lowercased there.
-        config = {"tokenizer_class": "BertTokenizer", "model_max_length": 512}
+        config = {"tokenizer_class": "BertTokenizer", "model_max_length": model_max_length}
         norm = self.tok.normalizer
         if isinstance(norm, normalizers.BertNormalizer):
             config.update(do_lower_case=norm.lowercase, strip_accents=norm.strip_accents,

@@ -431,3 +431,36 @@ def test_the_bf16_probe_agrees_with_the_kernel_on_this_cpu():
     with open("/proc/cpuinfo") as f:
         flags = set(next(l for l in f if l.startswith("flags")).split(":", 1)[1].split())
     assert set(native_bf16()) == {"avx512_bf16", "amx_bf16"} & flags
+
+
+def test_init_heads_brings_the_pooler_a_cls_head_read(setup, tmp_path, capsys):
+    # the head of a cls-pooling run reads the pooler, trained with it: both must come along
+    src = tmp_path / "src"
+    run_finetune(cfg_for(setup, src, pooling="cls", max_steps=8, lr_head=1e-2))
+    trained = load_file(os.path.join(src, "best", "model.safetensors"))
+    ckpt = load_file(os.path.join(setup[0], "model.safetensors"))
+    key = next(k for k in trained if k.endswith("pooler.dense.weight"))
+    assert not torch.equal(trained[key], ckpt[key])  # the source run did move it
+    run_finetune(cfg_for(setup, tmp_path / "new", pooling="cls", max_steps=1, lr=0.0,
+                         lr_head=0.0, init_heads=[str(src / "best")]))
+    assert "and the pooler it read" in capsys.readouterr().err
+    new = state_weights(tmp_path / "new")
+    assert torch.equal(new["bert.pooler.weight"], trained[key])  # lr 0: still what it loaded
+
+
+def test_lr_encoder_is_one_flat_rate_for_the_blocks_and_the_embeddings():
+    policy = LrPolicy(lr=1e-4, layer_lr_decay=0.9, lr_encoder=2e-5)
+    assert {u: policy.unit_lr(u, 2) for u in ("layer.1", "layer.0", "embeddings")} == \
+        dict.fromkeys(("layer.1", "layer.0", "embeddings"), 2e-5)
+
+
+def test_max_length_past_the_model_s_positions_is_cut_to_them(setup, tmp_path, capsys):
+    # the tiny checkpoint has 64 positions: at 128 a run would fail on its first long text
+    run_finetune(cfg_for(setup, tmp_path / "r", max_length=128, max_steps=1))
+    assert "max length: 64, the positions" in capsys.readouterr().err
+    run = tmp_path / "r"
+    assert json.loads((run / "config.json").read_text())["max_length"] == 64
+    assert json.loads((run / "best" / "task.json").read_text())["max_length"] == 64
+    # and transformers, reading best/, truncates there too
+    assert json.loads((run / "best" / "tokenizer_config.json").read_text())[
+        "model_max_length"] == 64

@@ -135,3 +135,16 @@ def test_cli_prints_estimate_and_measurement(tmp_path, capsys):
     for row in ("weights", "gradients", "optimizer", "activations", "estimated peak",
                 "measured peak", "estimate / measured"):
         assert row in out
+
+
+@pytest.mark.parametrize("flags,said", [
+    (["--freeze-layers", "5"], "--freeze-layers 5: {ckpt} has 2 blocks"),
+    (["--max-len", "100"], "--max-len 100: {ckpt} has positions for 64 tokens"),
+    (["--labels", "0"], "--labels 0 must be at least 1"),
+    (["--batch-size", "0"], "--batch-size 0 must be at least 1")])
+def test_flags_the_model_cannot_run_are_named(tmp_path, flags, said):
+    from tests.tiny import make_checkpoint
+    ckpt = make_checkpoint(tmp_path / "ckpt")  # 2 blocks, 64 positions
+    argv = ["memory", "--model", str(ckpt), "--batch-size", "2", "--max-len", "8"]
+    with pytest.raises(SystemExit, match="^minibert memory: " + said.format(ckpt=ckpt)):
+        main(argv + flags)

@@ -14,6 +14,7 @@ from conftest import ATOL_FP32
 from safetensors.torch import load_file
 
 from minibert.checkpoint import load_model, save_model
+from minibert.errors import UserError
 from minibert.model import BertEncoder, BertForMLM
 from minibert.tokenizer import Tokenizer
 from tests.tiny import NEWS_WORDS as WORDS
@@ -203,6 +204,11 @@ def test_continued_pretraining_creates_a_missing_head(corpus, tiny_run, tmp_path
     assert max(drift.values()) > 0  # and it did train
     with pytest.raises(ValueError, match="drop --config"):
         config(corpus, tmp_path / "x", init_from=enc_dir)
+    # a --max-len past the checkpoint's positions is named before anything trains
+    positions = load_model(enc_dir).config.max_position_embeddings
+    with pytest.raises(UserError, match=f"^--max-len {positions + 1}: {enc_dir} has positions"):
+        run_pretrain(config(corpus, tmp_path / "long", config=None, init_from=enc_dir,
+                            max_len=positions + 1))
 
 
 def test_a_decoder_that_differs_from_the_embeddings_is_reported_and_tied(tmp_path):

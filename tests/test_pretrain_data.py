@@ -36,9 +36,9 @@ def reference_ids(tok, docs):
     return [tok.tok.encode(t, add_special_tokens=False).ids for t in docs if t.strip()]
 
 
-def test_cache_holds_every_document(tok_and_corpus):
+def test_cache_holds_every_document(tok_and_corpus, tmp_path):
     tok, corpus = tok_and_corpus
-    tokens, offsets, _ = tokenize_to_cache(corpus, tok)
+    tokens, offsets, _ = tokenize_to_cache(corpus, tok, str(tmp_path))  # its own: no other run
     assert tokens.dtype == np.uint16  # 200 tokens fit in 16 bits
     want = reference_ids(tok, DOCS)
     assert len(offsets) == len(want) + 1
@@ -47,7 +47,7 @@ def test_cache_holds_every_document(tok_and_corpus):
     # a second call reads the cache instead of tokenizing again
     cache = os.path.dirname(tokens.filename)
     before = {f: os.stat(os.path.join(cache, f)).st_mtime_ns for f in os.listdir(cache)}
-    tokenize_to_cache(corpus, tok)
+    tokenize_to_cache(corpus, tok, str(tmp_path))
     assert before == {f: os.stat(os.path.join(cache, f)).st_mtime_ns for f in os.listdir(cache)}
 
 

@@ -96,3 +96,11 @@ def test_command_line_writes_a_tokenizer_that_transformers_reads_the_same(corpus
     # both sizes are reachable)
     assert sizes == {80: 80, 130: 130}
     assert "zyzzyva" in lines  # learned from the second file
+
+
+def test_ids_follow_one_fixed_order(corpus, tmp_path):
+    # the trainer's own ids follow hash order where counts tie, so runs that learn the same
+    # tokens numbered them differently; now specials, then the tokens sorted
+    train_tokenizer([corpus], vocab_size=300, min_frequency=1).save(str(tmp_path))
+    lines = (tmp_path / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    assert lines[:5] == list(SPECIALS) and lines[5:] == sorted(lines[5:])

@@ -82,8 +82,9 @@ def dataclass_from_args(cls, ns):
     return cls(**{k: v for k, v in vars(ns).items() if k in names})
 
 
-def print_config(cfg, title, file=sys.stderr):
+def print_config(cfg, title, file=None):
     """The resolved config, one field a line, on stderr (stdout is for a command's data)."""
+    file = sys.stderr if file is None else file  # the stream of the moment, not of import
     print(f"{title}:", file=file)
     for f in dataclasses.fields(cfg):
         print(f"  {f.name:28s} {getattr(cfg, f.name)!r}", file=file)

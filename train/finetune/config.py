@@ -101,7 +101,8 @@ class FinetuneConfig:
                                    "embeddings last (0.8-0.95 is common; 1 turns it off). With lr "
                                    "1e-4 and 6 blocks the bottom block trains at 5.9e-5")
     lr_embeddings: float | None = option(None, "explicit lr for the embeddings (overrides decay)")
-    lr_encoder: float | None = option(None, "explicit lr for every block (overrides decay)")
+    lr_encoder: float | None = option(None, "explicit lr for every block and the embeddings "
+                                      "(overrides decay; --lr-embeddings still sets theirs)")
     weight_decay: float = option(0.01, "decoupled weight decay; never on biases or LayerNorm")
     adam_beta1: float = option(0.9, "AdamW beta1")
     adam_beta2: float = option(0.999, "AdamW beta2")

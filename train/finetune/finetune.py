@@ -80,10 +80,13 @@ def build_model(cfg: FinetuneConfig, task):
     return with_new_head(bert, cfg, task)
 
 
-def init_heads(head, specs, task_name):
+def init_heads(model, specs, task):
     """--init-heads: copy trained head weights from finetune runs' best/ into the new head(s).
     DIR replaces the whole head; NAME=DIR (multitask) replaces head NAME, taken from DIR's head
-    NAME when DIR is itself multi-task, else DIR's whole head. Shapes and keys must match."""
+    NAME when DIR is itself multi-task, else DIR's whole head. Shapes and keys must match.
+    A head trained on cls pooling read BERT's pooler, which DIR's model.safetensors holds: DIR
+    brings it along, except into a multi-task model, whose heads share one pooler."""
+    head, task_name = model.head, task.name
     for spec in specs:
         name, src = head_spec(spec)
         path = os.path.join(src, "head.safetensors")
@@ -107,7 +110,17 @@ def init_heads(head, specs, task_name):
                              f"holds {have or 'no such head'}, the {task_name} head "
                              f"{name or ''} needs {need}")
         target.load_state_dict(weights)
-        print(f"init: head {name or '(all)'} from {path}", file=sys.stderr)
+        pooler = ""
+        if load_json(os.path.join(src, "task.json")).get("pooling") == "cls" and task.uses_pooler:
+            if name:
+                pooler = "; its pooler is not: the heads share the checkpoint's"
+            else:
+                trained = {k.split("pooler.dense.")[-1]: v for k, v in
+                           read_safetensors(os.path.join(src, "model.safetensors")).items()
+                           if "pooler.dense." in k}
+                model.bert.pooler.load_state_dict(trained)
+                pooler = ", and the pooler it read from its model.safetensors"
+        print(f"init: head {name or '(all)'} from {path}{pooler}", file=sys.stderr)
 
 
 def build_schedule(cfg, optimizer, total_steps):
@@ -168,7 +181,7 @@ def finetune_model(cfg, task, tok, data, resume, dist):
     model = build_model(cfg, task)
     check_vocabulary(model.bert.config, tok, cfg.model)
     if cfg.init_heads and not resume:  # on resume the saved state holds the heads
-        init_heads(model.head, cfg.init_heads, cfg.task)
+        init_heads(model, cfg.init_heads, task)
     return model.to(dist.device), data["train"]
 
 
@@ -200,6 +213,11 @@ def train_task_model(cfg, resume, dist, build=finetune_model, name="finetune"):
                          "CUDA device; on CPU give --batch-size N (`minibert memory` estimates "
                          "the memory of a batch)")
     cfg, run, precision, amp = open_run(cfg, dist, resume, f"{name} config")
+    positions = BertConfig.from_json(os.path.join(cfg.model, "config.json")).max_position_embeddings
+    if cfg.max_length > positions:  # else it trains on short texts, then fails on a long one
+        print(f"max length: {positions}, the positions {cfg.model} has, not --max-length "
+              f"{cfg.max_length}", file=sys.stderr)
+        cfg = dataclasses.replace(cfg, max_length=positions)
 
     tok = Tokenizer.from_dir(cfg.model)
     task, data = TASKS[cfg.task].from_data(cfg, tok)
@@ -269,7 +287,8 @@ def train_task_model(cfg, resume, dist, build=finetune_model, name="finetune"):
     if not dist.is_main:
         return None  # the final evaluation and results.json are rank 0's
 
-    # Final evaluation with the best checkpoint, not the last weights.
+    # Final evaluation with the best checkpoint, not the last weights, in fp32: under bf16 the
+    # evaluations during training may differ from it in the last digits.
     best_dir = run.find_dir("best")
     results = {"best_step": summary["best_step"], "train_seconds": summary["train_seconds"],
                "examples_per_second": summary["examples_per_second"],

@@ -37,8 +37,9 @@ class LrPolicy:
         if unit == "embeddings":
             if self.lr_embeddings is not None:
                 return self.lr_embeddings
-            base = self.lr_encoder if self.lr_encoder is not None else self.lr
-            return base * self.layer_lr_decay ** n_layers
+            if self.lr_encoder is not None:  # a flat encoder lr: the embeddings take it too
+                return self.lr_encoder
+            return self.lr * self.layer_lr_decay ** n_layers
         i = int(unit.split(".")[1])
         if self.lr_encoder is not None:
             return self.lr_encoder
@@ -105,7 +106,8 @@ def set_trainable(model, trainable_units):
         p.requires_grad_(unit_of(name) in trainable_units)
 
 
-def print_groups(groups, model, file=sys.stderr):
+def print_groups(groups, model, file=None):
+    file = sys.stderr if file is None else file  # the stream of the moment, not of import
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"parameters: {trainable:,} trainable of {total:,} "

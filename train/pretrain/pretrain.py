@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from minibert.checkpoint import check_vocabulary, load_model, save_model
+from minibert.errors import UserError
 from minibert.model import BertForMLM
 from minibert.tokenizer import Tokenizer
 from train.command import add_dataclass_flags
@@ -108,6 +109,10 @@ def build_model(cfg: PretrainConfig, tok):
         for n in notes:
             print(f"init: {n}", file=sys.stderr)
         check_vocabulary(mlm.config, tok, cfg.init_from)
+        if cfg.max_len > mlm.config.max_position_embeddings:
+            raise UserError(f"--max-len {cfg.max_len}: {cfg.init_from} has positions for "
+                            f"{mlm.config.max_position_embeddings} tokens "
+                            "(max_position_embeddings); give at most that")
         return mlm
     mc = model_config(cfg.config, tok.vocab_size, cfg.max_len, cfg.attention, tok.pad_id)
     mc = dataclasses.replace(mc, hidden_dropout_prob=cfg.dropout,

@@ -67,6 +67,13 @@ def train_tokenizer(corpus, vocab_size, min_frequency=2, limit_alphabet=1000):
     got = [tok.token_to_id(s) for s in SPECIALS]
     if got != list(range(len(SPECIALS))):
         raise RuntimeError(f"special tokens got ids {dict(zip(SPECIALS, got))}, expected 0..4")
+    # The trainer numbers tokens in hash order where it has no other, so two runs that learn the
+    # same tokens give them different ids. One fixed order instead: specials, then sorted. (Which
+    # of two equally frequent merges it keeps at the end of the vocabulary is hash order too, and
+    # cannot be fixed from here: a run that must repeat exactly reuses a tokenizer, --tokenizer.)
+    rest = sorted(t for t in tok.get_vocab() if t not in SPECIALS)
+    tok.model = WordPiece({t: i for i, t in enumerate([*SPECIALS, *rest])}, unk_token="[UNK]",
+                          max_input_chars_per_word=100)
     bert_template(tok)
     return Tokenizer(tok, source="trained on " + ", ".join(corpus))
 

@@ -265,8 +265,9 @@ def format_diagnosis(d):
     return "\n".join(lines)
 
 
-def write_diagnosis(run, file=sys.stderr):
+def write_diagnosis(run, file=None):
     """Diagnose RUN, print it to `file` and save RUN/diagnosis.json. For the end of a run."""
+    file = sys.stderr if file is None else file  # the stream of the moment, not of import
     d = diagnose(run)
     print(format_diagnosis(d), file=file)
     from minibert.io import atomic_write_json

@@ -198,6 +198,17 @@ def cmd_memory(args):
     freeze = dict(freeze_embeddings=args.freeze_embeddings, freeze_layers=args.freeze_layers,
                   freeze_backbone=args.freeze_backbone)
     dev = "cuda" if args.device == "cuda" else "cpu"
+    for flag, n, low in (("--batch-size", args.batch_size, 1), ("--max-len", args.max_len, 1),
+                         ("--labels", args.labels, 1),
+                         ("--freeze-layers", args.freeze_layers, 0)):
+        if n is not None and n < low:
+            raise SystemExit(f"minibert memory: {flag} {n} must be at least {low}")
+    if args.max_len > cfg.max_position_embeddings:
+        raise SystemExit(f"minibert memory: --max-len {args.max_len}: {args.model} has positions "
+                         f"for {cfg.max_position_embeddings} tokens (max_position_embeddings)")
+    if (args.freeze_layers or 0) > cfg.num_hidden_layers:
+        raise SystemExit(f"minibert memory: --freeze-layers {args.freeze_layers}: {args.model} "
+                         f"has {cfg.num_hidden_layers} blocks")
     est = estimate(cfg, args.batch_size, args.max_len, args.labels, dev, **freeze)
     print(f"memory of one fp32 AdamW training step: {args.model}, batch {args.batch_size} x "
           f"{args.max_len} tokens, attention {cfg.attention}, {dev}", file=sys.stderr)
