@@ -161,3 +161,21 @@ def test_a_command_s_own_stop_exits_as_an_input_error(tmp_path):
         assert r.returncode == 2 and r.stdout == "", r.stderr
         assert r.stderr.splitlines()[-1].startswith(f"minibert predict: {tmp_path / 'no'}")
         assert ("Traceback" in r.stderr) == bool(debug), r.stderr
+
+
+def test_flags_out_of_range_are_named(tiny, tmp_path, capsys):
+    data = tiny / "data"
+    base = ["finetune", "--model", tiny / "model", "--train", data / "train.jsonl", "--out",
+            tmp_path / "r", "--max-length", "16", "--threads", "1"]
+    check("device-unknown", base + ["--device", "nonsense"], "--device nonsense", capsys)
+    import torch
+    if not torch.cuda.is_available():
+        check("device-cuda-absent", base + ["--device", "cuda"], "--device cuda", capsys)
+    check("unfreeze-every-zero", base + ["--unfreeze-every", "0"], "--unfreeze-every 0", capsys)
+    check("eval-batch-size-zero", base + ["--eval-batch-size", "0"], "--eval-batch-size 0",
+          capsys)
+    check("predict-batch-size-zero", ["predict", tiny / "run", "--text", "good",
+                                      "--batch-size", "0"], "--batch-size", capsys)
+    # an unknown flag is named by its command, whose --help lists the right ones
+    code, err = run_cli(base + ["--bogus", "1"], capsys)
+    assert code == 2 and "minibert finetune: unrecognized arguments: --bogus 1" in err

@@ -12,6 +12,8 @@ interval (the resumed run must log the same train loss). And the progress bar of
 estimates its time left from its own steps only.
 """
 
+import shutil
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -115,3 +117,17 @@ def test_progress_after_a_resume_counts_only_this_process_s_steps():
     bar.t0 -= 100.0  # 100 s later, 400 steps done here: 4 steps/s, 600 steps to go
     bar.update(1400)
     assert "train 1400/2000 |  70% | eta 2:30" in out.getvalue()
+
+
+def test_resume_writes_into_the_directory_given_and_refuses_other_flags(setup, tmp_path,
+                                                                         monkeypatch):
+    # a run copied elsewhere resumes there (config.json still names the original --out)
+    first = tmp_path / "first"
+    killed_after_save_at(4, flags(setup, first), monkeypatch)
+    copy = tmp_path / "copy"
+    shutil.copytree(first, copy)
+    with pytest.raises(SystemExit, match=r"continues with the run's saved config.json; "
+                                         r"drop --lr, --max-steps$"):
+        main(["finetune", "--resume", str(copy), "--max-steps", "20", "--lr", "5"])
+    run(["finetune", "--resume", copy, "--threads", "1"])  # how the process runs may change
+    assert (copy / "results.json").exists() and not (first / "results.json").exists()

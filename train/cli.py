@@ -52,11 +52,15 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in COMMANDS:
         module.register(sub)
+    parser.commands = sub.choices  # name -> the command's parser
     return parser
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the command's own parser, which knows its flags
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     # the command line as given: `--nproc N` re-runs it under torchrun (train/loop/distributed.py)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:

@@ -195,6 +195,10 @@ class FinetuneConfig:
                                                and self.batch_size >= 1):
             raise ValueError(f"--batch-size must be a positive integer or 'auto', "
                              f"not {self.batch_size!r}")
+        if self.eval_batch_size < 1:
+            raise ValueError(f"--eval-batch-size {self.eval_batch_size} must be at least 1")
+        if self.unfreeze_every is not None and self.unfreeze_every <= 0:
+            raise ValueError(f"--unfreeze-every {self.unfreeze_every} must be positive")
         if self.grad_accum < 1:
             raise ValueError("--grad-accum must be at least 1")
         if self.effective_batch_size is not None:

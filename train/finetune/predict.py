@@ -9,7 +9,7 @@ and predict, so they answer the same JSON lines."""
 import os
 import sys
 
-from minibert.commands import add_model_argument, read_stdin_lines, resolve_model
+from minibert.commands import add_model_argument, int_at_least, read_stdin_lines, resolve_model
 from minibert.io import atomic_write_text, json_line
 from minibert.tokenizer import Tokenizer
 from train.finetune.finetune import load_task_model
@@ -73,7 +73,7 @@ def register(sub):
                    "CONTEXT'")
     p.add_argument("--input", help="a file in the run's training format")
     p.add_argument("--output", help="write JSON lines here instead of stdout")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int_at_least(1), default=64)
     p.add_argument("--device", default="auto", help="torch backend: cpu, cuda, auto")
     p.add_argument("--backend", choices=("torch", "onnx"), default="torch",
                    help="torch: the run's checkpoint; onnx: an exported graph, by onnxruntime")

@@ -21,13 +21,25 @@ import resource
 
 import torch
 
+from minibert.errors import UserError
+
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def pick_device(name):
+    """--device: auto (CUDA when there is one), cpu, cuda or cuda:N; anything else, or CUDA on a
+    machine without it, is a UserError naming the flag."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: give auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: this torch sees no CUDA device; use cpu or auto")
+    return device
 
 
 def native_bf16():

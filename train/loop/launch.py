@@ -71,7 +71,18 @@ def command(args, name, config_cls, run_fn, check=None):
         return distributed.launch(args.argv, args.nproc)  # this command again, under torchrun
     try:
         if args.resume:
-            cfg = config_cls(**read_run_config(args.resume))
+            # the run's own config, in the directory given: a run copied or moved elsewhere
+            # resumes there, not where it was first written. Only how this process runs may
+            # change (--nproc, --threads); a flag that would change the run is refused, not
+            # silently dropped.
+            flags = {a.split("=")[0] for a in args.argv if a.startswith("--")}
+            given = sorted(flags - {"--resume", "--nproc", "--threads", "--debug"})
+            if given:
+                raise SystemExit(f"minibert {name}: --resume {args.resume} continues with the "
+                                 f"run's saved config.json; drop {', '.join(given)}")
+            saved = read_run_config(args.resume)
+            threads = {"threads": args.threads} if "--threads" in flags else {}
+            cfg = config_cls(**{**saved, "out": args.resume, **threads})
         else:
             cfg = dataclass_from_args(config_cls, args)
             if check is not None:
