@@ -76,7 +76,7 @@ class Tokenizer:
         return self.collate(encs, return_offsets)
 
     def collate(self, encs, return_offsets=False):
-        B, T = len(encs), max(len(e.ids) for e in encs)
+        B, T = len(encs), max((len(e.ids) for e in encs), default=0)  # no texts: (0, 0)
         input_ids = torch.full((B, T), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((B, T), dtype=torch.long)
         token_type_ids = torch.zeros((B, T), dtype=torch.long)

@@ -62,9 +62,19 @@ def test_specs_parse_and_bad_specs_say_why(setup, tmp_path):
                      (["a:nope:x"], "unknown task type"),
                      (["a:regression:x:colour=red"], "not a per-task option"),
                      (["a:regression:x:crf=maybe"], "true or false"),
-                     (["a:regression:x", "a:regression:y"], "unique")]:
+                     (["a:regression:x", "a:regression:y"], "unique"),
+                     # set by the multi-task run itself, per head or for the run
+                     (["a:regression:x:metric=mse"], "'metric' is not a per-task option"),
+                     (["a:regression:x:freeze_head=a"], "'freeze_head' is not a per-task"),
+                     (["a:regression:x:weight=heavy"], "weight='heavy' must be a number"),
+                     (["a:regression:x:max_length=long"], "max_length='long' must be int")]:
         with pytest.raises(ValueError, match=why):
             parse_specs(cfg_for(setup, "unused", tasks=bad))
+    for text, why in (("[\"a\"]", "must be a JSON list of objects"),
+                      ('[{"name": "a",', "not valid JSON")):
+        (tmp_path / "bad.json").write_text(text)
+        with pytest.raises(ValueError, match=f"^{tmp_path / 'bad.json'}: {why}"):
+            parse_specs(cfg_for(setup, "unused", tasks=None, tasks_file=str(tmp_path / "bad.json")))
     f = tmp_path / "tasks.json"
     f.write_text(json.dumps([{"name": "p", "type": "classification", "path": "x/{split}.jsonl",
                               "weight": 2, "label_field": "label"}]))

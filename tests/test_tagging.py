@@ -168,3 +168,24 @@ def test_learns_entities_and_predicts_spans(ner, tmp_path, crf):
     if crf:  # the CRF's parameters and penalties are saved with the head
         head = load_file(os.path.join(tmp_path / "r", "best", "head.safetensors"))
         assert "crf.transitions" in head and "crf.trans_penalty" in head
+
+
+@pytest.mark.parametrize("crf", [False, True])
+def test_dev_loss_does_not_depend_on_the_evaluation_batch_size(crf):
+    # a softmax tagger's loss is a mean over words, a CRF's over sentences: either way the whole
+    # set's mean, however it is cut into batches
+    import torch
+    from minibert.model import BertEncoder
+    from tests.tiny import tiny_config
+    from train.tasks.task import TaskModel
+    words = ["good", "film", "bad", "plot", "the", "movie", "was", "very"]
+    rows = [(words[:n], ["B-X" if w in ("good", "bad") else "O" for w in words[:n]], f"t:{n}")
+            for n in range(1, 9)]
+    task = TokenTask({"task": "tokens", "labels": ["O", "B-X"], "scheme": "bio", "crf": crf,
+                      "bio_constraints": False, "fallback_tag": "O", "max_length": 16})
+    torch.manual_seed(0)
+    model = TaskModel(BertEncoder(tiny_config()), task.build_head(32, 0.0))
+    losses = [task.evaluate(model, task._dataset(rows, tiny_tokenizer(), bs), "cpu")["loss"]
+              for bs in (1, 3, 8)]
+    assert losses[0] == pytest.approx(losses[2], rel=1e-5)
+    assert losses[1] == pytest.approx(losses[2], rel=1e-5)

@@ -152,3 +152,9 @@ def test_a_bad_tokenizer_config_value_is_named(tmp_path):
     with pytest.raises(CheckpointError,
                        match=r"tokenizer_config.json: do_lower_case='no' must be true or false"):
         minibert.load_tokenizer(d)
+
+
+def test_no_texts_give_empty_tensors():
+    from tests.tiny import tiny_tokenizer
+    b = tiny_tokenizer().encode_batch([])
+    assert b["input_ids"].shape == b["attention_mask"].shape == (0, 0)

@@ -62,7 +62,9 @@ class TaskSpec:
 def _convert(cfg_cls, key, value, where):
     """A spec option as the type of the FinetuneConfig field it sets."""
     hints = typing.get_type_hints(cfg_cls)
-    if key not in hints or key in ("task", "tasks", "tasks_file", "train", "dev", "test", "out"):
+    # the run's own fields, and those the multi-task run sets on each task itself
+    if key not in hints or key in ("task", "tasks", "tasks_file", "train", "dev", "test", "out",
+                                   "metric", "freeze_head", "init_heads"):
         raise ValueError(f"{where}: {key!r} is not a per-task option")
     if not isinstance(value, str):
         return value  # from JSON: already typed
@@ -74,7 +76,11 @@ def _convert(cfg_cls, key, value, where):
     if value.lower() == "none" and type(None) in typing.get_args(tp):
         return None
     inner = next((a for a in typing.get_args(tp) if a is not type(None)), tp)
-    return inner(value)
+    try:
+        return inner(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: {key}={value!r} must be {getattr(inner, '__name__', inner)}"
+                         ) from None
 
 
 def parse_specs(cfg):
@@ -96,7 +102,14 @@ def parse_specs(cfg):
             raw.append((f"--tasks spec {n}", {"name": parts[0], "type": parts[1],
                                                "path": parts[2], **opts}))
     else:
-        raw = [(f"{cfg.tasks_file}[{i}]", dict(r)) for i, r in enumerate(load_json(cfg.tasks_file))]
+        try:
+            rows = load_json(cfg.tasks_file)
+        except ValueError as e:
+            raise ValueError(f"{cfg.tasks_file}: not valid JSON ({e})") from None
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise ValueError(f"{cfg.tasks_file}: must be a JSON list of objects, one a task "
+                             "(name, type, path, ...)")
+        raw = [(f"{cfg.tasks_file}[{i}]", dict(r)) for i, r in enumerate(rows)]
     specs = []
     for where, d in raw:
         missing = [k for k in ("name", "type", "path") if k not in d]
@@ -105,7 +118,11 @@ def parse_specs(cfg):
         name, typ, path = d.pop("name"), d.pop("type"), d.pop("path")
         if typ not in SINGLE_TASKS:
             raise ValueError(f"{where}: unknown task type {typ!r}; one of {list(SINGLE_TASKS)}")
-        weight = float(d.pop("weight", 1.0))
+        weight = d.pop("weight", 1.0)
+        try:
+            weight = float(weight)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: weight={weight!r} must be a number") from None
         opts = {k: _convert(FinetuneConfig, k, v, where) for k, v in d.items()}
         specs.append(TaskSpec(name, typ, path, weight, opts))
     names = [s.name for s in specs]

@@ -246,18 +246,23 @@ class TokenTask:
         """(tag strings per sentence, one per word; mean loss or None)."""
         head = model.head
 
+        per_word = not self.meta["crf"]  # a softmax loss is a mean over words, a CRF's over rows
+
         def fn(out, idx):
             loss = out["loss"].item() if "loss" in out else None
-            return [(ids, loss) for ids in head.decode(out)]
+            # each sentence's share of its batch's weight in the mean: the batch's words or 1
+            w = sum(len(ds.first[i]) for i in idx) / len(idx) if per_word else 1.0
+            return [(ids, loss, w) for ids in head.decode(out)]
         res = run_batches(model, ds, device, fn)
         seqs = []
-        for (words, *_), (ids, _), first in zip(ds.sents, res, ds.first):
+        for (words, *_), (ids, *_), first in zip(ds.sents, res, ds.first):
             tags = [self.fallback] * len(words)
             for (_, w), i in zip(first, ids):
                 tags[w] = self.tags[i]
             seqs.append(repair_bio(tags) if self.bio else tags)
-        # every sentence carries its batch's mean loss, so this is the size-weighted batch mean
-        loss = None if res[0][1] is None else sum(r[1] for r in res) / len(res)
+        # the mean over the whole set, whatever the batch size: batch means weighted by their items
+        loss = None if res[0][1] is None else \
+            sum(r[1] * r[2] for r in res) / max(sum(r[2] for r in res), 1e-12)
         return seqs, loss
 
     def evaluate(self, model, ds, device):
