@@ -52,9 +52,9 @@ def test_cache_holds_every_document(tok_and_corpus, tmp_path):
 
 
 @pytest.mark.parametrize("max_len", [8, 13, 128])  # shorter than a doc, odd, longer than all
-def test_packing_loses_and_duplicates_nothing(tok_and_corpus, max_len):
+def test_packing_loses_and_duplicates_nothing(tok_and_corpus, max_len, tmp_path):
     tok, corpus = tok_and_corpus
-    [packing] = load_corpus([corpus], tok, max_len)
+    [packing] = load_corpus([corpus], tok, max_len, str(tmp_path))
     seqs = [packing[i] for i in range(len(packing))]
     assert all(s[0] == tok.cls_id and s[-1] == tok.sep_id for s in seqs)
     assert all(len(s) == max_len for s in seqs[:-1])  # only the last one is short
@@ -92,13 +92,13 @@ def test_packing_by_hand():
         [1, 10, 11, 12, 2], [1, 2, 20, 21, 2], [1, 2, 2]]
 
 
-def test_batches_are_a_pure_function_of_seed_epoch_batch(tok_and_corpus):
+def test_batches_are_a_pure_function_of_seed_epoch_batch(tok_and_corpus, tmp_path):
     tok, corpus = tok_and_corpus
     vocab = [tok.id_to_token(i) for i in range(tok.vocab_size)]
 
     def data(seed):
         masker = Masker(vocab, tok.special_ids, tok.mask_id)
-        return MLMData(load_corpus([corpus], tok, 13), 2, seed, masker, tok.pad_id)
+        return MLMData(load_corpus([corpus], tok, 13, str(tmp_path)), 2, seed, masker, tok.pad_id)
 
     a, b = data(0), data(0)
     assert a.batches(1) == b.batches(1)

@@ -154,10 +154,12 @@ def test_a_command_s_own_stop_exits_as_an_input_error(tmp_path):
     # a UserError; main() itself still raises, for tests and library callers
     import subprocess
     import sys
+    from pathlib import Path
+    root = str(Path(__file__).resolve().parents[1])  # this checkout, not the installed one
     argv = [sys.executable, "-P", "-m", "train.cli", "predict", str(tmp_path / "no"), "--text", "a"]
     for debug in ([], ["--debug"]):
         r = subprocess.run(argv[:4] + debug + argv[4:], capture_output=True, text=True,
-                           timeout=120)
+                           timeout=120, env={**os.environ, "PYTHONPATH": root})
         assert r.returncode == 2 and r.stdout == "", r.stderr
         assert r.stderr.splitlines()[-1].startswith(f"minibert predict: {tmp_path / 'no'}")
         assert ("Traceback" in r.stderr) == bool(debug), r.stderr
@@ -169,7 +171,8 @@ def test_flags_out_of_range_are_named(tiny, tmp_path, capsys):
             tmp_path / "r", "--max-length", "16", "--threads", "1"]
     check("device-unknown", base + ["--device", "nonsense"], "--device nonsense", capsys)
     import torch
-    if not torch.cuda.is_available():
+    with pytest.MonkeyPatch.context() as m:  # a machine without CUDA, wherever this runs
+        m.setattr(torch.cuda, "is_available", lambda: False)
         check("device-cuda-absent", base + ["--device", "cuda"], "--device cuda", capsys)
     check("unfreeze-every-zero", base + ["--unfreeze-every", "0"], "--unfreeze-every 0", capsys)
     check("eval-batch-size-zero", base + ["--eval-batch-size", "0"], "--eval-batch-size 0",
@@ -179,3 +182,14 @@ def test_flags_out_of_range_are_named(tiny, tmp_path, capsys):
     # an unknown flag is named by its command, whose --help lists the right ones
     code, err = run_cli(base + ["--bogus", "1"], capsys)
     assert code == 2 and "minibert finetune: unrecognized arguments: --bogus 1" in err
+
+
+def test_logs_go_to_the_stderr_of_the_moment(monkeypatch):
+    # bound at import, a default stream outlives the one a caller (or pytest) swaps in later
+    import io
+    import sys
+    from train.command import print_config
+    late = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", late)
+    print_config(FinetuneConfig(model="m", train="t"), "finetune config")
+    assert late.getvalue().startswith("finetune config:")

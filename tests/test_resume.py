@@ -67,7 +67,8 @@ def same_run(a, b):
         assert x.keys() == y.keys()
         for k in x:
             assert torch.equal(x[k], y[k]), f"{d}/{k}"
-    strip = lambda events: [{k: v for k, v in e.items() if k not in CLOCK} for e in events]  # noqa: E731
+    def strip(events):
+        return [{k: v for k, v in e.items() if k not in CLOCK} for e in events]
     assert strip(read_jsonl(b / "metrics.jsonl")) == strip(read_jsonl(a / "metrics.jsonl"))
 
 
@@ -109,14 +110,24 @@ def test_resume_inside_a_log_interval_logs_the_same_loss(setup, tmp_path, monkey
                                  "--eval-every", "3", "--grad-accum", "2")
 
 
-def test_progress_after_a_resume_counts_only_this_process_s_steps():
+def test_progress_after_a_resume_counts_only_this_process_s_steps(setup, tmp_path,
+                                                                     monkeypatch):
     import io
-    from train.loop.progress import Progress
+    from train.loop import progress, trainer
+    clock = iter([0.0, 100.0])  # made at 0 s; 100 s later, 400 steps done here
+    monkeypatch.setattr(progress.time, "time", lambda: next(clock))
     out = io.StringIO()
-    bar = Progress(2000, "train", file=out, start=1000)  # resumed at step 1000
-    bar.t0 -= 100.0  # 100 s later, 400 steps done here: 4 steps/s, 600 steps to go
-    bar.update(1400)
+    bar = progress.Progress(2000, "train", file=out, start=1000)  # resumed at step 1000
+    bar.update(1400)  # 4 steps/s, 600 steps to go
     assert "train 1400/2000 |  70% | eta 2:30" in out.getvalue()
+    monkeypatch.undo()
+    # and a resumed trainer tells its bar where it starts
+    starts = []
+    monkeypatch.setattr(trainer, "Progress", lambda *a, start=0, **k: starts.append(start)
+                        or progress.Progress(*a, start=start, **k))
+    killed_after_save_at(4, flags(setup, tmp_path / "r", "--eval-every", "4"), monkeypatch)
+    run(["finetune", "--resume", tmp_path / "r"])
+    assert starts == [0, 4]
 
 
 def test_resume_writes_into_the_directory_given_and_refuses_other_flags(setup, tmp_path,
