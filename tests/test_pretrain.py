@@ -18,7 +18,7 @@ from minibert.errors import UserError
 from minibert.model import BertEncoder, BertForMLM
 from minibert.tokenizer import Tokenizer
 from tests.tiny import NEWS_WORDS as WORDS
-from tests.tiny import compile_and_bf16_losses, make_corpus
+from tests.tiny import compile_and_bf16_losses, make_corpus, tiny_tokenizer
 from tests.tiny import pretrain_config as config
 from train.loop.rundir import read_jsonl
 from train.pretrain.pretrain import run_pretrain
@@ -247,3 +247,30 @@ def test_a_decoder_that_differs_from_the_embeddings_is_reported_and_tied(tmp_pat
         got = ours(ids, mask)
     torch.testing.assert_close(got, tied, atol=ATOL_FP32, rtol=0)
     assert (got - untied).abs().max() > 100 * ATOL_FP32
+
+
+def test_a_fresh_run_trains_its_own_tokenizer_over_a_leftover_one(corpus, tmp_path):
+    # an attempt killed before its first save leaves RUN/tokenizer/, made for another config
+    out = tmp_path / "run"
+    leftover = tiny_tokenizer()  # the sentiment words, none of the news corpus's
+    leftover.save(str(out / "tokenizer"))
+    run_pretrain(config(corpus, out, max_steps=1, eval_every=None))
+    vocab = Tokenizer.from_dir(str(out / "tokenizer")).tok.get_vocab()
+    assert len(vocab) != leftover.vocab_size and "senate" in vocab
+
+
+def test_a_valid_text_with_nothing_masked_is_named(corpus, tmp_path):
+    # it would score loss 0 and perplexity 1 at every evaluation, and best/ would never move
+    short = tmp_path / "short.txt"
+    short.write_text("the senate voted.\n")
+    with pytest.raises(UserError, match=f"^--valid {short}: no token was chosen"):
+        run_pretrain(config(corpus, tmp_path / "run", valid=str(short), mask_prob=0.01))
+
+
+def test_a_run_that_spent_its_time_budget_resumes_to_no_more_steps(corpus, tiny_run, tmp_path):
+    tok = str(tiny_run[0] / "tokenizer")
+    cut = config(corpus, tmp_path / "cut", eval_every=None, max_minutes=0, tokenizer=tok)
+    run_pretrain(cut)
+    run_pretrain(cut, resume=True)  # as `minibert pretrain --resume RUN` reads it back
+    assert json.load(open(tmp_path / "cut" / "state" / "trainer.json"))["step"] == 1
+    assert json.load(open(tmp_path / "cut" / "results.json"))["steps"] == 1

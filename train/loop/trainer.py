@@ -110,10 +110,11 @@ class Trainer:
         self._say(f"training: {self.total_steps} steps ({self.steps_per_epoch} per epoch, "
                   f"accumulating {s.grad_accum} micro-batches)")
         if self.evaluate is None:
-            self._say("no dev set: each evaluation point saves the model, so best/ is the last "
-                      "checkpoint")
+            self._say("no dev set: each evaluation point saves the model (best/ is the last one)")
         bar = Progress(self.total_steps, "train", file=self.log, start=self.step)
         t_start, t_log = time.time() - self.seconds, time.time()
+        if s.max_minutes is not None and self.step and self.seconds >= 60 * s.max_minutes:
+            self.total_steps = self.step  # resumed with its time budget spent: no more steps
         ex_log, tok_log, loss_n, terms = 0, 0, 0, {}  # terms: the loss's named parts
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # read at logs only
         # the step and loss of the first non-finite loss, kept on the device (inf: none yet)

@@ -86,13 +86,16 @@ def fixed_eval_batches(data: MLMData, max_sequences, batch_size):
             for b, i in enumerate(range(0, n, batch_size))]
 
 
-def get_tokenizer(cfg: PretrainConfig, run: RunDir):
+def get_tokenizer(cfg: PretrainConfig, run: RunDir, fresh=False):
+    """The checkpoint's, --tokenizer's, or one trained on the corpus into RUN/tokenizer/: trained
+    anew by a `fresh` run (one a killed attempt left there belongs to another config), read back
+    on resume and by the other ranks."""
     if cfg.init_from:
         return Tokenizer.from_dir(cfg.init_from)
     if cfg.tokenizer:
         return Tokenizer.from_dir(cfg.tokenizer)
     d = run.file("tokenizer")
-    if not os.path.exists(os.path.join(d, "tokenizer.json")):
+    if fresh or not os.path.exists(os.path.join(d, "tokenizer.json")):
         print(f"training a {cfg.vocab_size}-token WordPiece tokenizer on the corpus -> {d}",
               file=sys.stderr)
         train_tokenizer(cfg.corpus, cfg.vocab_size).save(d)
@@ -150,7 +153,7 @@ def _pretrain(cfg, resume, dist):
     cfg, run, precision, amp = open_run(cfg, dist, resume, "pretrain config")
 
     with dist.main_first():  # rank 0 may train and save the tokenizer; the others read it
-        tok = get_tokenizer(cfg, run)
+        tok = get_tokenizer(cfg, run, fresh=not resume and dist.is_main)
     print(f"tokenizer: {tok.source} ({tok.vocab_size} tokens)", file=sys.stderr)
     vocab = [tok.id_to_token(i) for i in range(tok.vocab_size)]
     masker = Masker(vocab, tok.special_ids, tok.mask_id, cfg.mask_prob, cfg.whole_word_mask)
@@ -167,6 +170,9 @@ def _pretrain(cfg, resume, dist):
                                         sys.stderr),
                             cfg.eval_batch_size, cfg.seed, masker, tok.pad_id, shuffle=False)
         eval_batches = fixed_eval_batches(valid, cfg.eval_max_sequences, cfg.eval_batch_size)
+        if not any(MLMData.count_items(b) for b in eval_batches):  # loss 0, perplexity 1: nonsense
+            raise UserError(f"--valid {cfg.valid}: no token was chosen for prediction in it; give "
+                            "a longer validation text (or a larger --mask-prob)")
 
     mlm = build_model(cfg, tok)
     n_params = sum(p.numel() for p in mlm.parameters())
