@@ -46,22 +46,43 @@ class ReadStats:
         return s
 
 
+def decode_line(raw, path, n):
+    """Line n of a file, bytes, as text; a DataError naming path:n when it is not UTF-8."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}:{n}: not UTF-8 (byte {raw[e.start]:#04x} at column "
+                        f"{e.start + 1}); convert the file, e.g. iconv -t UTF-8") from None
+
+
+def _read_bytes(path):
+    """The file's bytes, without a UTF-8 byte-order mark (as many Windows tools write one)."""
+    with open(path, "rb") as fb:
+        data = fb.read()
+    return data[3:] if data.startswith(b"\xef\xbb\xbf") else data
+
+
+def read_lines(path, data=None):
+    """(line number, text or the DataError of a line that is not UTF-8) of each line, split at
+    "\n" only: str.splitlines() would also split at U+2028 or U+0085 inside a JSON string. A
+    CRLF line keeps its "\r", which JSON allows."""
+    for n, raw in enumerate((_read_bytes(path) if data is None else data).split(b"\n"), 1):
+        try:
+            yield n, decode_line(raw, path, n)
+        except DataError as e:
+            yield n, e
+
+
 def _rows(path):
     """(line number, dict) for each data row of a JSONL, CSV or TSV file."""
     ext = os.path.splitext(path)[1].lower()
     if ext not in (".jsonl", ".json", ".csv", ".tsv"):
         raise DataError(f"{path}: unknown format {ext!r}; use .jsonl, .csv or .tsv")
-    with open(path, "rb") as fb:
-        data = fb.read()
-    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark, as many Windows tools write
-        data = data[3:]
+    data = _read_bytes(path)
     if ext in (".jsonl", ".json"):
-        # a CRLF line keeps its "\r": JSON allows it
-        for i, raw in enumerate(data.split(b"\n"), 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield i, DataError(f"{path}:{i}: not UTF-8 ({e.reason} at byte {e.start})")
+        for i, line in read_lines(path, data):
+            if isinstance(line, DataError):  # a bad row, which --skip-bad-rows may skip
+                yield i, line
                 continue
             if not line.strip():
                 continue

@@ -33,6 +33,7 @@ import torch
 
 from minibert.fetch import cache_dir as minibert_cache_dir
 from minibert.io import atomic_open, atomic_write_json, load_json
+from train.data.examples import decode_line
 from train.loop.progress import Progress
 from train.pretrain.masking import IGNORE
 
@@ -56,15 +57,6 @@ def cache_paths(corpus, tok, cache_dir=None):
     key = h.hexdigest()[:16]
     stem = os.path.join(token_cache_dir(cache_dir), f"{os.path.basename(corpus)}.{key}")
     return stem + ".tokens", stem + ".offsets.npy", stem + ".json"
-
-
-def decode_line(raw, path, n):
-    """Line n of a corpus file as text; a ValueError naming path:n when it is not UTF-8."""
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}:{n}: not UTF-8 (byte {raw[e.start]:#04x} at column "
-                         f"{e.start + 1}); convert the file, e.g. iconv -t UTF-8") from None
 
 
 def tokenize_to_cache(corpus, tok, cache_dir=None, lines_per_batch=1000, log=None):

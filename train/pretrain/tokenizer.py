@@ -25,7 +25,7 @@ from tokenizers.trainers import WordPieceTrainer
 
 from minibert.tokenizer import SPECIALS, Tokenizer, bert_normalization, bert_template
 from train.command import add_dataclass_flags, dataclass_from_args, print_config
-from train.pretrain.corpus import decode_line
+from train.data.examples import decode_line
 
 
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from train.tasks.classification import new_linear
 from train.tasks.crf import CRF, bio_penalties
-from train.data.examples import Batched, DataError
+from train.data.examples import Batched, DataError, read_lines
 from train.tasks.seqeval import entity_scores, is_bio, repair_bio, spans, token_scores
 from train.tasks.task import batching, run_batches, split_files
 
@@ -38,7 +38,11 @@ def read_tagged(path, need_tags=True):
     """[(tokens, tags or None, 'file:line')] from a .jsonl or CoNLL-style (.conll/.txt) file."""
     ext = os.path.splitext(path)[1].lower()
     out = []
-    lines = _lines(path)
+    lines = []
+    for n, line in read_lines(path):
+        if isinstance(line, DataError):
+            raise line
+        lines.append(line)
     if ext == ".jsonl":
         for n, line in enumerate(lines, 1):
             if not line.strip():
@@ -80,23 +84,6 @@ def read_tagged(path, need_tags=True):
     if not out:
         raise DataError(f"{path}: no sentences")
     return out
-
-
-def _lines(path):
-    """The lines of `path`, split at "\n" only: str.splitlines() would also split at U+2028 or
-    U+0085 inside a JSON string. A UTF-8 byte-order mark is dropped; a line that is not UTF-8
-    is an error naming it."""
-    with open(path, "rb") as f:
-        data = f.read()
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    lines = []
-    for n, raw in enumerate(data.split(b"\n"), 1):
-        try:
-            lines.append(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}:{n}: not UTF-8 ({e.reason} at byte {e.start})") from None
-    return lines
 
 
 def word_offsets(words):
