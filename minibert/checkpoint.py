@@ -126,6 +126,16 @@ def has_mlm_head(ckpt_dir):
                for k in read_safetensors(weights_path(ckpt_dir), keys_only=True))
 
 
+def read_pooler(ckpt_dir):
+    """The checkpoint's pooler, {"weight", "bias"}, as `BertEncoder.pooler` (a Linear) holds it."""
+    path = weights_path(ckpt_dir)
+    tensors, _ = _canonical(read_safetensors(path), path)
+    missing = [theirs for theirs in _POOLER_MAP.values() if theirs not in tensors]
+    if missing:
+        raise CheckpointError(f"{path}: no pooler ({missing[0]})")
+    return {ours.removeprefix("pooler."): tensors[theirs] for ours, theirs in _POOLER_MAP.items()}
+
+
 def load_state_into(model, ckpt_dir, with_head, allow_missing_head=False):
     """Load `ckpt_dir/model.safetensors` into a BertEncoder (with_head=False) or BertForMLM.
     Returns notes, "PATH: what", on what was dropped or created fresh, and why."""

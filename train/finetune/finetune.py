@@ -15,7 +15,8 @@ import os
 import sys
 
 
-from minibert.checkpoint import check_vocabulary, load_model, read_safetensors, save_model
+from minibert.checkpoint import (check_vocabulary, load_model, read_pooler, read_safetensors,
+                                 save_model)
 from minibert.config import BertConfig
 from minibert.io import atomic_save_safetensors, atomic_write_json, load_json
 from minibert.model import BertEncoder
@@ -115,10 +116,7 @@ def init_heads(model, specs, task):
             if name:
                 pooler = "; its pooler is not: the heads share the checkpoint's"
             else:
-                trained = {k.split("pooler.dense.")[-1]: v for k, v in
-                           read_safetensors(os.path.join(src, "model.safetensors")).items()
-                           if "pooler.dense." in k}
-                model.bert.pooler.load_state_dict(trained)
+                model.bert.pooler.load_state_dict(read_pooler(src))
                 pooler = ", and the pooler it read from its model.safetensors"
         print(f"init: head {name or '(all)'} from {path}{pooler}", file=sys.stderr)
 
