@@ -265,12 +265,15 @@ def hf_state_dict(model):
 
 def save_model(model, out_dir, tokenizer=None):
     """Write `out_dir` in the Hugging Face layout, every file atomically. config.json's
-    `architectures` says what is there: BertForMaskedLM with an MLM head, else BertModel."""
+    `architectures` says what is there: BertForMaskedLM with an MLM head, else BertModel.
+    Returns the names of the files written."""
     os.makedirs(out_dir, exist_ok=True)
     arch = "BertForMaskedLM" if isinstance(model, BertForMLM) else "BertModel"
     model.config.save_json(os.path.join(out_dir, "config.json"), arch)
     atomic_save_safetensors(os.path.join(out_dir, "model.safetensors"), hf_state_dict(model),
                             metadata={"format": "pt"})
+    written = ["config.json", "model.safetensors"]
     if tokenizer is not None:
         # what transformers truncates to: the positions the model has
-        tokenizer.save(out_dir, model_max_length=model.config.max_position_embeddings)
+        written += tokenizer.save(out_dir, model_max_length=model.config.max_position_embeddings)
+    return written

@@ -102,6 +102,7 @@ class Tokenizer:
         return self.tok.id_to_token(i)
 
     def save(self, out_dir, model_max_length=512):
+        """tokenizer.json, vocab.txt and tokenizer_config.json into out_dir; returns their names."""
         from minibert.io import atomic_write_text
         os.makedirs(out_dir, exist_ok=True)
         atomic_write_text(os.path.join(out_dir, "tokenizer.json"), self.tok.to_str())
@@ -116,6 +117,7 @@ class Tokenizer:
                           tokenize_chinese_chars=norm.handle_chinese_chars)
         atomic_write_text(os.path.join(out_dir, "tokenizer_config.json"),
                           json.dumps(config, indent=2) + "\n")
+        return ["tokenizer.json", "vocab.txt", "tokenizer_config.json"]
 
 
 def read_vocab(path):

@@ -42,10 +42,7 @@ def _import_dir(src, dest, source):
     for n in notes:
         print(f"minibert: {n}", file=sys.stderr)
     tok = Tokenizer.from_dir(src)
-    save_model(model, dest, tok)
-    # what this import wrote, not whatever else DEST already held
-    files = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-             "vocab.txt"]
+    files = sorted(save_model(model, dest, tok))  # what this import wrote, not all DEST holds
     manifest = {"source": source, "files": {f: sha256_of(os.path.join(dest, f)) for f in files}}
     atomic_write_json(os.path.join(dest, "manifest.json"), manifest)
     n = sum(p.numel() for p in model.parameters())
