@@ -23,7 +23,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import WordPiece
 from tokenizers.trainers import WordPieceTrainer
 
-from minibert.tokenizer import SPECIALS, Tokenizer, bert_normalization, bert_template
+from minibert.tokenizer import SPECIALS, Tokenizer, bert_normalization, build_wordpiece
 from train.command import add_dataclass_flags, dataclass_from_args, print_config
 from train.data.examples import decode_line
 
@@ -62,20 +62,15 @@ def train_tokenizer(corpus, vocab_size, min_frequency=2, limit_alphabet=1000):
                 for n, raw in enumerate(f, 1):
                     decode_line(raw, path, n)
         raise ValueError(f"{', '.join(corpus)}: {e}") from None
-    # the trainer puts special tokens first, in the order given; check rather than trust it,
-    # since the model zeroes (and never masks) whatever sits at pad_token_id = 0
-    got = [tok.token_to_id(s) for s in SPECIALS]
-    if got != list(range(len(SPECIALS))):
-        raise RuntimeError(f"special tokens got ids {dict(zip(SPECIALS, got))}, expected 0..4")
     # The trainer numbers tokens in hash order where it has no other, so two runs that learn the
-    # same tokens give them different ids. One fixed order instead: specials, then sorted. (Which
-    # of two equally frequent merges it keeps at the end of the vocabulary is hash order too, and
-    # cannot be fixed from here: a run that must repeat exactly reuses a tokenizer, --tokenizer.)
+    # same tokens give them different ids. One fixed order instead: the specials first ([PAD] at
+    # pad_token_id 0, whose row the model zeroes), then the rest sorted; and the vocabulary is
+    # read as a vocab.txt is. (Which of two equally frequent merges the trainer keeps at the end
+    # of the vocabulary is hash order too, and cannot be fixed from here: a run that must repeat
+    # exactly reuses a tokenizer, --tokenizer.)
     rest = sorted(t for t in tok.get_vocab() if t not in SPECIALS)
-    tok.model = WordPiece({t: i for i, t in enumerate([*SPECIALS, *rest])}, unk_token="[UNK]",
-                          max_input_chars_per_word=100)
-    bert_template(tok)
-    return Tokenizer(tok, source="trained on " + ", ".join(corpus))
+    vocab = {t: i for i, t in enumerate([*SPECIALS, *rest])}
+    return Tokenizer(build_wordpiece(vocab), source="trained on " + ", ".join(corpus))
 
 
 def cmd_tokenizer_train(args):
