@@ -107,13 +107,12 @@ def cmd_embed(args):
 @torch.no_grad()
 def cmd_fill_mask(args):
     resolve_model(args, "fill-mask", rest="text")
-    if not args.text:
-        raise SystemExit("minibert fill-mask: give a text with [MASK]")
+    texts = args.text + (args.text_flag or []) or read_stdin_lines("fill-mask", "a text with [MASK]")
     model = load_and_report(args.model, with_head=True)
     tok = Tokenizer.from_dir(args.model)
     check_vocabulary(model.config, tok, args.model)
     max_length = model.config.max_position_embeddings
-    for text in args.text:
+    for text in texts:
         b = tok.encode_batch([text], max_length=max_length)
         where = (b["input_ids"][0] == tok.mask_id).nonzero().flatten()
         if len(where) == 0:
@@ -150,5 +149,8 @@ def register(sub):
     p = sub.add_parser("fill-mask", help="top tokens for each [MASK] in a text, as JSON lines")
     add_model_argument(p, "checkpoint directory with an MLM head")
     p.add_argument("text", nargs="*", help="text with one or more [MASK]")
+    p.add_argument("--text", dest="text_flag", action="append", metavar="TEXT",
+                   help="a text with [MASK] (repeatable), after the positional ones; with "
+                   "neither, texts are read from stdin, one a line")
     p.add_argument("--top-k", type=int_at_least(1), default=5)
     p.set_defaults(func=cmd_fill_mask)

@@ -6,6 +6,7 @@ also embed's default --max-length). `fill-mask` is compared with transformers' B
 """
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -102,6 +103,17 @@ def test_fill_mask_prints_one_json_line_per_text(tiny_mlm_dir, minilm_hf_tokeniz
             for g, p in zip(got, probs.tolist()):
                 assert abs(g["prob"] - p) <= 0.5e-4 + ATOL_FP32
         assert got[0]["prob"] > 0.01  # a peaked distribution, so the ranking means something
+
+
+def test_fill_mask_reads_text_flags_and_stdin(tiny_mlm_dir, capsys, monkeypatch):
+    """`--text` and stdin, as embed and predict take them: the same answers as positional texts."""
+    d, _ = tiny_mlm_dir
+    texts = ["The capital of France is [MASK].", "[MASK] and [MASK] went up the hill."]
+    positional = _stdout_json_lines(capsys, ["fill-mask", d, *texts])
+    flags = _stdout_json_lines(capsys, ["fill-mask", "--model", d, texts[0], "--text", texts[1]])
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(texts) + "\n"))
+    piped = _stdout_json_lines(capsys, ["fill-mask", "--model", d])
+    assert positional == flags == piped and len(positional) == 2
 
 
 def test_fill_mask_without_mask_is_an_error(tiny_mlm_dir):
