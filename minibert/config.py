@@ -151,6 +151,8 @@ class BertConfig:
             d = load_json(path)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path}: must be a JSON object, not {type(d).__name__}")
         return cls.from_dict(d, source=str(path))
 
     def to_hf_dict(self, architecture="BertForMaskedLM"):

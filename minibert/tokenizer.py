@@ -36,19 +36,29 @@ class Tokenizer:
         ids = {s: tok.token_to_id(s) for s in SPECIALS}
         missing = [s for s, i in ids.items() if i is None]
         if missing:
-            raise ValueError(f"{source}: vocabulary lacks BERT's special tokens {missing}")
+            raise CheckpointError(f"{source}: vocabulary lacks BERT's special tokens {missing}")
         self.pad_id, self.unk_id = ids["[PAD]"], ids["[UNK]"]
         self.cls_id, self.sep_id, self.mask_id = ids["[CLS]"], ids["[SEP]"], ids["[MASK]"]
         self.special_ids = sorted(ids.values())
 
     @classmethod
     def from_dir(cls, path):
-        tj, vt = os.path.join(path, "tokenizer.json"), os.path.join(path, "vocab.txt")
+        tj, vt, tc = (os.path.join(path, f) for f in ("tokenizer.json", "vocab.txt",
+                                                       "tokenizer_config.json"))
+        config = read_tokenizer_config(tc)
         if os.path.exists(tj):
-            return cls(HFTokenizer.from_file(tj), source=tj)
+            try:
+                tok = HFTokenizer.from_file(tj)
+            except Exception as e:  # tokenizers raises a bare Exception that names no file
+                raise CheckpointError(f"{tj}: not a readable tokenizer.json ({e})") from None
+            if (config.get("tokenizer_class") in ("BertTokenizer", "BertTokenizerFast")
+                    and isinstance(tok.normalizer, normalizers.BertNormalizer)):
+                # transformers' BERT tokenizer class sets the normalizer from tokenizer_config.json
+                # (BERT's defaults for keys it lacks), over what tokenizer.json says: so do we.
+                bert_normalization(tok, **normalizer_options(config, tc))
+            return cls(tok, source=tj)
         if os.path.exists(vt):
-            options = read_normalizer_options(os.path.join(path, "tokenizer_config.json"))
-            return cls(build_wordpiece(read_vocab(vt), **options), source=vt)
+            return cls(build_wordpiece(read_vocab(vt), **normalizer_options(config, tc)), source=vt)
         if not os.path.isdir(path):
             raise CheckpointError(f"{path}: no such checkpoint directory")
         raise CheckpointError(f"{path}: neither tokenizer.json nor vocab.txt")
@@ -61,6 +71,9 @@ class Tokenizer:
         """The raw `tokenizers.Encoding`s, for callers that need offsets or word ids."""
         if isinstance(texts, str):
             raise TypeError("encode_batch takes a list of texts, not one string")
+        if max_length < (2 if pairs is None else 3):  # below, tokenizers would not truncate at all
+            raise ValueError(f"max_length={max_length} leaves no room for a token beside "
+                             f"[CLS] and [SEP]" + (" and the pair's [SEP]" if pairs else ""))
         if pairs is not None and len(pairs) != len(texts):
             raise ValueError(f"{len(texts)} texts but {len(pairs)} pairs")
         self.tok.enable_truncation(max_length=max_length, strategy="longest_first")
@@ -106,8 +119,11 @@ class Tokenizer:
         from minibert.io import atomic_write_text
         os.makedirs(out_dir, exist_ok=True)
         atomic_write_text(os.path.join(out_dir, "tokenizer.json"), self.tok.to_str())
-        vocab = sorted(self.tok.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
-        atomic_write_text(os.path.join(out_dir, "vocab.txt"), "".join(t + "\n" for t, _ in vocab))
+        # line i is id i: an id no token has (a vocab.txt that listed a token twice, whose
+        # later line wins, as in transformers) gets a placeholder no text can produce
+        tokens = {i: t for t, i in self.tok.get_vocab(with_added_tokens=True).items()}
+        lines = [tokens.get(i, f"[unused-id-{i}]") for i in range(max(tokens) + 1)]
+        atomic_write_text(os.path.join(out_dir, "vocab.txt"), "".join(t + "\n" for t in lines))
         # transformers rebuilds BERT's normalizer from these keys, ignoring tokenizer.json's: they
         # must say what ours does, or a cased model is read lowercased there.
         config = {"tokenizer_class": "BertTokenizer", "model_max_length": model_max_length}
@@ -125,15 +141,22 @@ def read_vocab(path):
         return {line.rstrip("\n"): i for i, line in enumerate(f)}
 
 
-def read_normalizer_options(path):
-    """build_wordpiece's keywords from transformers' `tokenizer_config.json`, when there is one:
-    do_lower_case, strip_accents (None: strip when lowercasing) and tokenize_chinese_chars."""
+def read_tokenizer_config(path):
+    """transformers' `tokenizer_config.json` as a dict; {} when there is none."""
     if not os.path.exists(path):
         return {}
     try:
         config = load_json(path)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: must be a JSON object, not {type(config).__name__}")
+    return config
+
+
+def normalizer_options(config, path):
+    """bert_normalization's keywords from a tokenizer config read from `path`: do_lower_case,
+    strip_accents (None: strip when lowercasing) and tokenize_chinese_chars, where it has them."""
     options = {}
     for key, ours, none_ok in (("do_lower_case", "lowercase", False),
                                ("strip_accents", "strip_accents", True),

@@ -210,6 +210,10 @@ def damaged_checkpoints(base, t):
     out.append(("checkpoint-missing", t / "nowhere", str(t / "nowhere")))
     copy("checkpoint-no-config", lambda d: os.remove(d / "config.json"))
     copy("config-not-json", lambda d: (d / "config.json").write_text("{") and None)
+    copy("config-not-an-object", lambda d: (d / "config.json").write_text("[1, 2]") and None
+         or str(d / "config.json"))
+    copy("tokenizer-json-truncated", lambda d: (d / "tokenizer.json").write_text(
+        (d / "tokenizer.json").read_text()[:500]) and str(d / "tokenizer.json"))
     copy("config-heads-do-not-divide", lambda d: config(d, num_attention_heads=5))
     copy("config-wrong-type", lambda d: config(d, hidden_size="32"))
     copy("config-negative-size", lambda d: config(d, num_hidden_layers=-1))

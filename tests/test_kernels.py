@@ -141,6 +141,19 @@ def test_rejects_unsupported_inputs():
         flash_attention_varlen(q, k, v, cu_seqlens, max_seqlen=4)
 
 
+def test_interpreter_refuses_bf16(monkeypatch):
+    """Triton's interpreter multiplies bf16 tiles wrongly (off by ~1e10 on a 16x16 tl.dot): a
+    bf16 call there is refused, not answered with garbage. fp16 runs there, and matches."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the check reads it at each call
+    q, k, v = (torch.randn(1, 1, 16, 16, dtype=torch.bfloat16) for _ in range(3))  # on the CPU
+    with pytest.raises(ValueError, match="bfloat16 does not run under TRITON_INTERPRET=1"):
+        flash_attention(q, k, v)
+    if DEVICE == "cpu":  # the interpreter really runs here (with CUDA, triton compiled for it)
+        q, k, v = (x.half() for x in (q, k, v))
+        torch.testing.assert_close(flash_attention(q, k, v).float(),
+                                   eager(q.float(), k.float(), v.float(), None), atol=2e-3, rtol=0)
+
+
 # -----------------------------------------------------------------------------------------------
 # Dropout: the kernel's mask, its statistics, and forward/backward using the same one
 

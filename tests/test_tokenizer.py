@@ -20,6 +20,7 @@ from transformers import AutoTokenizer
 
 import minibert
 from minibert.errors import CheckpointError
+from minibert.tokenizer import build_wordpiece
 
 LONG = " ".join(f"Sentence number {i} talks about tokenization, truncation and padding."
                 for i in range(80))  # about 1,000 tokens: longer than any max_length below
@@ -152,6 +153,59 @@ def test_a_bad_tokenizer_config_value_is_named(tmp_path):
     with pytest.raises(CheckpointError,
                        match=r"tokenizer_config.json: do_lower_case='no' must be true or false"):
         minibert.load_tokenizer(d)
+
+
+@pytest.mark.parametrize("options", OPTIONS + [{}], ids=lambda o: json.dumps(o))
+def test_tokenizer_json_follows_tokenizer_config(options, tmp_path):
+    """transformers' BertTokenizer sets the normalizer from tokenizer_config.json (BERT's defaults
+    for keys it lacks) over what tokenizer.json says; so does minibert, to give the same ids."""
+    d = _small_tokenizer_dir(tmp_path / "tok", options)
+    vocab = {t: i for i, t in enumerate(SMALL_VOCAB)}
+    opposite = not options.get("do_lower_case", True)  # tokenizer.json says the other case
+    build_wordpiece(vocab, lowercase=opposite).save(str(d / "tokenizer.json"))
+    ours = minibert.load_tokenizer(d)
+    assert ours.source.endswith("tokenizer.json")
+    assert _ids(ours, OPTION_TEXTS) == _ids(AutoTokenizer.from_pretrained(d), OPTION_TEXTS)
+
+
+def test_bad_tokenizer_files_are_named(tmp_path):
+    d = _small_tokenizer_dir(tmp_path / "tok", {})
+    (d / "tokenizer.json").write_text('{"version": "1.0", "trunc')
+    with pytest.raises(CheckpointError, match=r"tok/tokenizer.json: not a readable tokenizer.json"):
+        minibert.load_tokenizer(d)
+    (d / "tokenizer.json").unlink()
+    (d / "tokenizer_config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match=r"tokenizer_config.json: must be a JSON object"):
+        minibert.load_tokenizer(d)
+    (d / "tokenizer_config.json").unlink()
+    (d / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\nhello\n")
+    with pytest.raises(CheckpointError, match=r"vocab.txt: vocabulary lacks .*\[MASK\]"):
+        minibert.load_tokenizer(d)
+
+
+def test_a_vocab_txt_with_a_repeated_line_keeps_its_ids_when_saved(tmp_path):
+    """A token listed twice takes its later line's id (as in transformers), leaving the earlier
+    id to no token; the saved vocab.txt keeps line i = id i, so it reads back the same."""
+    d = tmp_path / "tok"
+    d.mkdir()
+    (d / "vocab.txt").write_text("".join(t + "\n" for t in SMALL_VOCAB[:9] + ["Hello", "there"]))
+    (d / "tokenizer_config.json").write_text('{"tokenizer_class": "BertTokenizer"}')
+    texts = ["Hello there world"]
+    want = _ids(AutoTokenizer.from_pretrained(d), texts)
+    assert _ids(minibert.load_tokenizer(d), texts) == want
+    minibert.load_tokenizer(d).save(tmp_path / "saved")
+    (tmp_path / "saved" / "tokenizer.json").unlink()  # read back through vocab.txt alone
+    assert _ids(minibert.load_tokenizer(tmp_path / "saved"), texts) == want
+
+
+def test_a_max_length_without_room_for_a_token_is_an_error():
+    from tests.tiny import tiny_tokenizer
+    with pytest.raises(ValueError, match="max_length=1 leaves no room"):
+        tiny_tokenizer().encode_batch(["a b c"], max_length=1)
+    with pytest.raises(ValueError, match="max_length=2 leaves no room.*pair"):
+        tiny_tokenizer().encode_batch(["a b c"], pairs=["b"], max_length=2)
+    b = tiny_tokenizer().encode_batch(["a b c"], pairs=["b"], max_length=3)
+    assert b["input_ids"].shape == (1, 3)
 
 
 def test_no_texts_give_empty_tensors():

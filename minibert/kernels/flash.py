@@ -16,7 +16,8 @@ stalls the GPU): each sequence's last real token bounds the tiles visited, so no
 read, and the mask itself is read per key tile, one byte per key.
 
 Limits: self-attention (one length and one mask for q and k), no causal mask or bias; head size
-16, 32, 64 or 128; fp16 / bf16 / fp32 on a CUDA GPU, or on the CPU under TRITON_INTERPRET=1.
+16, 32, 64 or 128; fp16 / bf16 / fp32 on a CUDA GPU; fp16 / fp32 on the CPU under
+TRITON_INTERPRET=1 (whose tl.dot on bf16 tiles is wrong, so bf16 is refused there).
 With seed=None a dropout seed is drawn from torch's default generator, so torch.manual_seed
 makes a run repeatable; the same seed always gives the same mask for the same T.
 """
@@ -118,6 +119,12 @@ def _check_inputs(q, k, v, layout, dropout_p):
                                                             torch.float32):
         raise ValueError("q, k, v must all be float16, bfloat16 or float32; got "
                          f"{q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype == torch.bfloat16 and interpreting():
+        # Triton's interpreter runs tl.dot on bf16 tiles through numpy, which has no bfloat16:
+        # a 16x16 product comes out wrong by ~1e10. Refused here rather than returned.
+        raise ValueError("flash_attention: bfloat16 does not run under TRITON_INTERPRET=1 (the "
+                         "interpreter's tl.dot on bf16 is wrong); use float16 or float32 on the "
+                         "CPU, bf16 on a GPU")
     check_head_size(q.size(-1), "flash_attention")
     if not q.device == k.device == v.device:
         raise ValueError(f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}")

@@ -33,10 +33,10 @@ length, or max_seqlen when packed), so the backward regenerates the same mask wi
 it. `dropout_keep_mask` returns that mask for tests.
 
 Limits: self-attention only (q, k, v of equal length, one mask for both); no causal mask, no
-attention bias; head size a power of two from 16 to 128 (it is a compile-time block width);
-fp16 / bf16 on a CUDA GPU, fp32 too (what TRITON_INTERPRET=1 runs on a CPU, slowly). Block sizes
-are a table per head size and kernel (GPU_TILES in flash.py), chosen by bench/flash_tiles.py, not
-autotuned at run time.
+attention bias; head size 16, 32, 64 or 128 (a compile-time block width); fp16 / bf16 / fp32 on a
+CUDA GPU, fp16 / fp32 on a CPU under TRITON_INTERPRET=1 (slowly). Block sizes are a table per
+head size and kernel (GPU_TILES in flash.py), not autotuned at run time; bench/flash_tiles.py
+sweeps others on a GPU, and has not yet run on one.
 """
 
 import math
