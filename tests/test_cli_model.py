@@ -140,6 +140,8 @@ def test_weights_import_of_a_directory(tiny_mlm_dir, tmp_path, capsys):
     keys = set(load_file(dest / "model.safetensors"))
     assert {k for k in keys if not k.startswith(("bert.", "cls.predictions."))} == set()
     assert not any("gamma" in k or "beta" in k or "position_ids" in k for k in keys)
+    # BertForMaskedLM stores no pooler: none is written (not the random one loading made)
+    assert not any("pooler" in k for k in keys) and "pooler" not in str(list(sd))
     assert {k for k in keys if k.startswith("cls.predictions.")} == {
         "cls.predictions.bias", "cls.predictions.transform.dense.weight",
         "cls.predictions.transform.dense.bias", "cls.predictions.transform.LayerNorm.weight",

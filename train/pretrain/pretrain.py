@@ -26,7 +26,7 @@ import sys
 import torch
 import torch.nn as nn
 
-from minibert.checkpoint import check_vocabulary, load_model, save_model
+from minibert.checkpoint import check_vocabulary, has_pooler, load_model, save_model
 from minibert.errors import UserError
 from minibert.model import BertForMLM
 from minibert.tokenizer import Tokenizer
@@ -203,8 +203,11 @@ def _pretrain(cfg, resume, dist):
         mlm.bert.pooler.requires_grad_(False)
     net = dist.wrap(objective, compile=cfg.compile)
     dist.seed_per_rank(cfg.seed)
+    # best/ keeps a pooler only where one was loaded: MLM never trains it
+    keep_pooler = bool(cfg.init_from) and has_pooler(cfg.init_from)
     trainer = Trainer(objective, optimizer, schedule, train, evaluate_fn, run, settings, device,
-                      save_best=lambda d: save_model(mlm, d, tok), dist=dist, net=net,
+                      save_best=lambda d: save_model(mlm, d, tok, pooler=keep_pooler),
+                      dist=dist, net=net,
                       scaler=grad_scaler(precision, device), log=sys.stderr)
     if resume:
         trainer.load_state()
