@@ -7,7 +7,8 @@ folds them into one spelling:
 - `LayerNorm.gamma` / `LayerNorm.beta` (TF-era conversions) for `.weight` / `.bias`;
 - `embeddings.position_ids`: a buffer some versions save, always 0..T-1, dropped;
 - `cls.predictions.decoder.weight` present or absent: tied to the word embeddings either way;
-- `cls.seq_relationship.*`: the next-sentence-prediction head, reported and dropped.
+- `cls.seq_relationship.*`: the next-sentence-prediction head, reported and dropped;
+- `classifier.*`, `qa_outputs.*`: the task head of a fine-tuned `BertFor*`, reported and dropped.
 Then `_NAME_MAP` says which canonical tensors make each minibert parameter. Anything missing,
 unexpected or of the wrong shape is collected and raised as one error naming every key.
 """
@@ -79,6 +80,9 @@ def _canonical(raw, path):
         if k.startswith("cls.seq_relationship."):
             notes.append(f"{name}: next-sentence-prediction head, not used")
             continue
+        if k.startswith(("classifier.", "qa_outputs.")):  # BertFor{SequenceClassification, ...}
+            notes.append(f"{name}: a task head of transformers' BertFor* classes, not used")
+            continue
         if k in out:
             raise CheckpointError(f"{path}: tensor {name!r} appears twice under different spellings")
         out[k] = t
@@ -113,6 +117,10 @@ def weights_path(ckpt_dir):
     """`ckpt_dir/model.safetensors`, which must exist. A pickle beside it is named, never read."""
     path = os.path.join(ckpt_dir, "model.safetensors")
     if not os.path.exists(path):
+        if os.path.exists(path + ".index.json"):
+            raise CheckpointError(f"{path}.index.json: a checkpoint sharded over several files; "
+                                  "minibert reads one model.safetensors: save it again with "
+                                  "transformers' save_pretrained(..., max_shard_size='100GB')")
         bin_ = os.path.exists(os.path.join(ckpt_dir, "pytorch_model.bin"))
         raise CheckpointError(f"{ckpt_dir}: no model.safetensors" + (
             "; it holds pytorch_model.bin, a pickle, which minibert never reads: convert it "

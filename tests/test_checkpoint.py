@@ -121,6 +121,31 @@ def test_every_spelling_matches_transformers(spelling, cls_name, act, tmp_path, 
         assert "cls.seq_relationship.bias" in notes
 
 
+@pytest.mark.parametrize("cls_name,head", [("BertForSequenceClassification", "classifier"),
+                                           ("BertForTokenClassification", "classifier"),
+                                           ("BertForQuestionAnswering", "qa_outputs")])
+def test_a_fine_tuned_checkpoint_loads_as_its_encoder(cls_name, head, tmp_path):
+    """A published fine-tuned BertFor* checkpoint serves as a backbone, as BertModel reads it:
+    its task head is named in the notes and left out, not an error blamed on config.json."""
+    hf = tiny_hf(cls_name)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    notes = []
+    enc = minibert.load_encoder(tmp_path, notes=notes)
+    batch = tiny_batch()
+    real = batch["attention_mask"].bool()
+    with torch.no_grad():
+        torch.testing.assert_close(enc(**batch)[real], hf.bert(**batch).last_hidden_state[real],
+                                   atol=ATOL_FP32, rtol=0)
+    assert any(f"{head}.weight: a task head" in n for n in notes), notes
+
+
+def test_a_sharded_checkpoint_is_named(tmp_path):
+    tiny_hf().save_pretrained(tmp_path, safe_serialization=True, max_shard_size="20KB")
+    assert not (tmp_path / "model.safetensors").exists()
+    with pytest.raises(CheckpointError, match=r"model.safetensors.index.json: a checkpoint sharded"):
+        minibert.load_encoder(tmp_path)
+
+
 def test_one_error_names_every_bad_key(tmp_path):
     hf = tiny_hf()
     hf.save_pretrained(tmp_path / "saved", safe_serialization=True)
