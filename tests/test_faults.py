@@ -109,6 +109,21 @@ def test_full_disk_keeps_the_previous_checkpoint(tiny, tmp_path, monkeypatch):
     FAULTS.append("full disk (ENOSPC)")
 
 
+def test_atomic_writes_give_the_umask_permissions_and_leave_it_alone(tmp_path, monkeypatch):
+    """A written file has the permissions open() would give it (mkstemp's 0600 would hide a run
+    from its group), and writing never sets the process umask, which other threads share."""
+    from minibert.io import atomic_write_text
+    old = os.umask(0o027)
+    try:
+        monkeypatch.setattr(os, "umask", lambda *a: pytest.fail("atomic write set the umask"))
+        atomic_write_text(tmp_path / "f.json", "{}")
+    finally:
+        monkeypatch.undo()
+        os.umask(old)
+    assert (tmp_path / "f.json").stat().st_mode & 0o777 == 0o640
+    assert [p.name for p in tmp_path.iterdir()] == ["f.json"]  # no temporary file left
+
+
 def test_a_second_run_on_the_same_out_refuses(tiny, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "shared"
