@@ -2,7 +2,7 @@
 
 Field names follow Hugging Face's `BertConfig` so that a `config.json` round-trips unchanged and
 `transformers` can load what we save. Only the fields that change the computation are kept;
-everything else in a foreign `config.json` is ignored (and listed on request, never guessed at).
+everything else in a foreign `config.json` is ignored, never guessed at.
 """
 
 import json

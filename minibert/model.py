@@ -46,7 +46,9 @@ def attention_eager(q, k, v, key_mask, dropout_p=0.0):
 
 
 def attention_sdpa(q, k, v, key_mask, dropout_p=0.0):
-    """The same math through torch's fused scaled_dot_product_attention."""
+    """The same math through torch's fused scaled_dot_product_attention. One difference: a row
+    whose every key is masked gives 0 here, eager's uniform average there; no input of minibert's
+    has one ([CLS] and [SEP] are always real)."""
     attn_mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, T) bool
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
 
@@ -75,7 +77,7 @@ class SelfAttention(nn.Module):
             y = attention_eager(q, k, v, key_mask, p)
         elif self.impl == "sdpa":
             y = attention_sdpa(q, k, v, key_mask, p)
-        else:  # "triton": checked in BertEncoder.__init__, so nothing else reaches here
+        else:  # "triton" (BertConfig admits no other name; BertEncoder checked triton is usable)
             from minibert.kernels import flash_attention
             y = flash_attention(q, k, v, key_padding_mask=key_mask, dropout_p=p)
         y = y.transpose(1, 2).reshape(B, T, self.nh * self.hs)  # re-assemble heads

