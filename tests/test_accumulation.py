@@ -173,6 +173,56 @@ def test_tagging_accumulation_equals_one_big_batch(tmp_path, crf):
         torch.testing.assert_close(small[k], big[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
+def multitask_tagger_weights_after_one_step(tmp_path, batch_size, accum):
+    """The tagger of tagger_weights_after_one_step as the one head of a multi-task model."""
+    from train.tasks.multitask import MultiDataset, MultiHead
+    words = ["good", "film", "bad", "plot", "the", "movie", "was", "very"]
+    rows = [(words[:n], ["B-X" if w in ("good", "bad") else "O" for w in words[:n]], f"t:{n}")
+            for n in range(1, N + 1)]
+    task = TokenTask({"task": "tokens", "labels": ["O", "B-X"], "scheme": "bio", "crf": False,
+                      "bio_constraints": False, "fallback_tag": "O", "max_length": 16})
+    data = MultiDataset({"pos": task._dataset(rows, tiny_tokenizer(), batch_size)},
+                        "proportional", 1.0, seed=0)
+    torch.manual_seed(0)
+    model = TaskModel(tiny_model().bert, MultiHead({"pos": task.build_head(16, 0.0)},
+                                                   {"pos": 1.0}))
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    make_trainer(model, data, tmp_path / f"mt{batch_size}a{accum}", opt, max_steps=1,
+                 grad_accum=accum).fit()
+    return {k: v - before[k] for k, v in model.state_dict().items()}
+
+
+def test_multitask_accumulation_weighs_each_task_by_its_own_items(tmp_path):
+    # a tagging head in a multi-task model: its micro-batches weigh by words, as alone
+    big = multitask_tagger_weights_after_one_step(tmp_path, 8, 1)
+    small = multitask_tagger_weights_after_one_step(tmp_path, 3, 3)
+    assert sum(d.abs().sum() for d in big.values()) > 1e-2
+    for k in big:
+        torch.testing.assert_close(small[k], big[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_a_step_of_two_tasks_weighs_tasks_by_examples_and_batches_by_items():
+    from train.loop.accumulate import micro_batches
+    from train.loop.distributed import single
+
+    class TwoTasks:  # task 0 counts its examples, task 1 words: 10 per example
+        def unit_of(self, idx):
+            return int(idx[0] >= 100)
+
+        def collate(self, idx):
+            return {"idx": idx}
+
+        def count_items(self, batch):
+            return len(batch["idx"]) * (10 if batch["idx"][0] >= 100 else 1)
+
+    group = [[0, 1, 2], [100, 101], [3], [102, 103, 104]]  # 4 examples of task 0, 5 of task 1
+    shares, total = micro_batches(TwoTasks(), single(torch.device("cpu")), group)
+    weights = [items / total for _, items, _ in shares]
+    # task 0: 4/9 of the step, split 3:1; task 1: 5/9, split by words 20:30
+    assert weights == pytest.approx([4 / 9 * 3 / 4, 5 / 9 * 20 / 50, 4 / 9 * 1 / 4, 5 / 9 * 30 / 50])
+
+
 class NaNAt(torch.nn.Module):
     """Wraps a model; its loss becomes NaN from the `k`-th forward call on."""
 

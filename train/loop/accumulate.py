@@ -11,6 +11,14 @@ varies from batch to batch; such data says what it counts with `count_items(batc
 those batches by examples instead would give a batch with few masked tokens as much say as one
 with many. Their total is summed over ranks on the device, and the weights stay device tensors:
 the step does not wait for the sum.
+
+A multi-task step may hold batches of tasks that count different items (a tagger's words, a
+classifier's examples). Such data also says which task a batch is (`unit_of(indices)`), and the
+step is a mean over examples between tasks, over each task's own items within it:
+
+    weight_j = examples_u / examples_of_the_step * items_j / items_u     (u: batch j's task)
+
+which is the rule above when every batch of the step is one task's.
 """
 
 import torch
@@ -31,9 +39,30 @@ def micro_batches(data, dist, group):
         out.append((batch, items, n_real))
     if count is None:
         return out, sum(len(idx) for idx in group)
+    unit_of = getattr(data, "unit_of", None)
+    if unit_of is not None:
+        return _per_unit(out, [unit_of(idx) for idx in group], [len(idx) for idx in group], dist)
     total = sum(items for _, items, _ in out)
     if dist.world > 1:
         total = dist.all_reduce(torch.tensor(float(total), dtype=torch.float64,
                                              device=dist.device))
         return out, total.clamp(min=1)
     return out, max(total, 1)  # nothing masked in the whole step: every weight is 0
+
+
+def _per_unit(out, units, sizes, dist):
+    """micro_batches' answer when batches count items in different units: each batch's items
+    become examples_u * items_j / items_u, over a total of the step's examples (the weight of
+    the module docstring). units and sizes come from the global group: every rank has them."""
+    examples, items = {}, {}
+    for (_, n, _), u, size in zip(out, units, sizes):
+        examples[u] = examples.get(u, 0) + size
+        items[u] = items.get(u, 0) + n
+    keys = sorted(items)
+    if dist.world > 1:  # one all-reduce for every task's count, on the device
+        summed = dist.all_reduce(torch.tensor([float(items[u]) for u in keys],
+                                              dtype=torch.float64, device=dist.device))
+        items = dict(zip(keys, summed.clamp(min=1)))
+    else:
+        items = {u: max(n, 1) for u, n in items.items()}
+    return [(b, examples[u] * n / items[u], r) for (b, n, r), u in zip(out, units)], sum(sizes)

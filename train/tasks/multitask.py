@@ -192,8 +192,18 @@ class MultiDataset:
         p = [s ** (1.0 / self.temperature) for s in sizes]
         return [next(streams[rng.choices(self.names, weights=p)[0]]) for _ in range(total)]
 
+    def unit_of(self, idx):
+        """The task (its number) of a batch of global indices: what its items count."""
+        return max(i for i, n in enumerate(self.names) if self.offsets[n] <= idx[0])
+
+    def count_items(self, batch):
+        """What the batch's task averages its loss over (a tagger's words), else its examples;
+        train/loop/accumulate.py weighs tasks by examples and each task's batches by these."""
+        count = getattr(self.parts[self.names[int(batch["task_id"][0])]], "count_items", None)
+        return count(batch) if count is not None else len(batch["task_id"])
+
     def collate(self, idx):
-        k = max(i for i, n in enumerate(self.names) if self.offsets[n] <= idx[0])
+        k = self.unit_of(idx)
         name = self.names[k]
         local = [i - self.offsets[name] for i in idx]
         if not all(0 <= i < len(self.parts[name].lengths) for i in local):
