@@ -171,6 +171,10 @@ def data_cases(t):
     str_pos["qas"][0]["answers"][0]["answer_start"] = "13"
     case("squad-answer-start-not-int", path=str(t / "o.json"),
          text=json.dumps({"data": [{"paragraphs": [str_pos]}]}), where="answer_start", extra=qa)
+    long_q = json.loads(json.dumps(para))  # at --max-length 16, room for 3 context tokens,
+    long_q["qas"][0]["question"] = "how " * 10  # not above the stride 16 // 3 (a panic once)
+    case("squad-question-leaves-no-room-for-the-stride", path=str(t / "p.json"),
+         text=json.dumps({"data": [{"paragraphs": [long_q]}]}), where="q1", extra=qa)
     none = json.loads(json.dumps(para))
     none["qas"][0]["answers"] = []
     case("squad-no-answers", path=str(t / "m.json"),

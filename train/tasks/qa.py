@@ -121,16 +121,22 @@ class QADataset(Batched):
                  group_by_length=False, shuffle=False, labelled=True):
         super().__init__(batch_size, seed, group_by_length, shuffle)
         self.examples, self.tok = examples, tok
+        # a window is [CLS] question [SEP] context [SEP]; tokenizers panics (an exception no
+        # `except Exception` catches) when the context's room is not above the stride
+        questions = tok.tok.encode_batch([ex.question for ex in examples],
+                                         add_special_tokens=False)
+        for ex, q in zip(examples, questions):
+            if max_length - 3 - len(q.ids) <= doc_stride:
+                raise DataError(f"{ex.where}: the question is {len(q.ids)} tokens, which leaves "
+                                f"{max_length - 3 - len(q.ids)} of --max-length {max_length} for "
+                                f"the context, not more than --doc-stride {doc_stride}: raise "
+                                "--max-length or lower --doc-stride")
         tok.tok.enable_truncation(max_length=max_length, stride=doc_stride,
                                   strategy="only_second")
         self.windows = []  # (example index, Encoding)
         try:
             for i, ex in enumerate(examples):
-                try:
-                    enc = tok.tok.encode(ex.question, ex.context)
-                except Exception as e:  # tokenizers says so when the question leaves no room
-                    raise DataError(f"{ex.where}: cannot window this question at --max-length "
-                                    f"{max_length}, --doc-stride {doc_stride} ({e})") from None
+                enc = tok.tok.encode(ex.question, ex.context)
                 self.windows += [(i, w) for w in [enc] + enc.overflowing]
         finally:
             tok.tok.no_truncation()
