@@ -67,7 +67,9 @@ def test_specs_parse_and_bad_specs_say_why(setup, tmp_path):
                      (["a:regression:x:metric=mse"], "'metric' is not a per-task option"),
                      (["a:regression:x:freeze_head=a"], "'freeze_head' is not a per-task"),
                      (["a:regression:x:weight=heavy"], "weight='heavy' must be a number"),
-                     (["a:regression:x:max_length=long"], "max_length='long' must be int")]:
+                     (["a:regression:x:max_length=long"], "max_length='long' must be int"),
+                     # the flag's choices hold per task too
+                     (["a:regression:x:pooling=clss"], "pooling='clss' must be one of cls, mean")]:
         with pytest.raises(ValueError, match=why):
             parse_specs(cfg_for(setup, "unused", tasks=bad))
     for text, why in (("[\"a\"]", "must be a JSON list of objects"),
@@ -80,6 +82,18 @@ def test_specs_parse_and_bad_specs_say_why(setup, tmp_path):
                               "weight": 2, "label_field": "label"}]))
     (s,) = parse_specs(cfg_for(setup, "unused", tasks=None, tasks_file=str(f)))
     assert (s.name, s.weight, s.options) == ("p", 2.0, {"label_field": "label"})
+    # JSON values are read as the flag reads them, not taken as they come
+    for extra, why in (({"max_length": 64.5}, "max_length=64.5 must be int"),
+                       ({"max_length": [64]}, r"max_length=\[64\] must be int"),
+                       ({"pooling": "clss"}, "pooling=.clss. must be one of cls, mean"),
+                       ({"crf": "maybe"}, "crf must be true or false")):
+        f.write_text(json.dumps([{"name": "p", "type": "tokens", "path": "x", **extra}]))
+        with pytest.raises(ValueError, match=f"^{f}\\[0\\]: {why}"):
+            parse_specs(cfg_for(setup, "unused", tasks=None, tasks_file=str(f)))
+    f.write_text(json.dumps([{"name": "p", "type": "qa", "path": "x", "max_length": 256,
+                              "doc_stride": None, "max_answer_len": 20}]))
+    (s,) = parse_specs(cfg_for(setup, "unused", tasks=None, tasks_file=str(f)))
+    assert s.options == {"max_length": 256, "doc_stride": None, "max_answer_len": 20}
 
 
 class Part:

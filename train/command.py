@@ -36,11 +36,11 @@ def _parse_list(inner):
     return parse
 
 
-def _converter(tp):
+def converter(tp):
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType) and type(None) in args:  # X | None
-        inner = _converter(next(a for a in args if a is not type(None)))
+        inner = converter(next(a for a in args if a is not type(None)))
 
         def parse(s):
             return None if s.lower() == "none" else inner(s)
@@ -72,7 +72,7 @@ def add_dataclass_flags(parser, cls, skip=()):
                                 default=default, help=help_)
         else:
             named = {"metavar": "DIR"} if len(flags) > 1 else {}
-            parser.add_argument(*flags, dest=f.name, type=_converter(tp), default=default,
+            parser.add_argument(*flags, dest=f.name, type=converter(tp), default=default,
                                 choices=choices, required=required,
                                 help=f"{help_} (default: {default})", **named)
 

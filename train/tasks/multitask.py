@@ -42,6 +42,7 @@ import torch
 import torch.nn as nn
 
 from minibert.io import load_json
+from train.command import converter
 from train.data.examples import DataError
 from train.finetune.config import FinetuneConfig
 from train.tasks.registry import SINGLE_TASKS
@@ -60,27 +61,32 @@ class TaskSpec:
 
 
 def _convert(cfg_cls, key, value, where):
-    """A spec option as the type of the FinetuneConfig field it sets."""
-    hints = typing.get_type_hints(cfg_cls)
+    """A spec option, from the command line (a string) or JSON (typed), read as the flag of the
+    FinetuneConfig field it sets would read it: its type, its choices."""
+    field = {f.name: f for f in dataclasses.fields(cfg_cls)}.get(key)
     # the run's own fields, and those the multi-task run sets on each task itself
-    if key not in hints or key in ("task", "tasks", "tasks_file", "train", "dev", "test", "out",
-                                   "metric", "freeze_head", "init_heads"):
+    if field is None or key in ("task", "tasks", "tasks_file", "train", "dev", "test", "out",
+                                "metric", "freeze_head", "init_heads"):
         raise ValueError(f"{where}: {key!r} is not a per-task option")
-    if not isinstance(value, str):
-        return value  # from JSON: already typed
-    tp = hints[key]
+    tp = typing.get_type_hints(cfg_cls)[key]
+    parse = converter(tp)
+    is_list = list in [typing.get_origin(a) for a in (tp, *typing.get_args(tp))]
+    if isinstance(value, dict) or isinstance(value, list) and not is_list:  # JSON's
+        raise ValueError(f"{where}: {key}={value!r} must be {getattr(parse, '__name__', tp)}")
+    text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
     if tp is bool:
-        if value.lower() not in ("true", "false", "1", "0"):
+        if text.lower() not in ("true", "false", "1", "0"):
             raise ValueError(f"{where}: {key} must be true or false, not {value!r}")
-        return value.lower() in ("true", "1")
-    if value.lower() == "none" and type(None) in typing.get_args(tp):
-        return None
-    inner = next((a for a in typing.get_args(tp) if a is not type(None)), tp)
+        return text.lower() in ("true", "1")
     try:
-        return inner(value)
+        out = parse(text)
     except (TypeError, ValueError):
-        raise ValueError(f"{where}: {key}={value!r} must be {getattr(inner, '__name__', inner)}"
+        raise ValueError(f"{where}: {key}={value!r} must be {getattr(parse, '__name__', tp)}"
                          ) from None
+    choices = field.metadata.get("choices")
+    if choices and out not in choices:
+        raise ValueError(f"{where}: {key}={value!r} must be one of {', '.join(choices)}")
+    return out
 
 
 def parse_specs(cfg):
