@@ -243,3 +243,14 @@ def test_metric_must_be_one_the_heads_report(setup, tmp_path):
                                          r"multitask; one of combined, loss, polarity/accuracy"):
         run_finetune(cfg_for(setup, tmp_path / "r", metric="polarity/acc"))
     assert not os.path.exists(tmp_path / "r" / "state")  # refused before any training
+
+
+def test_a_per_task_max_length_beyond_the_positions_is_refused(setup, tmp_path):
+    ckpt, data = setup
+    positions = json.loads(open(os.path.join(ckpt, "config.json")).read())[
+        "max_position_embeddings"]
+    spec = f"p:classification:{data}/{{split}}.jsonl:max_length={positions + 1}"
+    with pytest.raises(ValueError, match=f"task p: max_length={positions + 1} is above the "
+                                         f"{positions} positions"):
+        run_finetune(cfg_for(setup, tmp_path / "r", tasks=[spec]))
+    assert not os.path.exists(tmp_path / "r" / "state")

@@ -41,6 +41,7 @@ import typing
 import torch
 import torch.nn as nn
 
+from minibert.config import BertConfig
 from minibert.io import load_json
 from train.command import converter
 from train.data.examples import DataError
@@ -232,6 +233,8 @@ class MultiTask:
     @classmethod
     def from_data(cls, cfg, tok):
         specs = parse_specs(cfg)
+        positions = BertConfig.from_json(os.path.join(cfg.model, "config.json")
+                                         ).max_position_embeddings
         heads, parts = [], {s: {} for s in SPLITS}
         for spec in specs:
             paths = {s: spec.path.replace("{split}", s) for s in SPLITS}
@@ -242,6 +245,9 @@ class MultiTask:
                 init_heads=None,
                 **{s: paths[s] if os.path.exists(paths[s]) else None for s in SPLITS},
                 **spec.options)
+            if spec.options.get("max_length", 0) > positions:  # --max-length is capped already
+                raise ValueError(f"task {spec.name}: max_length={sub.max_length} is above the "
+                                 f"{positions} positions {cfg.model} has")
             task, data = SINGLE_TASKS[spec.type].from_data(sub, tok)
             heads.append({"name": spec.name, "weight": spec.weight, "meta": task.meta})
             for split, ds in data.items():
