@@ -208,11 +208,19 @@ def test_init_heads_errors_name_the_problem(setup, tmp_path):
         run_finetune(cfg_for(setup, tmp_path / "a", init_heads=[f"nope={best}"]))
     with pytest.raises(SystemExit, match="no .*head.safetensors"):
         run_finetune(cfg_for(setup, tmp_path / "b", init_heads=[f"polarity={tmp_path}"]))
-    # a regression head cannot start a classification head: the shapes name the mismatch
-    with pytest.raises(SystemExit, match="out.weight"):
-        run_finetune(cfg_for(setup, tmp_path / "c", tasks=[
-            f"intensity:classification:{setup[1]}/{{split}}.jsonl:label_field=label"],
-            init_heads=[f"intensity={best}"]))
+    # a head whose outputs would mean something else here: another task type, units, pooling
+    data = setup[1]
+    for spec, why in ((f"intensity:classification:{data}/{{split}}.jsonl:label_field=label",
+                       "task 'regression', here 'classification'"),
+                      (f"intensity:regression:{data}/{{split}}.jsonl:target_field=score",
+                       "standardized targets, here raw ones"),
+                      (f"polarity:classification:{data}/{{split}}.jsonl:pooling=cls",
+                       "pooling 'mean', here 'cls'")):
+        name = spec.split(":")[0]
+        with pytest.raises(SystemExit, match=f"--init-heads {name}=.*: that head was trained "
+                                             f"with {why}: its outputs would mean something"):
+            run_finetune(cfg_for(setup, tmp_path / "c", tasks=[spec],
+                                 init_heads=[f"{name}={best}"]))
     with pytest.raises(ValueError, match="NAME=DIR names heads of --task multitask"):
         FinetuneConfig(model=setup[0], train="x", task="classification",
                        init_heads=[f"polarity={best}"])

@@ -31,7 +31,7 @@ from train.loop.params import (GradualUnfreezer, LrPolicy, frozen_units, param_g
                           set_trainable, units_top_down)
 from train.loop.schedules import LambdaSchedule, WarmupThenPlateau, lr_multiplier
 from train.tasks.registry import SINGLE_TASKS
-from train.tasks.task import TaskModel
+from train.tasks.task import TaskModel, head_meaning_differs, head_metas
 from train.loop.device import grad_scaler
 from train.loop.launch import command, open_run, run_in_state
 from train.loop.trainer import Diverged, LoopSettings, OutOfMemory, Trainer, plan_steps
@@ -94,7 +94,15 @@ def init_heads(model, specs, task):
         if not os.path.exists(path):
             raise SystemExit(f"minibert finetune: --init-heads {spec}: no {path} (give a "
                              "finetune run's best/ directory)")
-        src_task = load_json(os.path.join(src, "task.json"))["task"]
+        src_meta = load_json(os.path.join(src, "task.json"))
+        src_task, src_heads = src_meta["task"], head_metas(src_meta)
+        dst_heads = head_metas(task.meta)
+        for n in [name] if name else list(dst_heads):
+            s, d = src_heads.get(n if src_task == "multitask" else None), dst_heads.get(n)
+            why = s is not None and d is not None and head_meaning_differs(s, d)
+            if why:
+                raise SystemExit(f"minibert finetune: --init-heads {spec}: that head was trained "
+                                 f"with {why}: its outputs would mean something else here")
         weights = read_safetensors(path)
         if name and src_task == "multitask":
             weights = {k[len(name) + 1:]: v for k, v in weights.items()
@@ -112,7 +120,7 @@ def init_heads(model, specs, task):
                              f"{name or ''} needs {need}")
         target.load_state_dict(weights)
         pooler = ""
-        if load_json(os.path.join(src, "task.json")).get("pooling") == "cls" and task.uses_pooler:
+        if src_meta.get("pooling") == "cls" and task.uses_pooler:
             if name:
                 pooler = "; its pooler is not: the heads share the checkpoint's"
             else:

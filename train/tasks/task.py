@@ -34,6 +34,27 @@ class TaskModel(nn.Module):
         return self.head(self.bert, batch)
 
 
+def head_metas(meta):
+    """{head name: its task meta} of a task.json; a single task's one head is named None."""
+    if meta["task"] == "multitask":
+        return {h["name"]: h["meta"] for h in meta["heads"]}
+    return {None: meta}
+
+
+def head_meaning_differs(src, dst):
+    """Why a head trained under task meta `src` would mean something else under `dst` (its
+    outputs read as other labels, other units, another pooled vector), or None."""
+    for key in ("task", "labels", "pooling"):  # labels: their order is the output's
+        if src.get(key) != dst.get(key):
+            return f"{key} {src.get(key)!r}, here {dst.get(key)!r}"
+    scaled = [m.get("target_mean", 0.0) != 0.0 or m.get("target_std", 1.0) != 1.0
+              for m in (src, dst)]
+    if scaled[0] != scaled[1]:  # the head's outputs are in standardised units, or raw ones
+        return "standardized targets, here raw ones" if scaled[0] else \
+            "raw targets, here standardized ones"
+    return None
+
+
 def split_files(cfg):
     """(split, path) of each of --train, --dev and --test that is given, in that order."""
     return [(s, getattr(cfg, s)) for s in ("train", "dev", "test") if getattr(cfg, s)]
