@@ -314,6 +314,7 @@ def test_contradictory_and_wrong_flags(base, tmp_path, capsys):
         ("log-every-zero", ["--log-every", "0"], "--log-every"),
         ("metric-not-the-tasks", ["--metric", "acuracy"], "--metric"),
         ("doc-stride-too-long", ["--task", "qa", "--doc-stride", "128"], "--doc-stride"),
+        ("bio-constraints-without-crf", ["--task", "tokens", "--bio-constraints"], "--crf"),
     ]
     for name, flags, where in cases:
         check(name, ["finetune", *common, *flags], where, capsys, runs=[base / "run"])

@@ -165,6 +165,15 @@ def test_learns_entities_and_predicts_spans(ner, tmp_path, crf):
     assert ("POS", "superb story") in ents and ("NEG", "dull") in ents, row
     for e in row["entities"]:
         assert row["text"][e["start"]:e["end"]] == e["text"]
+    # a blank line is answered, with no tokens, so that output line N answers input line N;
+    # alone in a batch too
+    for texts in (["the film was dull", "", "superb story"], [""]):
+        assert main(["predict", str(tmp_path / "r"), "--output", str(out), "--device", "cpu",
+                     *[a for t in texts for a in ("--text", t)]]) == 0
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [r["text"] for r in rows] == texts
+        assert [len(r["tokens"]) for r in rows] == [len(t.split()) for t in texts]
+        assert all(r["entities"] == [] for r, t in zip(rows, texts) if not t)
     if crf:  # the CRF's parameters and penalties are saved with the head
         head = load_file(os.path.join(tmp_path / "r", "best", "head.safetensors"))
         assert "crf.transitions" in head and "crf.trans_penalty" in head

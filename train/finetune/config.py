@@ -173,6 +173,8 @@ class FinetuneConfig:
                              f"{self.log_every}")
         if self.nproc < 1:
             raise ValueError("--nproc must be at least 1")
+        if self.bio_constraints and not self.crf:
+            raise ValueError("--bio-constraints forbids transitions of the CRF: add --crf")
         if self.freeze_head and self.task != "multitask":
             raise ValueError("--freeze-head names heads of --task multitask")
         if any(head_spec(s)[0] for s in self.init_heads or []) and self.task != "multitask":

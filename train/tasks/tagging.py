@@ -261,11 +261,9 @@ class TokenTask:
 
     def read_inputs(self, texts, path, tok, batch_size, where="--text {}"):
         if texts:
-            sents = []
+            sents = []  # a text without words (a blank line) is answered with no tokens
             for i, text in enumerate(texts):
                 words = tok.tok.pre_tokenizer.pre_tokenize_str(text)  # [(word, (start, end))]
-                if not words:
-                    raise DataError(f"{where.format(i + 1)}: no words")
                 sents.append(([w for w, _ in words], None, where.format(i + 1), text,
                               [o for _, o in words]))
             return TaggedDataset(sents, tok, self.meta["max_length"], self.index, batch_size)
