@@ -29,6 +29,7 @@ Tolerances, once, with their reasons:
 import json
 import os
 import re
+import shutil
 
 import numpy as np
 import onnx
@@ -206,6 +207,9 @@ def test_transformers_loads_each_export_and_gives_minibert_logits(lab, tmp_path,
     if name == "regression":
         assert config["problem_type"] == "regression" and len(config["id2label"]) == 1
         assert abs(task.meta["target_mean"] - 55) < 5 and task.meta["target_std"] > 2
+    # transformers' tokenizer truncates where the run read and minibert predicts: its max length
+    tok_config = json.loads(open(os.path.join(out, "tokenizer_config.json")).read())
+    assert tok_config["model_max_length"] == task.meta["max_length"]
     ours, theirs = hf_outputs(name, model, task, Tokenizer.from_dir(out), out)
     diff = (ours - theirs).abs().max().item()
     print(f"hf {name}: max |minibert - transformers| = {diff:.2e}, |logit| <= "
@@ -225,6 +229,26 @@ def test_heads_without_a_transformers_class_are_refused_in_one_line(lab, tmp_pat
     msg = str(e.value)
     assert head in msg and "use --to onnx" in msg and "\n" not in msg, msg
     assert not out.exists()  # refused before anything was written
+
+
+def test_export_refuses_an_out_that_holds_a_run_or_a_file(lab, tmp_path):
+    """--out RUN/best (or RUN) would write a transformers model over the run's own; a file
+    cannot be a directory. Refused in one line before any work, nothing touched."""
+    run = lab["run"]("cls")
+    before = {f: os.path.getmtime(os.path.join(run, "best", f))
+              for f in os.listdir(os.path.join(run, "best"))}
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    for cmd in (["export", run, "--to", "hf"], ["export", run, "--to", "onnx"],
+                ["quantize", run]):
+        for out, why in ((os.path.join(run, "best"), "holds a fine-tuned run or its best/"),
+                         (run, "holds a fine-tuned run or its best/"),
+                         (str(a_file), "a file, not a directory")):
+            with pytest.raises(SystemExit, match=f"--out {out}:? .*{why}"):
+                main([*cmd, "--out", out])
+    assert before == {f: os.path.getmtime(os.path.join(run, "best", f))
+                      for f in os.listdir(os.path.join(run, "best"))}
+    assert a_file.read_text() == "x"
 
 
 # ---------------------------------------------------------------- ONNX
@@ -312,6 +336,24 @@ def test_predict_with_onnx_answers_as_torch_does(lab, tmp_path, name):
     torch_rows = predict_rows([lab["run"](name), *flags], tmp_path, "torch")
     onnx_rows = predict_rows([lab["export"](name), "--backend", "onnx", *flags], tmp_path, "onnx")
     assert same_answers(torch_rows, onnx_rows), (torch_rows, onnx_rows)
+
+
+def test_a_damaged_onnx_export_is_named_in_one_line(lab, tmp_path, capsys):
+    src = lab["export"]("mean")
+    for name, damage in (("cut", lambda d: (d / "model.onnx").write_bytes(
+                              (d / "model.onnx").read_bytes()[:5000])),
+                         ("foreign-card", lambda d: (d / "model.json").write_text(json.dumps(
+                              {**json.loads((d / "model.json").read_text()),
+                               "outputs": {"other.logits": "?"}})))):
+        d = tmp_path / name
+        shutil.copytree(src, d)
+        damage(d)
+        capsys.readouterr()
+        assert main(["predict", str(d), "--backend", "onnx", "--text", "good"]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert not any("Traceback" in line for line in lines), lines
+        err = lines[-1]  # the one line of the error, after what loading said
+        assert f"{d}/model.onnx" in err and "export it again" in err, err
 
 
 # ---------------------------------------------------------------- int8

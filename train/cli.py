@@ -68,7 +68,8 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("minibert: interrupted", file=sys.stderr)
         return 130
-    except (UserError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
+    except (UserError, FileNotFoundError, FileExistsError, IsADirectoryError,
+            NotADirectoryError) as e:
         # The error boundary: an input the user can fix is one line, `minibert CMD: WHERE: what
         # is wrong; what to do`. Anything else is a bug, and keeps its traceback.
         if args.debug or os.environ.get("MINIBERT_DEBUG") == "1":

@@ -27,8 +27,26 @@ from train.finetune.finetune import load_task_model
 from train.finetune.predict import find_best
 
 
-def load_run(run, command):
-    """(TaskModel in eval mode on the CPU, task, tokenizer, best dir) of RUN."""
+# what a run directory or its best/ holds: an --out holding one is somebody's model, not ours to
+# write over (export --to hf writes config.json and model.safetensors)
+RUN_FILES = ("task.json", "head.safetensors", "metrics.jsonl", "state")
+
+
+def check_out(out, command):
+    """--out must be a directory to write, or nothing yet; checked before any work."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SystemExit(f"minibert {command}: --out {out}: a file, not a directory to write to")
+    held = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+    if held and not os.path.exists(os.path.join(out, "model.json")):  # not an earlier export
+        raise SystemExit(f"minibert {command}: --out {out} holds a fine-tuned run or its best/ "
+                         f"({held[0]}); writing there would replace its model: give another "
+                         "directory")
+
+
+def load_run(run, out, command):
+    """(TaskModel in eval mode on the CPU, task, tokenizer, best dir) of RUN, once --out is
+    known to be writable."""
+    check_out(out, command)
     best = find_best(run, command)
     model, task = load_task_model(best, "cpu")
     return model, task, Tokenizer.from_dir(best), best
@@ -64,7 +82,7 @@ def mb(path):
 
 def cmd_export(args):
     resolve_model(args, "export")
-    model, task, tok, best = load_run(args.model, "export")
+    model, task, tok, best = load_run(args.model, args.out, "export")
     if args.to == "hf":
         if args.optimize:
             raise SystemExit("minibert export: --optimize applies to --to onnx only")
@@ -95,7 +113,7 @@ def cmd_export(args):
 
 def cmd_quantize(args):
     resolve_model(args, "quantize")
-    model, task, tok, best = load_run(args.model, "quantize")
+    model, task, tok, best = load_run(args.model, args.out, "quantize")
     if args.reduce_range is None:
         qmax = weight_qmax()
         why = "this CPU " + ("has VNNI or is not x86" if qmax == 127 else "is x86 without VNNI")

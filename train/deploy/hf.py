@@ -113,5 +113,5 @@ def export_hf(model, tok, meta, out_dir):
     atomic_write_json(os.path.join(out_dir, "config.json"), config)
     atomic_save_safetensors(os.path.join(out_dir, "model.safetensors"), state,
                             metadata={"format": "pt"})
-    tok.save(out_dir, model_max_length=model.bert.config.max_position_embeddings)
+    tok.save(out_dir, model_max_length=meta["max_length"])  # what the run read, and predict reads
     return cls

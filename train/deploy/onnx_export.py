@@ -189,7 +189,9 @@ def write_onnx_dir(out_dir, proto, meanings, tok, meta, head, notes):
     """model.onnx, tokenizer, task.json, model.json (and crf.safetensors for a CRF), atomically."""
     os.makedirs(out_dir, exist_ok=True)
     atomic_write_bytes(os.path.join(out_dir, "model.onnx"), proto.SerializeToString())
-    tok.save(out_dir)
+    # what the run read, as predict reads it (a multi-task model: its heads' longest)
+    tok.save(out_dir, model_max_length=meta.get("max_length") or max(
+        h["meta"]["max_length"] for h in meta.get("heads", [])))
     atomic_write_json(os.path.join(out_dir, "task.json"), meta)
     # the CRF's transitions: Viterbi decoding runs outside the graph and needs them
     crf = {k: v for k, v in head.state_dict().items() if "crf" in k.split(".")}

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from minibert.checkpoint import read_safetensors
+from minibert.errors import CheckpointError
 from minibert.io import load_json
 from train.deploy.onnx_export import read_card
 from train.finetune.finetune import TASKS
@@ -41,7 +42,12 @@ class OnnxGraph:
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidGraph, InvalidProtobuf
+        try:
+            self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        except (Fail, InvalidGraph, InvalidProtobuf) as e:  # a file cut short, or not ONNX
+            raise CheckpointError(f"{path}: not a readable ONNX model ({str(e).strip()}); "
+                                  "export it again") from None
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]
 
@@ -107,5 +113,6 @@ def load_onnx_task_model(export_dir, threads=None):
     graph = OnnxGraph(os.path.join(export_dir, "model.onnx"), threads)
     missing = sorted(set(card["outputs"]) - set(graph.outputs))
     if missing:
-        raise ValueError(f"{export_dir}/model.onnx lacks outputs {missing} that model.json lists")
+        raise CheckpointError(f"{export_dir}/model.onnx lacks outputs {missing} that model.json "
+                              "lists: the two come from different exports; export it again")
     return TaskModel(graph, head).eval(), task
