@@ -182,6 +182,23 @@ def test_prune_command_writes_a_smaller_model_that_loads_predicts_and_exports(ru
     capsys.readouterr()
     assert main(["predict", os.path.join(out, "pruned"), "--text", "a good film"]) == 0
     assert json.loads(capsys.readouterr().out)["label"] in ("0", "1")
+    # DIR itself serves its final model, as a run serves its best/
+    from train.finetune.predict import find_best
+    assert find_best(out, "predict") == os.path.join(out, "finetune", "best")
+    assert main(["predict", out, "--text", "a good film"]) == 0
+    assert json.loads(capsys.readouterr().out)["label"] in ("0", "1")
+    # again into the same DIR: refused in one line before any work, naming what to do
+    (tmp_path / "p" / "results.json").unlink()  # as if killed during its fine-tune
+    config = open(os.path.join(out, "pruned", "config.json")).read()
+    assert main(["prune", run, "--heads", "0.25", "--out", out, "--finetune-steps", "2",
+                 "--threads", "1"]) == 2
+    assert f"{out}/finetune holds a run already; continue it with --resume {out}/finetune" \
+        in capsys.readouterr().err
+    assert open(os.path.join(out, "pruned", "config.json")).read() == config  # untouched
+    # a checkpoint is not a run: it names no data to score on
+    assert main(["prune", os.path.join(out, "pruned"), "--heads", "0.1", "--out",
+                 str(tmp_path / "again")]) == 2
+    assert "a checkpoint, not a run directory" in capsys.readouterr().err
 
     # ONNX: the graph of the smaller model gives its logits, with and without fusions
     b = padded_batch(7, 19, model.bert.config.vocab_size, pairs=False, seed=3)
@@ -208,6 +225,10 @@ def test_prune_refuses_bad_fractions_and_a_directory_that_is_not_a_run(tmp_path,
     assert "minibert prune: --heads 1.5: give a fraction in [0, 1)" in capsys.readouterr().err
     assert main(["prune", str(tmp_path), "--heads", "0.5", "--out", str(tmp_path / "o")]) == 2
     assert "not a minibert run directory" in capsys.readouterr().err
+    (tmp_path / "o" / "results.json").write_text("{}")  # a finished prune: no --resume to offer
+    assert main(["prune", str(tmp_path), "--heads", "0.5", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "holds a run already; give another --out" in err and "--resume" not in err, err
 
 
 @pytest.fixture(scope="module")

@@ -107,13 +107,14 @@ class RunDir:
         return None
 
 
-def check_fresh(path):
+def check_fresh(path, resumable=True):
     """Refuse to start a new run in a directory that holds one (resumable or finished)."""
     held = [n for n in ("state", "state.old", "results.json")
             if os.path.exists(os.path.join(path, n))]
     if held:
-        raise UserError(f"{os.path.join(path, held[0])}: {path} holds a run already; continue "
-                        f"it with --resume {path}, or give another --out")
+        raise UserError(f"{os.path.join(path, held[0])}: {path} holds a run already; "
+                        + (f"continue it with --resume {path}, or " if resumable else "")
+                        + "give another --out")
 
 
 @contextlib.contextmanager

@@ -85,7 +85,9 @@ def scores(metrics):
 def run_prune(cfg: PruneConfig):
     device = pick_device(cfg.device)
     with exclusive(cfg.out), run_state(cfg.seed, cfg.threads, device):
-        check_fresh(cfg.out)
+        check_fresh(cfg.out, resumable=False)  # prune itself has no --resume
+        if cfg.finetune_steps:  # before any work or write, not when the fine-tune starts
+            check_fresh(os.path.join(cfg.out, "finetune"))
         return _prune(cfg, device)
 
 
@@ -93,7 +95,12 @@ def finetune_recipe(run):
     """RUN's FinetuneConfig. A distilled run saved a DistillConfig, the fine-tuning fields plus
     the teacher's: those are left out, as the fine-tune after pruning has no teacher."""
     names = {f.name for f in dataclasses.fields(FinetuneConfig)}
-    return FinetuneConfig(**{k: v for k, v in read_run_config(run).items() if k in names})
+    config = read_run_config(run)
+    if "train" not in config:  # a checkpoint's config.json: the model's, not a run's
+        raise UserError(f"{run}: a checkpoint, not a run directory: give the finetune run whose "
+                        "best/ it is, which names the data to score on (a pruned model is "
+                        "pruned again through its DIR/finetune run)")
+    return FinetuneConfig(**{k: v for k, v in config.items() if k in names})
 
 
 def _prune(cfg, device):
@@ -109,8 +116,9 @@ def _prune(cfg, device):
     t0 = time.perf_counter()
     head_scores, ffn_scores = importance(
         model, score_batches(data["train"], cfg.importance_examples, device))
-    print(f"importance: {min(cfg.importance_examples, len(data['train'].lengths))} training "
-          f"examples in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    n_scored = min(cfg.importance_examples, len(data["train"].lengths))
+    print(f"importance: {n_scored} training examples in {time.perf_counter() - t0:.1f} s",
+          file=sys.stderr)
     heads = least_important(head_scores, cfg.heads) if cfg.heads else {}
     neurons = least_important(ffn_scores, cfg.ffn) if cfg.ffn else {}
     small = TaskModel(pruned(model.bert, heads, neurons), model.head).eval()
@@ -121,7 +129,7 @@ def _prune(cfg, device):
           file=sys.stderr)
 
     results = {"run": cfg.model, "heads": cfg.heads, "ffn": cfg.ffn,
-               "importance_examples": cfg.importance_examples,
+               "importance_examples": n_scored,
                "size_before": before, "size_after": after,
                "pruned_heads": small.bert.config.pruned_heads,
                "neurons_removed": {i: len(js) for i, js in neurons.items()},
