@@ -63,6 +63,12 @@ def test_predict_classification_jsonl(tmp_path, capsys):
         assert r["label"] == labels[max(range(len(p)), key=p.__getitem__)]
     # a model that says the same for every text would pass the checks above vacuously
     assert len({round(r["probabilities"][labels[0]], 4) for r in rows}) > 1
+    # a bad row is named, without advice to use a flag predict does not have
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"txt": "typo"}\n')
+    assert main(["predict", str(run), "--input", str(bad), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:2" in err and "--skip-bad-rows" not in err, err
 
 
 def test_predict_regression_jsonl_in_data_units(tmp_path, capsys):

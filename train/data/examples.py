@@ -132,16 +132,18 @@ def _table_rows(path, text, tsv):
     return rows
 
 
-def read_examples(path, text_field, pair_field, target_field, skip_bad_rows=False,
+def read_examples(path, text_field, pair_field, target_field, skip_bad_rows=None,
                   check_target=None):
     """Read `path` into Examples. `check_target(value) -> error message or None` validates the
-    target (e.g. a dev label must exist in train)."""
+    target (e.g. a dev label must exist in train). skip_bad_rows: --skip-bad-rows, or None for
+    a command without that flag (predict), whose errors then do not suggest it."""
     stats = ReadStats(path)
     examples = []
 
     def bad(where, why):
         if not skip_bad_rows:
-            raise DataError(f"{where}: {why} (use --skip-bad-rows to skip and count such rows)")
+            raise DataError(f"{where}: {why}" + (" (use --skip-bad-rows to skip and count such "
+                                                 "rows)" if skip_bad_rows is False else ""))
         key = why.split(":")[0]
         stats.skipped[key] = stats.skipped.get(key, 0) + 1
 

@@ -84,6 +84,6 @@ def register(sub):
     p.add_argument("--device", default="auto", help="torch backend: cpu, cuda, auto")
     p.add_argument("--backend", choices=("torch", "onnx"), default="torch",
                    help="torch: the run's checkpoint; onnx: an exported graph, by onnxruntime")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=int_at_least(1), default=None,
                    help="onnx backend: onnxruntime's intra-op threads (default: its own choice)")
     p.set_defaults(func=cmd_predict)
