@@ -155,6 +155,14 @@ def main():
         torch.set_num_threads(a.threads)
     threads = torch.get_num_threads()
     best = os.path.join(a.run, "best")
+    model, task = load_task_model(best, "cpu")
+    meta = task.meta
+    if (meta["task"], meta.get("pooling"), meta.get("pair_field")) != ("classification", "mean",
+                                                                       None):
+        # the transformers row rebuilds exactly that head (mean pooling, one text)
+        raise SystemExit(f"bench/latency.py: {a.run} is a {meta['task']} run with pooling "
+                         f"{meta.get('pooling')} and pair field {meta.get('pair_field')}; "
+                         "this bench serves a single-text classification run with mean pooling")
     out = a.out or tempfile.mkdtemp(prefix="latency-")
     dirs = {k: os.path.join(out, k) for k in ("onnx", "onnx-opt", "onnx-int8")}
     print(f"exporting {best} into {out}", file=sys.stderr)
@@ -162,9 +170,9 @@ def main():
     minibert_cli("export", a.run, "--to", "onnx", "--optimize", "--out", dirs["onnx-opt"])
     minibert_cli("quantize", a.run, "--out", dirs["onnx-int8"])
 
-    model, task = load_task_model(best, "cpu")
     tok = Tokenizer.from_dir(best)
-    examples, _ = read_examples(os.path.join(a.data, "test.jsonl"), "text", None, "label")
+    examples, _ = read_examples(os.path.join(a.data, "test.jsonl"), meta["text_field"], None,
+                                "label")
     targets = [task.index[str(e.target)] for e in examples]
     ds = EncodedDataset(examples, tok, task.meta["max_length"], targets, 32)
     if a.profile:
