@@ -25,7 +25,10 @@ def atomic_open(path, mode="w"):
     # O_EXCL on a random name, as mkstemp does, but with mode 0666: the kernel applies the
     # umask, so the file gets the permissions open() would give it (mkstemp's are 0600)
     tmp = os.path.join(d, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as e:  # said of the file asked for, not of its hidden temporary name
+        raise type(e)(e.errno, e.strerror, path) from None
     try:
         kw = {} if "b" in mode else {"encoding": "utf-8", "newline": "\n"}
         with os.fdopen(fd, mode, **kw) as f:

@@ -223,6 +223,23 @@ def test_a_step_of_two_tasks_weighs_tasks_by_examples_and_batches_by_items():
     assert weights == pytest.approx([4 / 9 * 3 / 4, 5 / 9 * 20 / 50, 4 / 9 * 1 / 4, 5 / 9 * 30 / 50])
 
 
+def test_the_teachers_cache_keeps_what_a_tagger_counts():
+    # distillation wraps the data with the teacher's cached targets: its micro-batches must
+    # still weigh by words, as the same data unwrapped does
+    from train.distill.teacher import CachedTargets
+    words = ["good", "film", "bad", "plot"]
+    rows = [(words[:n], ["O"] * n, f"t:{n}") for n in range(1, 5)]
+    for crf in (False, True):
+        task = TokenTask({"task": "tokens", "labels": ["O", "B-X"], "scheme": "bio", "crf": crf,
+                          "bio_constraints": False, "fallback_tag": "O", "max_length": 16})
+        ds = task._dataset(rows, tiny_tokenizer(), 2)
+        cached = CachedTargets(ds, "tokens", {"targets": None, "offsets": None, "valid": None})
+        assert (cached.count_items is None) == crf  # a CRF's loss is per sentence
+        if not crf:
+            batch = ds.collate([0, 3])
+            assert cached.count_items(batch) == ds.count_items(batch) == 5
+
+
 class NaNAt(torch.nn.Module):
     """Wraps a model; its loss becomes NaN from the `k`-th forward call on."""
 

@@ -315,11 +315,16 @@ def test_contradictory_and_wrong_flags(base, tmp_path, capsys):
         ("metric-not-the-tasks", ["--metric", "acuracy"], "--metric"),
         ("doc-stride-too-long", ["--task", "qa", "--doc-stride", "128"], "--doc-stride"),
         ("bio-constraints-without-crf", ["--task", "tokens", "--bio-constraints"], "--crf"),
+        ("max-steps-zero", ["--max-steps", "0"], "--max-steps"),
+        ("epochs-zero", ["--epochs", "0"], "--epochs"),
     ]
     for name, flags, where in cases:
         check(name, ["finetune", *common, *flags], where, capsys, runs=[base / "run"])
     check("sweep-bad-grid", ["sweep", "--grid", "lr", "--out", tmp_path / "sw", "--",
                              *common[:4]], "--grid", capsys)
+    check("pretrain-max-steps-negative", ["pretrain", "--config", "tiny", "--corpus",
+                                          base / "data/train.jsonl", "--max-steps", "-3",
+                                          "--out", tmp_path / "p0"], "--max-steps", capsys)
     check("pretrain-without-config", ["pretrain", "--corpus", base / "data/train.jsonl",
                                       "--out", tmp_path / "p"], "--config", capsys)
     check("multitask-bad-spec", ["finetune", "--task", "multitask", "--model", base / "model",

@@ -232,17 +232,21 @@ def test_heads_without_a_transformers_class_are_refused_in_one_line(lab, tmp_pat
 
 
 def test_export_refuses_an_out_that_holds_a_run_or_a_file(lab, tmp_path):
-    """--out RUN/best (or RUN) would write a transformers model over the run's own; a file
-    cannot be a directory. Refused in one line before any work, nothing touched."""
+    """--out RUN/best (or RUN, or any checkpoint) would write a transformers model over the
+    model there; a file cannot be a directory. Refused in one line before any work, nothing touched."""
     run = lab["run"]("cls")
     before = {f: os.path.getmtime(os.path.join(run, "best", f))
               for f in os.listdir(os.path.join(run, "best"))}
     a_file = tmp_path / "notes.txt"
     a_file.write_text("x")
+    ckpt = tmp_path / "ckpt"  # an imported checkpoint, or a pretraining run's best/
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
     for cmd in (["export", run, "--to", "hf"], ["export", run, "--to", "onnx"],
                 ["quantize", run]):
-        for out, why in ((os.path.join(run, "best"), "holds a fine-tuned run or its best/"),
-                         (run, "holds a fine-tuned run or its best/"),
+        for out, why in ((os.path.join(run, "best"), "holds a checkpoint or a run"),
+                         (run, "holds a checkpoint or a run"),
+                         (str(ckpt), "holds a checkpoint or a run .config.json."),
                          (str(a_file), "a file, not a directory")):
             with pytest.raises(SystemExit, match=f"--out {out}:? .*{why}"):
                 main([*cmd, "--out", out])

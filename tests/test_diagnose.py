@@ -120,6 +120,18 @@ def test_diverging_nonfinite(tmp_path):
     assert any("lower the learning rate" in a for a in d["advice"])
 
 
+def test_a_non_finite_loss_logged_as_null_reads_as_nan(tmp_path):
+    # NaN is written as null (strict JSON); the curves read it back as NaN, not None
+    run = write_run(tmp_path / "run", lambda x: float("nan") if x > 0.5 else 0.5,
+                    lambda x: float("nan") if x > 0.5 else 0.45, lambda x: 0.5)
+    text = open(os.path.join(run, "metrics.jsonl")).read()
+    with open(os.path.join(run, "metrics.jsonl"), "w") as f:
+        f.write(text.replace("NaN", "null"))
+    assert "null" in text.replace("NaN", "null")
+    d = diagnose(run)
+    assert d["verdict"] == "diverging", d
+
+
 def test_forgetting_at_lr_1e3(tmp_path):
     # lr 1e-3 on the backbone: learns a little in warm-up, then sits at chance (no NaN)
     run = write_run(tmp_path / "run", lambda x: 0.55 if x < 0.1 else 0.694,

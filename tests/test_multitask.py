@@ -226,6 +226,14 @@ def test_init_heads_errors_name_the_problem(setup, tmp_path):
                        init_heads=[f"polarity={best}"])
 
 
+def test_a_crf_head_keeps_its_constraints_meaning():
+    from train.tasks.task import head_meaning_differs
+    crf = {"task": "tokens", "labels": ["O", "B-X"], "crf": True, "bio_constraints": False}
+    assert head_meaning_differs(crf, dict(crf)) is None
+    assert "bio_constraints False, here True" in head_meaning_differs(
+        crf, {**crf, "bio_constraints": True})
+
+
 def test_init_heads_spec_keeps_a_directory_with_an_equals_sign_whole():
     from train.finetune.config import head_spec
     assert head_spec("polarity=runs/a/best") == ("polarity", "runs/a/best")

@@ -12,5 +12,8 @@ its kernels) never imports `train`. The rooms:
                    masking, token cache and packing
 - train/runs/      reading runs: curves, diagnosis, plot, report, memory, sweeps
 - train/data/      reading labelled files, and `minibert data get` for the real data sets
+- train/deploy/    `minibert export` and `minibert quantize`: transformers classes, ONNX, int8
+- train/distill/   `minibert distill`: a smaller student on a teacher's soft targets
+- train/prune/     `minibert prune`: the least important heads and FFN neurons removed
 - train/cli.py     the `minibert` command; train/command.py what every command shares
 """

@@ -69,7 +69,7 @@ def main(argv=None):
         print("minibert: interrupted", file=sys.stderr)
         return 130
     except (UserError, FileNotFoundError, FileExistsError, IsADirectoryError,
-            NotADirectoryError) as e:
+            NotADirectoryError, PermissionError) as e:
         # The error boundary: an input the user can fix is one line, `minibert CMD: WHERE: what
         # is wrong; what to do`. Anything else is a bug, and keeps its traceback.
         if args.debug or os.environ.get("MINIBERT_DEBUG") == "1":

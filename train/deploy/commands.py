@@ -27,9 +27,11 @@ from train.finetune.finetune import load_task_model
 from train.finetune.predict import find_best
 
 
-# what a run directory or its best/ holds: an --out holding one is somebody's model, not ours to
-# write over (export --to hf writes config.json and model.safetensors)
-RUN_FILES = ("task.json", "head.safetensors", "metrics.jsonl", "state")
+# what a run, its best/ or any checkpoint holds: an --out holding one is somebody's model, not
+# ours to write over (export --to hf writes config.json and model.safetensors); an earlier
+# export (its model.json) may be written again
+RUN_FILES = ("task.json", "head.safetensors", "metrics.jsonl", "state", "config.json",
+             "model.safetensors")
 
 
 def check_out(out, command):
@@ -38,7 +40,7 @@ def check_out(out, command):
         raise SystemExit(f"minibert {command}: --out {out}: a file, not a directory to write to")
     held = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
     if held and not os.path.exists(os.path.join(out, "model.json")):  # not an earlier export
-        raise SystemExit(f"minibert {command}: --out {out} holds a fine-tuned run or its best/ "
+        raise SystemExit(f"minibert {command}: --out {out} holds a checkpoint or a run "
                          f"({held[0]}); writing there would replace its model: give another "
                          "directory")
 

@@ -92,6 +92,9 @@ class CachedTargets:
         self.ds, self.kind = ds, kind
         self.targets, self.offsets, self.valid = cache["targets"], cache["offsets"], cache["valid"]
         self.lengths = ds.lengths
+        # what the loss averages over, as the wrapped data counts it (a tagger's words), so that
+        # accumulated micro-batches weigh as without the cache (train/loop/accumulate.py)
+        self.count_items = getattr(ds, "count_items", None)
 
     @property
     def batch_size(self):  # the trainer's planning sets it, for the dataset's batches()

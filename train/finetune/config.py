@@ -51,7 +51,8 @@ class FinetuneConfig:
     standardize_targets: bool = option(False, "regression: train on (y - mean) / std of the train "
                                        "targets; predictions are mapped back")
     crf: bool = option(False, "tokens: a linear-chain CRF over the words' tag scores")
-    bio_constraints: bool = option(False, "tokens with --crf: forbid O->I-X, B-X->I-Y, start->I-X")
+    bio_constraints: bool = option(False, "tokens with --crf: forbid O->I-X, B-X->I-Y, I-X->I-Y, "
+                                   "start->I-X")
     # None: max length // 3, the proportion of BERT's SQuAD runs (stride 128 at length 384); a
     # fixed 128 would not fit the default --max-length 128
     doc_stride: int | None = option(None, "qa: tokens shared by consecutive windows of a long "
@@ -158,6 +159,9 @@ class FinetuneConfig:
     compile: bool = option(False, "torch.compile the model for training (the first steps compile)")
 
     def __post_init__(self):
+        if self.epochs < 1 or self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"--epochs {self.epochs}, --max-steps {self.max_steps}: each must be "
+                             "at least 1")
         if self.metric is None:
             self.metric = DEFAULT_METRIC[self.task]
         if self.task == "qa":

@@ -214,6 +214,9 @@ def train_task_model(cfg, resume, dist, build=finetune_model, name="finetune"):
     if dist.world > 1 and cfg.batch_size == "auto":
         raise ValueError("--batch-size auto could pick a different size on each process; "
                          "give --batch-size N with --nproc")
+    if cfg.batch_size == "auto" and cfg.task == "multitask":
+        raise ValueError("--batch-size auto probes one task's longest batches; a multi-task "
+                         "run mixes tasks: give --batch-size N")
     if cfg.batch_size == "auto" and device.type != "cuda":
         raise SystemExit(f"minibert {name}: --batch-size auto measures GPU memory and needs a "
                          "CUDA device; on CPU give --batch-size N (`minibert memory` estimates "

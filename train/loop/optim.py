@@ -16,9 +16,10 @@ Two paths compute the same thing, picked by the constructor flag `foreach`:
 - `_adamw_readable`: one parameter at a time, five lines of math. The reference.
 - `_adamw_foreach`: the same lines as `torch._foreach_*` ops over all of a group's parameters,
   which on CUDA launch one kernel per op per group rather than per parameter.
-`foreach=None` resolves, once, at construction: True when every parameter is on CUDA, else False
-(on CPU the foreach ops are a loop over tensors and gain nothing). The resolved choice is in
-`optimizer.foreach` for the trainer to print.
+`foreach=None` resolves, once, at construction: True when every parameter is on CUDA, else False.
+Fine-tuning passes foreach=True on every device: on a CPU too its fused element-wise ops beat
+the per-parameter loop (MiniLM, one thread: ~110 ms against ~135 ms a step). The resolved choice
+is in `optimizer.foreach`.
 
 State per parameter: `step` (a plain int), `exp_avg` (m) and `exp_avg_sq` (v). A parameter whose
 `.grad` is None is skipped and gets no state at all: a frozen layer costs no optimizer memory,

@@ -5,8 +5,9 @@ nothing already written.
     RUN/metrics.jsonl    one JSON object per log or eval event, appended; a train event's "lr"
                          is each group's lr after the step's schedule update, the one the next
                          update uses (as transformers' Trainer logs it)
-    RUN/results.json     final dev/test metrics (the best checkpoint evaluated again, in fp32),
-                         best step, time, throughput
+    RUN/results.json     final metrics of the best checkpoint evaluated again (fine-tuning:
+                         dev/test in fp32; pretraining: valid, in the run's precision), best
+                         step, time, throughput
     RUN/best/            the best model so far (Hugging Face layout plus the task's head)
     RUN/state/           optimizer, scheduler, RNG, data position and step: what resume needs
 

@@ -63,7 +63,7 @@ def plan_steps(n_micro_batches, grad_accum, epochs, max_steps):
     """(optimizer steps per epoch, total steps): the one place both are computed. The last
     accumulation group of an epoch may be short; it is still a step."""
     per_epoch = math.ceil(n_micro_batches / grad_accum)
-    return per_epoch, max_steps or epochs * per_epoch
+    return per_epoch, max_steps if max_steps is not None else epochs * per_epoch
 
 
 class Diverged(RuntimeError):

@@ -123,6 +123,9 @@ class PretrainConfig:
     compile: bool = option(False, "torch.compile the model for training (the first steps compile)")
 
     def __post_init__(self):
+        if self.epochs < 1 or self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"--epochs {self.epochs}, --max-steps {self.max_steps}: each must be "
+                             "at least 1")
         if isinstance(self.corpus, str):
             self.corpus = [self.corpus]
         if not 0.0 < self.mask_prob < 1.0:

@@ -86,13 +86,16 @@ def load_curves(run, n_labels=None):
     # Distillation logs alpha * hard + (1 - alpha) * soft (+ feature terms) as its train loss;
     # only the hard term, the task's own loss on gold labels, compares with chance and dev loss.
     hard = all("hard" in e.get("train_terms", {}) for e in train) and bool(train)
+
+    def num(x):  # a non-finite value is logged as null (strict JSON): read it back as NaN
+        return float("nan") if x is None else x
     return Curves(
         train_steps=[e["step"] for e in train],
-        train_loss=[e["train_terms"]["hard"] if hard else e["train_loss"] for e in train],
+        train_loss=[num(e["train_terms"]["hard"] if hard else e["train_loss"]) for e in train],
         lr={g: [e["lr"].get(g, 0.0) for e in train] for g in groups},
         eval_steps=[e["step"] for e in evals],
-        dev_loss=[e["dev"].get("loss", float("nan")) for e in evals],
-        dev_metric=[e["dev"].get(metric, float("nan")) for e in evals],
+        dev_loss=[num(e["dev"].get("loss")) for e in evals],
+        dev_metric=[num(e["dev"].get(metric)) for e in evals],
         metric=metric, mode=metric_mode(metric),
         diverged=next((e for e in events if e["event"] == "diverged"), None),
         n_labels=n_labels, majority=max(rows) / sum(rows) if rows and sum(rows) else None,

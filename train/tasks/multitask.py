@@ -30,7 +30,7 @@ previous run trained (train task A, then train B with A's head frozen and A's lo
 the backbone moves for B while A's head keeps being served). The checkpoint's head.safetensors
 holds every head under its `NAME.` prefix, and `minibert predict` answers with every head.
 
-Limits: a batch never mixes tasks; --batch-size auto probes with batches of the first task only.
+Limits: a batch never mixes tasks; --batch-size auto is refused (its probe batches would).
 """
 
 import dataclasses

@@ -44,7 +44,7 @@ def head_metas(meta):
 def head_meaning_differs(src, dst):
     """Why a head trained under task meta `src` would mean something else under `dst` (its
     outputs read as other labels, other units, another pooled vector), or None."""
-    for key in ("task", "labels", "pooling"):  # labels: their order is the output's
+    for key in ("task", "labels", "pooling", "crf", "bio_constraints"):  # labels: in order
         if src.get(key) != dst.get(key):
             return f"{key} {src.get(key)!r}, here {dst.get(key)!r}"
     scaled = [m.get("target_mean", 0.0) != 0.0 or m.get("target_std", 1.0) != 1.0
