@@ -68,6 +68,8 @@ def test_specs_parse_and_bad_specs_say_why(setup, tmp_path):
                      (["a:regression:x:freeze_head=a"], "'freeze_head' is not a per-task"),
                      (["a:regression:x:weight=heavy"], "weight='heavy' must be a number"),
                      (["a:regression:x:max_length=long"], "max_length='long' must be int"),
+                     # a training flag is the run's: accepted per task, it would do nothing
+                     (["a:regression:x:lr=1e9"], "'lr' is not a per-task option; those are"),
                      # the flag's choices hold per task too
                      (["a:regression:x:pooling=clss"], "pooling='clss' must be one of cls, mean")]:
         with pytest.raises(ValueError, match=why):

@@ -9,8 +9,9 @@ Tasks are given as specs, either on the command line
 (NAME:TYPE:PATH[:key=value...], specs separated by commas; `{split}` in PATH becomes train, dev
 and test, and a dev/test file that does not exist is skipped), or as a JSON file `--tasks-file`:
 [{"name": "polarity", "type": "classification", "path": "...{split}.jsonl", "label_field":
-"label"}, ...]. Every key other than name/type/path/weight sets that fine-tuning flag for this
-task alone (label_field, target_field, standardize_targets, crf, max_length, pooling ...).
+"label"}, ...]. Every key other than name/type/path/weight sets, for this task alone, a flag of
+how it reads its data and builds its head (PER_TASK below: label_field, target_field,
+standardize_targets, crf, max_length, pooling ...); training flags are the run's.
 `weight` multiplies the task's loss (default 1).
 
 Each batch holds one task. Which task comes next (`--sampling`):
@@ -61,14 +62,20 @@ class TaskSpec:
     options: dict = dataclasses.field(default_factory=dict)  # FinetuneConfig fields
 
 
+# the fine-tuning flags that say how a task reads its data and builds its head: the ones a spec
+# may set for its task alone (the training flags, lr, epochs, freezing..., are the run's)
+PER_TASK = ("text_field", "pair_field", "label_field", "target_field", "standardize_targets",
+            "skip_bad_rows", "max_length", "pooling", "crf", "bio_constraints", "doc_stride",
+            "max_answer_len")
+
+
 def _convert(cfg_cls, key, value, where):
     """A spec option, from the command line (a string) or JSON (typed), read as the flag of the
     FinetuneConfig field it sets would read it: its type, its choices."""
     field = {f.name: f for f in dataclasses.fields(cfg_cls)}.get(key)
-    # the run's own fields, and those the multi-task run sets on each task itself
-    if field is None or key in ("task", "tasks", "tasks_file", "train", "dev", "test", "out",
-                                "metric", "freeze_head", "init_heads"):
-        raise ValueError(f"{where}: {key!r} is not a per-task option")
+    if field is None or key not in PER_TASK:  # training flags are the run's, for every head
+        raise ValueError(f"{where}: {key!r} is not a per-task option; those are "
+                         f"{', '.join(PER_TASK)}")
     tp = typing.get_type_hints(cfg_cls)[key]
     parse = converter(tp)
     is_list = list in [typing.get_origin(a) for a in (tp, *typing.get_args(tp))]
