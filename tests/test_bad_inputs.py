@@ -322,6 +322,9 @@ def test_contradictory_and_wrong_flags(base, tmp_path, capsys):
         check(name, ["finetune", *common, *flags], where, capsys, runs=[base / "run"])
     check("sweep-bad-grid", ["sweep", "--grid", "lr", "--out", tmp_path / "sw", "--",
                              *common[:4]], "--grid", capsys)
+    check("diagnose-one-label", ["diagnose", base / "run", "--labels", "1"], "--labels", capsys)
+    check("sweep-random-zero", ["sweep", "--grid", "lr=1e-5", "--random", "0", "--out",
+                                tmp_path / "sw0", "--", *common[:4]], "--random", capsys)
     check("pretrain-max-steps-negative", ["pretrain", "--config", "tiny", "--corpus",
                                           base / "data/train.jsonl", "--max-steps", "-3",
                                           "--out", tmp_path / "p0"], "--max-steps", capsys)

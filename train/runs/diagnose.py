@@ -23,6 +23,7 @@ import os
 import sys
 from dataclasses import asdict, dataclass, field
 
+from minibert.commands import int_at_least
 from train.runs.curves import (at_chance_on_dev, backbone_peak_lr, best_eval, dev_vs_chance,
                                late_mean, load_curves, metric_noise, smooth, warmup_end)
 
@@ -289,7 +290,7 @@ def cmd_diagnose(args):
 def register(sub):
     p = sub.add_parser("diagnose", help="name what a run's learning curves show, with advice")
     p.add_argument("run", help="run directory (with metrics.jsonl)")
-    p.add_argument("--labels", type=int, default=None,
+    p.add_argument("--labels", type=int_at_least(2), default=None,
                    help="number of labels, for chance level (default: from best/task.json or "
                         "the confusion matrix)")
     p.add_argument("--json", action="store_true", help="print the diagnosis as JSON")

@@ -34,6 +34,7 @@ import sys
 import time
 import typing
 
+from minibert.commands import int_at_least
 from minibert.io import atomic_write_json, atomic_write_text, load_json
 from train.command import minibert_argv
 from train.finetune.config import FinetuneConfig
@@ -156,8 +157,8 @@ def sort_key(metric):
 
 
 def table(records, names, metric):
-    cols = names + ["status", "dev_" + metric, "dev_loss", "test_" + metric, "best_step",
-                    "train_seconds"]
+    cols = names + ["status", "dev_" + metric, *(["dev_loss"] if metric != "loss" else []),
+                    "test_" + metric, "best_step", "train_seconds"]
 
     def cell(c, v):
         if isinstance(v, float):
@@ -243,7 +244,7 @@ def register(sub):
                        description="Everything after -- is passed to `minibert finetune`.")
     p.add_argument("--grid", action="append", default=[], metavar="NAME=V1,V2,...",
                    help="a finetune option and its values; repeat for a product")
-    p.add_argument("--random", type=int, default=None, metavar="N",
+    p.add_argument("--random", type=int_at_least(1), default=None, metavar="N",
                    help="run N trials drawn from the grid instead of all of it")
     p.add_argument("--seed", type=int, default=0, help="seed of --random's draw")
     p.add_argument("--metric", default="accuracy", help="dev metric that ranks the trials")
