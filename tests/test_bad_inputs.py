@@ -328,6 +328,12 @@ def test_contradictory_and_wrong_flags(base, tmp_path, capsys):
     check("pretrain-max-steps-negative", ["pretrain", "--config", "tiny", "--corpus",
                                           base / "data/train.jsonl", "--max-steps", "-3",
                                           "--out", tmp_path / "p0"], "--max-steps", capsys)
+    check("pretrain-valid-missing", ["pretrain", "--config", "tiny", "--corpus",
+                                     base / "data/train.jsonl", "--valid", tmp_path / "nope.txt",
+                                     "--out", tmp_path / "p1"], "--valid", capsys)
+    check("pretrain-eval-batch-zero", ["pretrain", "--config", "tiny", "--corpus",
+                                       base / "data/train.jsonl", "--eval-batch-size", "0",
+                                       "--out", tmp_path / "p2"], "--eval-batch-size", capsys)
     check("pretrain-without-config", ["pretrain", "--corpus", base / "data/train.jsonl",
                                       "--out", tmp_path / "p"], "--config", capsys)
     check("multitask-bad-spec", ["finetune", "--task", "multitask", "--model", base / "model",

@@ -136,6 +136,10 @@ class PretrainConfig:
             raise ValueError("--batch-size and --grad-accum must be at least 1")
         if self.log_every < 1:
             raise ValueError(f"--log-every {self.log_every} must be at least 1")
+        if self.eval_batch_size < 1 or self.eval_max_sequences < 1:
+            raise ValueError("--eval-batch-size and --eval-max-sequences must be at least 1")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise ValueError(f"--warmup-ratio {self.warmup_ratio} must be a fraction in [0, 1]")
         if self.init_from and self.config:
             raise ValueError("--init-from takes the architecture from its checkpoint; "
                              "drop --config")

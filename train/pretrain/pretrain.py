@@ -255,6 +255,10 @@ def required_inputs(cfg):
     if not cfg.config and not cfg.init_from:
         raise ValueError("give --config (tiny, mini, small, medium, base or a config.json) "
                          "or --init-from a checkpoint")
+    # before the tokenizer and the token cache are made, which take minutes on a real corpus
+    for flag, path in [("--corpus", p) for p in cfg.corpus] + [("--valid", cfg.valid)]:
+        if path is not None and not os.path.isfile(path):
+            raise ValueError(f"{flag} {path}: no such file")
 
 
 def cmd_pretrain(args):
