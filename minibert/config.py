@@ -9,7 +9,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 
 from minibert.errors import ConfigError
-from minibert.io import load_json
+from minibert.io import load_json_object
 
 # Attention implementations the model can run. Each is written out in minibert/model.py (eager,
 # sdpa) or minibert/kernels/ (triton, triton-varlen); the config names one, there is no fallback.
@@ -147,13 +147,7 @@ class BertConfig:
 
     @classmethod
     def from_json(cls, path):
-        try:
-            d = load_json(path)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"{path}: must be a JSON object, not {type(d).__name__}")
-        return cls.from_dict(d, source=str(path))
+        return cls.from_dict(load_json_object(path, ConfigError), source=str(path))
 
     def to_hf_dict(self, architecture="BertForMaskedLM"):
         d = {k: v for k, v in asdict(self).items() if k != "attention"}

@@ -74,6 +74,17 @@ def load_json(path):
         return json.load(f)
 
 
+def load_json_object(path, error):
+    """The JSON object (a dict) at `path`; anything else raises `error` naming the file."""
+    try:
+        d = load_json(path)
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(d, dict):
+        raise error(f"{path}: must be a JSON object, not {type(d).__name__}")
+    return d
+
+
 def atomic_write_json(path, obj):
     atomic_write_text(path, json.dumps(finite_or_null(obj), indent=2, allow_nan=False) + "\n")
 

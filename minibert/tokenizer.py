@@ -20,7 +20,7 @@ from tokenizers import decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 
 from minibert.errors import CheckpointError
-from minibert.io import load_json
+from minibert.io import load_json_object
 
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
@@ -143,15 +143,7 @@ def read_vocab(path):
 
 def read_tokenizer_config(path):
     """transformers' `tokenizer_config.json` as a dict; {} when there is none."""
-    if not os.path.exists(path):
-        return {}
-    try:
-        config = load_json(path)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: must be a JSON object, not {type(config).__name__}")
-    return config
+    return load_json_object(path, CheckpointError) if os.path.exists(path) else {}
 
 
 def normalizer_options(config, path):
