@@ -209,6 +209,12 @@ def cmd_memory(args):
     if (args.freeze_layers or 0) > cfg.num_hidden_layers:
         raise SystemExit(f"minibert memory: --freeze-layers {args.freeze_layers}: {args.model} "
                          f"has {cfg.num_hidden_layers} blocks")
+    if args.measure and dev == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("minibert memory: --measure --device cuda: no CUDA device here; drop "
+                         "--measure for the estimate alone")
+    if args.measure and cfg.attention.startswith("triton") and dev != "cuda":
+        raise SystemExit(f"minibert memory: --measure --attention {cfg.attention} runs Triton "
+                         "kernels, which need a CUDA GPU; drop --measure for the estimate alone")
     est = estimate(cfg, args.batch_size, args.max_len, args.labels, dev, **freeze)
     print(f"memory of one fp32 AdamW training step: {args.model}, batch {args.batch_size} x "
           f"{args.max_len} tokens, attention {cfg.attention}, {dev}", file=sys.stderr)
@@ -216,12 +222,6 @@ def cmd_memory(args):
             ("optimizer (AdamW m, v)", est.optimizer), ("activations", est.activations),
             ("backward temporaries", est.transient), ("optimizer temporaries", est.step_temp),
             ("estimated peak", est.peak)]
-    if args.measure and dev == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("minibert memory: --measure --device cuda: no CUDA device here; drop "
-                         "--measure for the estimate alone")
-    if args.measure and cfg.attention.startswith("triton") and dev != "cuda":
-        raise SystemExit(f"minibert memory: --measure --attention {cfg.attention} runs Triton "
-                         "kernels, which need a CUDA GPU; drop --measure for the estimate alone")
     if args.measure:
         rows.append(("measured peak", measure(cfg, args.batch_size, args.max_len, args.labels,
                                               dev, **freeze)))

@@ -78,10 +78,9 @@ def _convert(cfg_cls, key, value, where):
                          f"{', '.join(PER_TASK)}")
     tp = typing.get_type_hints(cfg_cls)[key]
     parse = converter(tp)
-    is_list = list in [typing.get_origin(a) for a in (tp, *typing.get_args(tp))]
-    if isinstance(value, dict) or isinstance(value, list) and not is_list:  # JSON's
+    if isinstance(value, (dict, list)):  # from JSON; no per-task flag takes a list
         raise ValueError(f"{where}: {key}={value!r} must be {getattr(parse, '__name__', tp)}")
-    text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+    text = str(value)
     if tp is bool:
         if text.lower() not in ("true", "false", "1", "0"):
             raise ValueError(f"{where}: {key} must be true or false, not {value!r}")
