@@ -36,7 +36,7 @@ Limits: self-attention only (q, k, v of equal length, one mask for both); no cau
 attention bias; head size 16, 32, 64 or 128 (a compile-time block width); fp16 / bf16 / fp32 on a
 CUDA GPU, fp16 / fp32 on a CPU under TRITON_INTERPRET=1 (slowly). Block sizes are a table per
 head size and kernel (GPU_TILES in flash.py), not autotuned at run time; bench/flash_tiles.py
-sweeps others on a GPU, and has not yet run on one.
+sweeps others on a GPU (one run on an H200 so far: bench/README.md).
 """
 
 import math
@@ -47,6 +47,11 @@ import triton.language as tl
 
 # exp(x) = exp2(x log2 e), and exp2 is the GPU's native instruction. (A constexpr: kernels read it.)
 LOG2E = tl.constexpr(1.4426950408889634)
+# Triton compiles a kernel again for each new pattern of its integer arguments (equal to 1,
+# divisible by 16). T_max changes with every padded batch and the dropout seed with every step, so
+# left specialized they would compile each kernel up to six times in the first minutes of a
+# fine-tune; neither is an address whose alignment the compiler could use.
+NOT_SPECIALIZED = ("T_max", "seed")
 
 
 def attention_reference(q, k, v, key_padding_mask=None, keep=None, dropout_p=0.0,
@@ -120,7 +125,7 @@ def _visit(MASK, b, T_max, pos, n, HAS_MASK: tl.constexpr):
 # Forward
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NOT_SPECIALIZED)
 def _fwd_kernel(Q, K, V, O, LSE, SEQ, MASK,
                 sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
                 nh, T_max, sm_scale, dropout_p, seed,
@@ -181,7 +186,7 @@ def _fwd_kernel(Q, K, V, O, LSE, SEQ, MASK,
 # O, dO, dQ, dK, dV share one layout (strides sob, soh, sot): the wrapper makes it so.
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NOT_SPECIALIZED)
 def _bwd_preprocess(O, DO, DELTA, SEQ, sob, soh, sot, nh, T_max,
                     HS: tl.constexpr, BLOCK_M: tl.constexpr, IS_VARLEN: tl.constexpr):
     pid_m, bh = tl.program_id(0), tl.program_id(1)
@@ -203,13 +208,13 @@ def _recompute_p(q, k, lse, row_ok, col_ok, qk_scale, PREC: tl.constexpr):
     return tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NOT_SPECIALIZED)
 def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, SEQ, MASK,
                      sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
                      nh, T_max, sm_scale, dropout_p, seed,
                      HS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                PREC: tl.constexpr):
+                     PREC: tl.constexpr):
     pid_n, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // nh, bh % nh
     start, n = _seq_bounds(SEQ, b, IS_VARLEN)
@@ -248,13 +253,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, SEQ, MASK,
              mask=(cols < n)[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NOT_SPECIALIZED)
 def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, SEQ, MASK,
                    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
                    nh, T_max, sm_scale, dropout_p, seed,
                    HS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                PREC: tl.constexpr):
+                   PREC: tl.constexpr):
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // nh, bh % nh
     start, n = _seq_bounds(SEQ, b, IS_VARLEN)
@@ -285,7 +290,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, SEQ, MASK,
              mask=(rows < n)[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NOT_SPECIALIZED)
 def _keep_mask_kernel(OUT, T_max, dropout_p, seed, BLOCK: tl.constexpr):
     """Writes the keep mask (B*nh, T_max, T_max) that the kernels above use (for tests)."""
     pid_m, pid_n, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
