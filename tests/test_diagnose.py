@@ -72,6 +72,16 @@ def test_healthy_says_which_way_the_train_loss_went():
         assert healthy(c).evidence[0].startswith(f"train loss {said} from"), said
 
 
+def test_a_single_train_log_has_no_trend(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    event = {"event": "train", "step": 8, "epoch": 1.0, "train_loss": 0.5, "lr": {"head": 1e-4}}
+    (run / "metrics.jsonl").write_text(json.dumps(event) + "\n")
+    d = diagnose(run)
+    assert d["verdict"] == "healthy" and d["evidence"] == ["a single train log: loss 0.5000 at "
+                                                           "step 8"], d
+
+
 def test_overfitting_names_the_eval_and_the_gap(tmp_path):
     # dev loss bottoms out at x = 0.3 (the 3rd eval, step 300) and climbs 80%, train loss -> 0
     run = write_run(tmp_path / "run", lambda x: 0.5 * math.exp(-6 * x) + 0.005,
@@ -226,6 +236,22 @@ def test_plot_overlays_runs(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_plot_names_the_loss_of_each_run_s_task(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+    figs = []
+    monkeypatch.setattr(Figure, "savefig", lambda self, f, **kw: figs.append(self))
+    cls = healthy_run(tmp_path / "cls")
+    with open(cls / "config.json", "w") as f:
+        json.dump({"task": "classification"}, f)
+    reg = healthy_run(tmp_path / "reg")  # its task meta says regression: trained with MSE
+    (reg / "best").mkdir()
+    (reg / "best" / "task.json").write_text(json.dumps({"task": "regression"}))
+    for runs, label in (([reg], "mean squared error"), ([cls], "cross-entropy (nats)"),
+                        ([cls, reg, cls], "cross-entropy (nats) / mean squared error")):
+        assert main(["plot", *map(str, runs), "--out", str(tmp_path / "c.png")]) == 0
+        assert figs[-1].axes[0].get_ylabel() == label
+
+
 def test_plot_refuses_an_unknown_format_and_writes_atomically(tmp_path, monkeypatch):
     from matplotlib.figure import Figure
     run = healthy_run(tmp_path / "a")
@@ -283,6 +309,15 @@ def test_report_shows_pretraining_s_valid_scores(tmp_path, capsys):
     assert main(["report", str(run)]) == 0
     assert "valid (best checkpoint): mlm_loss 2.5000, perplexity 12.1800, mlm_accuracy 0.5100" \
         in capsys.readouterr().out
+
+
+def test_report_compares_each_run_kind_with_its_own_defaults(tmp_path, capsys):
+    run = healthy_run(tmp_path / "run")  # lr 1e-3 is pretrain's default, alpha 0.5 distill's
+    for config, shown in (({"corpus": ["c"], "lr": 1e-3, "mask_prob": 0.15}, "corpus=['c']"),
+                          ({"teacher": "t", "alpha": 0.5, "lr": 3e-5}, "teacher=t, lr=3e-05")):
+        (run / "config.json").write_text(json.dumps(config))
+        assert main(["report", str(run)]) == 0
+        assert f"config (non-default): {shown}\n" in capsys.readouterr().out
 
 
 def test_report_shows_every_task_s_scores(tmp_path, capsys):

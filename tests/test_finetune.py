@@ -127,6 +127,13 @@ def test_gradual_unfreezing_follows_its_stages(setup, tmp_path):
     # and the full run's last stage (steps 7 and 8) moved the embeddings too
     assert not torch.equal(after["bert.embeddings.word.weight"],
                            state_weights(tmp_path / "r")["bert.embeddings.word.weight"])
+    # no stage unfroze the unused pooler: the optimizer holds every parameter but its two,
+    # each unit's group once
+    opt = torch.load(tmp_path / "r" / "state" / "optimizer.pt", weights_only=True)
+    groups = opt["param_groups"]
+    names = [g["name"] for g in groups]
+    assert len(names) == len(set(names)), names
+    assert sum(len(g["params"]) for g in groups) == len(before) - 2
 
 
 def _cli(*args):

@@ -13,6 +13,7 @@ estimates its time left from its own steps only.
 """
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -142,3 +143,17 @@ def test_resume_writes_into_the_directory_given_and_refuses_other_flags(setup, t
         main(["finetune", "--resume", str(copy), "--max-steps", "20", "--lr", "5"])
     run(["finetune", "--resume", copy, "--threads", "1"])  # how the process runs may change
     assert (copy / "results.json").exists() and not (first / "results.json").exists()
+
+
+def test_resume_from_another_working_directory(setup, tmp_path, monkeypatch):
+    # --model, --train, --dev and --out given relative to one directory: config.json names them
+    # absolutely, so the run resumes from any other
+    for name, target in zip(("ckpt", "data"), setup):
+        (tmp_path / name).symlink_to(target)
+    monkeypatch.chdir(tmp_path)
+    killed_after_save_at(4, flags((Path("ckpt"), Path("data")), "r", "--eval-every", "4"),
+                         monkeypatch)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    run(["finetune", "--resume", "../r"])
+    assert (tmp_path / "r" / "results.json").exists()

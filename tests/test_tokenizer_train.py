@@ -64,6 +64,31 @@ def test_bad_inputs_fail_loudly(tmp_path):
         train_tokenizer([str(tmp_path / "c.txt")], vocab_size=5)
 
 
+def test_blank_corpus_or_no_alphabet_is_refused_not_written(corpus, tmp_path):
+    # either once wrote a tokenizer of the 5 special tokens alone, and said nothing
+    from train.cli import main
+
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n\t\n")
+    out = tmp_path / "tok"
+    with pytest.raises(SystemExit, match=rf"^minibert tokenizer train: {blank}: no text to learn"):
+        main(["tokenizer", "train", "--corpus", corpus, str(blank), "--out", str(out)])
+    with pytest.raises(SystemExit, match=r"--limit-alphabet 0: must be at least 1"):
+        main(["tokenizer", "train", "--corpus", corpus, "--out", str(out), "--limit-alphabet", "0"])
+    assert not out.exists()
+
+
+def test_vocabulary_larger_than_asked_is_said(tmp_path, capsys):
+    # 60 CJK characters, each a word of its own: the trainer keeps them all, past --vocab-size
+    from train.cli import main
+
+    cjk = tmp_path / "cjk.txt"
+    cjk.write_text(" ".join(chr(0x4E00 + i) for i in range(60)) + "\n", encoding="utf-8")
+    main(["tokenizer", "train", "--corpus", str(cjk), "--out", str(tmp_path / "t"),
+          "--vocab-size", "20"])
+    assert "65 tokens, more than --vocab-size 20" in capsys.readouterr().err
+
+
 def test_command_line_writes_a_tokenizer_that_transformers_reads_the_same(corpus, tmp_path,
                                                                           capsys):
     # `minibert tokenizer train` end to end: two corpus files after one --corpus (the second

@@ -71,6 +71,16 @@ def student_spec(spec):
     return "checkpoint", spec
 
 
+def abs_student(spec):
+    """--student with its directory made absolute; layers=... and random:NAME hold none."""
+    if spec.startswith("layers="):
+        return spec
+    if spec.startswith("random:"):
+        name = spec[len("random:"):]
+        return spec if name in SIZES else "random:" + os.path.abspath(name)
+    return os.path.abspath(spec)
+
+
 def has_tokenizer(path):
     # the two files Tokenizer.from_dir reads
     return any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "vocab.txt"))
@@ -94,10 +104,11 @@ def teacher_settings(best, spec):
 
 @dataclass
 class DistillConfig(FinetuneConfig):
-    teacher: str | None = option(None, "a finished `minibert finetune` run: its best/ teaches")
+    teacher: str | None = option(None, "a finished `minibert finetune` run: its best/ teaches",
+                                 path=True)
     student: str | None = option(None, "layers=0,2,4 (the teacher's blocks), a checkpoint DIR, "
                                  "or random:NAME|DIR (a size of `pretrain --config`, or "
-                                 "DIR/config.json, with random weights)")
+                                 "DIR/config.json, with random weights)", path=abs_student)
     # an even mix to start from; Hinton et al. generally did best with a "considerably lower"
     # weight on the hard labels, so this is worth a sweep
     alpha: float = option(0.5, "weight of the hard-label loss; 1 - alpha weighs the teacher's "

@@ -6,6 +6,7 @@ the field learned since (Mosbach et al. 2021: bias-corrected AdamW and warm-up m
 stable; Sun et al. 2019: a higher lr for the new head, layer-wise decay).
 """
 
+import os
 from dataclasses import dataclass
 
 from train.command import option
@@ -35,15 +36,33 @@ def head_spec(spec):
     return (name, src) if sep and name and "/" not in name else (None, spec)
 
 
+def abs_head_spec(spec):
+    """An --init-heads entry with its directory made absolute."""
+    name, src = head_spec(spec)
+    return f"{name}={os.path.abspath(src)}" if name else os.path.abspath(src)
+
+
+def abs_task_spec(spec):
+    """A --tasks spec with its PATH made absolute; a malformed one is left for multitask's
+    reader to refuse."""
+    parts = spec.strip().split(":")
+    if len(parts) < 3 or not parts[2]:
+        return spec
+    return ":".join(parts[:2] + [os.path.abspath(parts[2])] + parts[3:])
+
+
 @dataclass
 class FinetuneConfig:
     # what to train on
-    model: str = option(None, "checkpoint directory (Hugging Face layout), e.g. weights/minilm-l6")
+    model: str = option(None, "checkpoint directory (Hugging Face layout), e.g. weights/minilm-l6",
+                        path=True)
     task: str = option("classification", "task type", choices=TASKS)
-    train: str = option(None, "training data (.jsonl, .csv or .tsv)")
-    dev: str | None = option(None, "dev data: evaluation, early stopping, best checkpoint")
-    test: str | None = option(None, "test data, evaluated once with the best checkpoint")
-    out: str = option("runs/finetune", "run directory")
+    train: str = option(None, "training data (.jsonl, .csv or .tsv)", path=True)
+    dev: str | None = option(None, "dev data: evaluation, early stopping, best checkpoint",
+                             path=True)
+    test: str | None = option(None, "test data, evaluated once with the best checkpoint",
+                              path=True)
+    out: str = option("runs/finetune", "run directory", path=True)
     text_field: str = option("text", "field holding the text")
     pair_field: str | None = option(None, "field holding the second text of a pair")
     label_field: str = option("label", "field holding the label")
@@ -60,9 +79,9 @@ class FinetuneConfig:
     max_answer_len: int = option(30, "qa: longest answer span, in tokens")
     tasks: list[str] | None = option(None, "multitask: comma-separated specs "
                                      "NAME:TYPE:PATH_WITH_{split}[:key=value...] "
-                                     "(train/tasks/multitask.py)")
+                                     "(train/tasks/multitask.py)", path=abs_task_spec)
     tasks_file: str | None = option(None, "multitask: a JSON list of {name, type, path, "
-                                    "options...}")
+                                    "options...}", path=True)
     sampling: str = option("proportional", "multitask: which task the next batch comes from",
                            choices=("proportional", "round-robin", "temperature"))
     sampling_temperature: float = option(2.0, "multitask, --sampling temperature: p_i ~ n_i^(1/T)")
@@ -71,7 +90,7 @@ class FinetuneConfig:
     init_heads: list[str] | None = option(None, "start heads from a finetune run's best/ instead "
                                           "of fresh: DIR (the whole head) or, multitask, NAME=DIR "
                                           "(head NAME; from DIR's head NAME if DIR is "
-                                          "multi-task), comma-separated")
+                                          "multi-task), comma-separated", path=abs_head_spec)
     skip_bad_rows: bool = option(False, "skip (and count) bad rows instead of stopping at the "
                                  "first")
     max_length: int = option(128, "tokens per example after truncation (longest-first for pairs)")

@@ -244,15 +244,13 @@ def train_task_model(cfg, resume, dist, build=finetune_model, name="finetune"):
     unfreezer = None
     if cfg.unfreeze_every is not None:
         unfreezer = GradualUnfreezer(model, policy, cfg.unfreeze_every, cfg.unfreeze_unit,
-                                     cfg.stage_lrs, always_frozen=frozen)
+                                     cfg.stage_lrs, frozen, task.uses_pooler)
         trainable = {"head"}
         scale = unfreezer.lr_scale(0)
     else:
         trainable = set(units_top_down(n_layers)) - frozen
         scale = 1.0
-    set_trainable(model, trainable)
-    if not task.uses_pooler:  # mean pooling, tagging, QA: no head reads it, nothing to train
-        model.bert.pooler.requires_grad_(False)
+    set_trainable(model, trainable, task.uses_pooler)  # mean pooling, tagging, QA: pooler unread
     for head in cfg.freeze_head or []:  # multitask: a head that keeps its weights bit for bit
         task.freeze_head(model.head, head)
     groups = param_groups(model, trainable, policy, scale)

@@ -6,9 +6,9 @@
 - `run_in_state(body, cfg, ...)`: the run seeds torch and sets its thread count for its own
   duration only (train/loop/device.py), so a library caller's random stream is left alone; it
   holds RUN/.lock, and a fresh run refuses a directory that holds a run (train/loop/rundir.py).
-- `open_run(cfg, dist, resume, title)`: the config fitted to the job's process count, the run
-  directory (only rank 0 writes), the resolved config printed and saved, and the line that says
-  where and in which precision the run computes.
+- `open_run(cfg, dist, resume, title)`: the config with absolute paths, fitted to the job's
+  process count, the run directory (only rank 0 writes), the resolved config printed and saved,
+  and the line that says where and in which precision the run computes.
 """
 
 import contextlib
@@ -39,7 +39,8 @@ def run_in_state(body, cfg, resume=False, dist=None):
 
 def open_run(cfg, dist, resume, title):
     """(cfg, RunDir, precision name, autocast dtype) for a run about to start."""
-    cfg = distributed.fit_to_world(cfg, dist, resume)
+    # absolute paths: config.json names the same files whatever directory --resume runs in
+    cfg = distributed.fit_to_world(absolute_paths(cfg), dist, resume)
     run = distributed.run_dir(cfg.out, dist)
     print_config(cfg, title)
     if not resume:
@@ -51,6 +52,17 @@ def open_run(cfg, dist, resume, title):
           f"{dist.world}, precision: {said}, attention: {cfg.attention}, compile: {cfg.compile}",
           file=sys.stderr)
     return cfg, run, precision, amp
+
+
+def absolute_paths(cfg):
+    """cfg with its path fields made absolute: those declared `option(..., path=True)`, or
+    `path=fn` where fn makes the path inside a spec absolute; a list field item by item."""
+    def fix(how, v):
+        if isinstance(v, list):
+            return [fix(how, x) for x in v]
+        return v if v is None else (os.path.abspath if how is True else how)(v)
+    return dataclasses.replace(cfg, **{f.name: fix(f.metadata["path"], getattr(cfg, f.name))
+                                       for f in dataclasses.fields(cfg) if "path" in f.metadata})
 
 
 def read_run_config(run):

@@ -100,10 +100,12 @@ def param_groups(model, units, policy, lr_scale=1.0):
     return groups
 
 
-def set_trainable(model, trainable_units):
-    """requires_grad=True exactly for the parameters of `trainable_units`."""
+def set_trainable(model, trainable_units, pooler=True):
+    """requires_grad=True exactly for the parameters of `trainable_units`; the pooler (of the
+    head unit) only with `pooler`, i.e. when a head reads it (pooling "cls")."""
     for name, p in model.named_parameters():
-        p.requires_grad_(unit_of(name) in trainable_units)
+        on = pooler or not name.startswith("bert.pooler.")
+        p.requires_grad_(on and unit_of(name) in trainable_units)
 
 
 def print_groups(groups, model, file=None):
@@ -126,8 +128,8 @@ class GradualUnfreezer:
     the base lr of stage s; every group keeps its ratio to the base (layer-wise decay, head lr).
     """
 
-    def __init__(self, model, policy, every, unit, stage_lrs, always_frozen=()):
-        self.model, self.policy = model, policy
+    def __init__(self, model, policy, every, unit, stage_lrs, always_frozen=(), pooler=True):
+        self.model, self.policy, self.pooler = model, policy, pooler  # pooler: see set_trainable
         self.every, self.unit = every, unit  # unit: "epoch" or "step"
         self.stage_lrs = list(stage_lrs) if stage_lrs else [policy.lr]
         self.order = [u for u in units_top_down(model.bert.config.num_hidden_layers)
@@ -148,7 +150,7 @@ class GradualUnfreezer:
         if stage == self.stage:
             return None
         active = set(self.order[:stage + 1])
-        set_trainable(self.model, active)
+        set_trainable(self.model, active, self.pooler)
         optimizer = schedule.optimizer
         ratio = self.lr_scale(stage) / self.lr_scale(max(self.stage, 0))
         for g in optimizer.param_groups:  # the groups already there move to this stage's lr

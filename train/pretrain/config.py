@@ -56,24 +56,26 @@ def model_config(name_or_path, vocab_size, max_len, attention, pad_token_id):
 @dataclass
 class PretrainConfig:
     # data
-    corpus: list[str] = option(None, "training text files, one document per line")
-    valid: str | None = option(None, "validation text (same format): loss, perplexity, accuracy")
-    out: str = option("runs/pretrain", "run directory")
+    corpus: list[str] = option(None, "training text files, one document per line", path=True)
+    valid: str | None = option(None, "validation text (same format): loss, perplexity, accuracy",
+                               path=True)
+    out: str = option("runs/pretrain", "run directory", path=True)
     cache_dir: str | None = option(None, "where token caches go (default: $MINIBERT_CACHE/tokens, "
-                                         "else ~/.cache/minibert/tokens)")
+                                         "else ~/.cache/minibert/tokens)", path=True)
     max_len: int = option(128, "tokens per packed sequence, [CLS] and [SEP] included (BERT spent "
                           "90% of its steps at 128)")
     # tokenizer and model
     tokenizer: str | None = option(None, "reuse this tokenizer directory (e.g. "
                                    "weights/minilm-l6); default: train a WordPiece one on the "
-                                   "corpus into RUN/tokenizer")
+                                   "corpus into RUN/tokenizer", path=True)
     vocab_size: int = option(16384, "size of the tokenizer trained when --tokenizer is not given; "
                              "a small model spends fewer parameters on a small vocabulary")
     config: str | None = option(None, "model size (tiny, mini, small, medium, base) or a "
-                                "config.json; required unless --init-from")
+                                "config.json; required unless --init-from",
+                                path=lambda s: s if s in SIZES else os.path.abspath(s))
     init_from: str | None = option(None, "continue pretraining this checkpoint (and its "
                                    "tokenizer), e.g. weights/minilm-l6 for domain adaptation",
-                                   spelled="--model")
+                                   spelled="--model", path=True)
     attention: str = option("sdpa", "attention implementation",
                             choices=("eager", "sdpa", "triton", "triton-varlen"))
     # masking

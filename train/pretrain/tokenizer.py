@@ -46,9 +46,15 @@ def train_tokenizer(corpus, vocab_size, min_frequency=2, limit_alphabet=1000):
     for path in corpus:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no such file")
+        with open(path, "rb") as f:  # else the trainer learns nothing and says nothing
+            if not any(raw.strip() for raw in f):  # stops at the first line with text
+                raise ValueError(f"{path}: no text to learn from (empty, or blank lines only)")
     if vocab_size <= len(SPECIALS):
         raise ValueError(f"--vocab-size {vocab_size} leaves no room beside {len(SPECIALS)} "
                          "special tokens")
+    if limit_alphabet < 1:  # 0 keeps no character, so no piece can be learned
+        raise ValueError(f"--limit-alphabet {limit_alphabet}: must be at least 1 (the number of "
+                         "characters kept)")
     tok = HFTokenizer(WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
     bert_normalization(tok, lowercase=True)  # the same pipeline a loaded vocab.txt gets
     trainer = WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
@@ -81,6 +87,10 @@ def cmd_tokenizer_train(args):
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"minibert tokenizer train: {e}") from None
     tok.save(cfg.out)
+    if tok.vocab_size > cfg.vocab_size:  # the trainer keeps every character, whatever the size
+        print(f"minibert tokenizer train: {tok.vocab_size} tokens, more than --vocab-size "
+              f"{cfg.vocab_size}: the corpus's characters and their ## forms alone take that "
+              "many (a lower --limit-alphabet keeps fewer)", file=sys.stderr)
     print(f"tokenizer: {tok.vocab_size} tokens written to {cfg.out}/tokenizer.json and "
           "vocab.txt", file=sys.stderr)
 

@@ -227,7 +227,9 @@ RULES = (rule_nonfinite, rule_forgetting, rule_rising, rule_underfitting, rule_o
 
 def healthy(c):
     ev = []
-    if c.train_loss:
+    if len(c.train_loss) == 1:  # no trend to tell from one point
+        ev.append(f"a single train log: loss {c.train_loss[0]:.4f} at step {c.train_steps[0]}")
+    elif c.train_loss:
         first, last = c.train_loss[0], c.train_loss[-1]
         verb = "fell" if last < first else "rose" if last > first else "stayed"
         ev.append(f"train loss {verb} from {first:.4f} to {last:.4f}")

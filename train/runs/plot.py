@@ -22,6 +22,10 @@ from minibert.io import atomic_open
 from train.loop.rundir import read_jsonl
 from train.runs.curves import read_json, run_metric
 
+# What a task's loss is; every other task (classification, tagging, QA, masked LM) is trained
+# with cross-entropy. Regression's MSE is in standardised units under --standardize-targets.
+LOSS_NAMES = {"regression": "mean squared error", "multitask": "weighted sum of the heads' losses"}
+
 
 def _figure():
     try:
@@ -47,6 +51,12 @@ def lr_curves(train):
     return out
 
 
+def loss_name(run, config):
+    """The loss of RUN's task, from its task meta (best/task.json), else its config."""
+    meta = read_json(os.path.join(run, "best", "task.json")) or config
+    return LOSS_NAMES.get(meta.get("task"), "cross-entropy (nats)")
+
+
 def image_format(fig, out):
     """The format --out's extension names; the file is written under a temporary name, so
     matplotlib cannot be left to guess it from the name."""
@@ -63,6 +73,7 @@ def plot_runs(runs, out, metric=None, labels=None):
     fig, colors = _figure()
     fmt = image_format(fig, out)
     ax_loss, ax_metric, ax_lr = fig.subplots(1, 3)
+    losses = []  # each run's loss name: the axis says them all, once each
     for i, run in enumerate(runs):
         events = read_jsonl(os.path.join(run, "metrics.jsonl"))
         if not events:
@@ -71,7 +82,9 @@ def plot_runs(runs, out, metric=None, labels=None):
         c = colors[i % len(colors)]
         train = [e for e in events if e["event"] == "train"]
         evals = [e for e in events if e["event"] == "eval"]
-        m = run_metric(read_json(os.path.join(run, "config.json")) or {}, evals, metric)
+        config = read_json(os.path.join(run, "config.json")) or {}
+        m = run_metric(config, evals, metric)
+        losses.append(loss_name(run, config))
         ax_loss.plot([e["step"] for e in train], [e["train_loss"] for e in train], color=c,
                      label=f"{name} train")
         if evals:
@@ -86,7 +99,7 @@ def plot_runs(runs, out, metric=None, labels=None):
         styles = ["-", "--", ":", "-."]
         for j, (label, steps, lrs) in enumerate(lr_curves(train)):
             ax_lr.plot(steps, lrs, styles[j % len(styles)], color=c, label=f"{name} {label}")
-    ax_loss.set(title="loss", xlabel="step", ylabel="cross-entropy (nats)")
+    ax_loss.set(title="loss", xlabel="step", ylabel=" / ".join(dict.fromkeys(losses)))
     ax_metric.set(title="dev metric", xlabel="step")
     ax_lr.set(title="learning rate per parameter group", xlabel="step", yscale="log")
     for ax in (ax_loss, ax_metric, ax_lr):

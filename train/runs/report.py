@@ -1,11 +1,11 @@
 """`minibert report RUN`: one screen about a finished (or stopped) run.
 
 It gathers what is spread over the run directory (train/loop/rundir.py): the config options that
-differ from the defaults (RUN/config.json against FinetuneConfig's defaults; every option when
-the run is not a fine-tuning run), the parameter groups and their peak learning rates (from the
-train events' lr dicts), the best step, dev and test metrics (pretraining's: valid) from
-RUN/results.json, the diagnosis (RUN/diagnosis.json, or computed now), time, throughput and
-peak memory (the events' memory records). The report goes to stdout: it is the command's data.
+differ from the defaults (RUN/config.json against those of the run's own command: finetune,
+distill or pretrain), the parameter groups and their peak learning rates (from the train events'
+lr dicts), the best step, dev and test metrics (pretraining's: valid) from RUN/results.json,
+the diagnosis (RUN/diagnosis.json, or computed now), time, throughput and peak memory (the
+events' memory records). The report goes to stdout: it is the command's data.
 """
 
 import dataclasses
@@ -13,8 +13,10 @@ import os
 
 from train.runs.curves import read_json
 from train.runs.diagnose import diagnose, format_diagnosis
+from train.distill.config import DistillConfig
 from train.finetune.config import FinetuneConfig
 from train.loop.rundir import read_jsonl
+from train.pretrain.config import PretrainConfig
 
 # the metrics worth a line, for every task; a confusion matrix or per-class lists would not fit on
 # one screen. A multi-task run's heads ("polarity/accuracy") show their main scores only.
@@ -24,11 +26,13 @@ HEAD_SHOWN = ("accuracy", "exact_match", "f1", "pearson", "spearman")
 
 
 def changed_options(config):
-    """(name, value) of the options that differ from FinetuneConfig's defaults."""
-    defaults = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
-    if not set(config) <= set(defaults):  # not a fine-tuning config: show it all
-        return sorted(config.items())
-    return [(k, v) for k, v in config.items() if v != defaults[k]]
+    """(name, value) of the options that differ from the defaults of the first command whose
+    config has them all (a distill config holds finetune's options, and more)."""
+    for cls in (FinetuneConfig, DistillConfig, PretrainConfig):
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        if set(config) <= set(defaults):
+            return [(k, v) for k, v in config.items() if v != defaults[k]]
+    return sorted(config.items())  # no command's config: show it all
 
 
 def group_lines(train):
