@@ -190,8 +190,14 @@ def maybe_compile(loss_fn, on):
 def rate(model, opt, loss_fn, batches, args, amp, device, count, what, unit):
     """Train `model` (its loss compiled with --compile) on `batches`: (count / second, peak MB).
     Peak memory is this measurement's alone (measure resets it); the caller drops the model."""
-    step = train_step(model, opt, maybe_compile(loss_fn, args.compile), amp, device)
-    secs, first_pass, peak = measure(step, batches, args.warmup, args.steps, device)
+    try:  # one failing measurement (a compiler error, say) must not lose the others
+        step = train_step(model, opt, maybe_compile(loss_fn, args.compile), amp, device)
+        secs, first_pass, peak = measure(step, batches, args.warmup, args.steps, device)
+    except Exception as e:
+        print(f"  {what}: failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}",
+              file=sys.stderr, flush=True)
+        free(device)
+        return None, None
     print(f"  {what}: {count / secs:,.1f} {unit}, peak {fmt_mb(peak)} (first pass over the "
           f"{len(batches) - args.warmup} timed batches: {first_pass:.2f} s)", file=sys.stderr,
           flush=True)
@@ -324,11 +330,16 @@ def main(argv=None):
     head = ("", f"pretrain tokens/s (B={args.batch}, T={args.seq_len})", "MFU", "x hf",
             "peak mem", f"finetune examples/s (B={args.ft_batch})", "x hf", "peak mem")
     table = [head]
+    def num(x, fmt):  # a failed measurement reads "failed"
+        return "failed" if x is None else format(x, fmt)
+
+    def ratio(x, ref):
+        return "-" if x is None or ref is None else f"{x / ref:.2f}x"
     for lib in [f"minibert {a}" for a in args.attention] + ["transformers"]:
         tps, mem = pre[lib]
-        mfu = f"{100 * pre['flops_per_token'] * tps / (peak * 1e12):.1f}%" if peak else "-"
-        table.append((lib, f"{tps:,.0f}", mfu, f"{tps / hf_pre:.2f}x", fmt_mb(mem),
-                      f"{ft[lib][0]:,.1f}", f"{ft[lib][0] / hf_ft:.2f}x", fmt_mb(ft[lib][1])))
+        mfu = f"{100 * pre['flops_per_token'] * tps / (peak * 1e12):.1f}%" if peak and tps else "-"
+        table.append((lib, num(tps, ",.0f"), mfu, ratio(tps, hf_pre), fmt_mb(mem),
+                      num(ft[lib][0], ",.1f"), ratio(ft[lib][0], hf_ft), fmt_mb(ft[lib][1])))
     print(f"GPU: {name}" if device.type == "cuda" else f"device: {name}")
     print(f"precision: {precision}; compile: {args.compile}; pretraining: "
           f"{'BERT-base' if device.type == 'cuda' else 'tiny'} config; "
