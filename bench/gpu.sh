@@ -4,9 +4,10 @@
 # sweep, attention against SDPA, training throughput against transformers, then the same
 # throughput under torch.compile. Each stage is bounded so that the whole fits in BUDGET seconds
 # (default 540); a stage that would not fit is skipped and says so. ONLY="kernels throughput"
-# runs just those stages. A stage that runs out of time gets SIGINT first, so pytest still
-# prints its failures. Logs go to $OUT (default gpu-out/), one file per stage, at most 8 files.
-# From the repository root:
+# runs just those stages; TILES_JSON=FILE gives the benches a tile table when the sweep does not
+# run (bench/tiles-h200.json: the sweep of 2026-12-04). A stage that runs out of time gets SIGINT
+# first, so pytest still prints its failures. Logs go to $OUT (default gpu-out/), one file per
+# stage, at most 8 files. From the repository root:
 #     bash bench/gpu.sh
 set -u
 OUT=${OUT:-gpu-out}
@@ -42,7 +43,9 @@ stage kernels 150 "${PYTEST[@]}" tests/test_kernels.py -k "not low_precision"
 stage cuda-tests 180 "${PYTEST[@]}" tests/test_cuda.py
 stage kernels-lowp 180 "${PYTEST[@]}" tests/test_kernels.py -k low_precision
 TAIL=60 stage tiles 150 $PY bench/flash_tiles.py --out "$OUT/tiles.json"
-[ -f "$OUT/tiles.json" ] && TILES=(--tiles "$OUT/tiles.json")
+# the sweep's winners if it ran; else TILES_JSON, e.g. bench/tiles-h200.json (2026-12-04's sweep)
+[ -f "$OUT/tiles.json" ] && TILES_JSON="$OUT/tiles.json"
+[ -n "${TILES_JSON:-}" ] && TILES=(--tiles "$TILES_JSON")
 TAIL=90 stage attention 120 $PY bench/attention.py "${TILES[@]}"
 TAIL=12 stage throughput 200 $PY bench/throughput.py --batch 256 --attention sdpa,triton,triton-varlen "${TILES[@]}"
 TAIL=12 stage throughput-compile 300 $PY bench/throughput.py --batch 256 --compile --attention sdpa,triton-varlen "${TILES[@]}"
