@@ -12,6 +12,7 @@
 set -u
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
+rm -f "$OUT/tiles.json"  # a sweep of an earlier run must not stand in for TILES_JSON
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 START=$(date +%s)
 BUDGET=${BUDGET:-540}

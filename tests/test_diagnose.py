@@ -246,8 +246,11 @@ def test_plot_names_the_loss_of_each_run_s_task(tmp_path, monkeypatch):
     reg = healthy_run(tmp_path / "reg")  # its task meta says regression: trained with MSE
     (reg / "best").mkdir()
     (reg / "best" / "task.json").write_text(json.dumps({"task": "regression"}))
+    dis = healthy_run(tmp_path / "dis")  # a distilled classifier: the loss mixes the teacher's
+    (dis / "config.json").write_text(json.dumps({"task": "classification", "teacher": "t"}))
     for runs, label in (([reg], "mean squared error"), ([cls], "cross-entropy (nats)"),
-                        ([cls, reg, cls], "cross-entropy (nats) / mean squared error")):
+                        ([cls, reg, cls], "cross-entropy (nats) / mean squared error"),
+                        ([dis], "distillation loss")):
         assert main(["plot", *map(str, runs), "--out", str(tmp_path / "c.png")]) == 0
         assert figs[-1].axes[0].get_ylabel() == label
 
@@ -314,7 +317,8 @@ def test_report_shows_pretraining_s_valid_scores(tmp_path, capsys):
 def test_report_compares_each_run_kind_with_its_own_defaults(tmp_path, capsys):
     run = healthy_run(tmp_path / "run")  # lr 1e-3 is pretrain's default, alpha 0.5 distill's
     for config, shown in (({"corpus": ["c"], "lr": 1e-3, "mask_prob": 0.15}, "corpus=['c']"),
-                          ({"teacher": "t", "alpha": 0.5, "lr": 3e-5}, "teacher=t, lr=3e-05")):
+                          ({"teacher": "t", "alpha": 0.5, "lr": 3e-5}, "teacher=t, lr=3e-05"),
+                          ({"out": "/x/runs/finetune", "lr": 2e-4}, "lr=0.0002")):  # out absolute
         (run / "config.json").write_text(json.dumps(config))
         assert main(["report", str(run)]) == 0
         assert f"config (non-default): {shown}\n" in capsys.readouterr().out

@@ -12,6 +12,7 @@ interval (the resumed run must log the same train loss). And the progress bar of
 estimates its time left from its own steps only.
 """
 
+import os
 import shutil
 from pathlib import Path
 
@@ -157,3 +158,16 @@ def test_resume_from_another_working_directory(setup, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "elsewhere")
     run(["finetune", "--resume", "../r"])
     assert (tmp_path / "r" / "results.json").exists()
+
+
+def test_paths_made_absolute_keep_their_meaning_through_a_link(tmp_path, monkeypatch):
+    # lnk/../data is tmp/real/data seen through the link; os.path.abspath would turn it into
+    # tmp/data as text, a path that does not exist
+    from train.finetune.config import FinetuneConfig
+    from train.loop.launch import absolute_paths
+    (tmp_path / "real" / "sub").mkdir(parents=True)
+    (tmp_path / "real" / "data.jsonl").write_text("{}\n")
+    (tmp_path / "lnk").symlink_to(tmp_path / "real" / "sub")
+    monkeypatch.chdir(tmp_path)
+    cfg = absolute_paths(FinetuneConfig(model="lnk/../m", train="lnk/../data.jsonl"))
+    assert os.path.isabs(cfg.train) and os.path.isfile(cfg.train)

@@ -69,12 +69,16 @@ def test_blank_corpus_or_no_alphabet_is_refused_not_written(corpus, tmp_path):
     from train.cli import main
 
     blank = tmp_path / "blank.txt"
-    blank.write_text("\n  \n\t\n")
+    blank.write_text("\ufeff\n  \n\t\n\u00a0\u3000\n", encoding="utf-8")  # BOM, Unicode spaces
     out = tmp_path / "tok"
     with pytest.raises(SystemExit, match=rf"^minibert tokenizer train: {blank}: no text to learn"):
         main(["tokenizer", "train", "--corpus", corpus, str(blank), "--out", str(out)])
     with pytest.raises(SystemExit, match=r"--limit-alphabet 0: must be at least 1"):
         main(["tokenizer", "train", "--corpus", corpus, "--out", str(out), "--limit-alphabet", "0"])
+    control = tmp_path / "control.txt"  # text that the normalizer drops entirely
+    control.write_text("\x01\x02\n", encoding="utf-8")
+    with pytest.raises(SystemExit, match=r"control.txt: no text to learn from \(no token"):
+        main(["tokenizer", "train", "--corpus", str(control), "--out", str(out)])
     assert not out.exists()
 
 

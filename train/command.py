@@ -11,6 +11,7 @@ comment of the field, given through `field(metadata={"help": ...})`.
 
 import argparse
 import dataclasses
+import os
 import sys
 import types
 import typing
@@ -19,6 +20,12 @@ import typing
 def option(default, help_, **kw):
     """A config field with its flag's help text (and e.g. `choices=`), for add_dataclass_flags."""
     return dataclasses.field(default=default, metadata={"help": help_, **kw})
+
+
+def absolute(path):
+    """`path` from the current directory, as given: not normalized, so that `link/../x` still
+    means what it meant through the link (os.path.abspath would drop `link/..` as text)."""
+    return path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
 
 
 def minibert_argv():

@@ -21,7 +21,7 @@ from dataclasses import dataclass, fields
 from minibert.config import BertConfig
 from minibert.errors import UserError
 from minibert.io import load_json
-from train.command import option
+from train.command import absolute, option
 from train.finetune.config import FinetuneConfig
 from train.loop.rundir import RunDir
 from train.pretrain.config import SIZES
@@ -77,8 +77,8 @@ def abs_student(spec):
         return spec
     if spec.startswith("random:"):
         name = spec[len("random:"):]
-        return spec if name in SIZES else "random:" + os.path.abspath(name)
-    return os.path.abspath(spec)
+        return spec if name in SIZES else "random:" + absolute(name)
+    return absolute(spec)
 
 
 def has_tokenizer(path):

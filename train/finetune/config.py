@@ -6,10 +6,9 @@ the field learned since (Mosbach et al. 2021: bias-corrected AdamW and warm-up m
 stable; Sun et al. 2019: a higher lr for the new head, layer-wise decay).
 """
 
-import os
 from dataclasses import dataclass
 
-from train.command import option
+from train.command import absolute, option
 from train.loop.best import metric_mode
 from train.tasks.registry import SINGLE_TASKS
 
@@ -31,7 +30,7 @@ def check_metric(metric, names, task):
 
 def head_spec(spec):
     """An --init-heads entry: 'NAME=DIR' -> (NAME, DIR); 'DIR' -> (None, DIR). A directory may hold
-    '=' itself (a sweep's trial 'lr=1e-3/best'): a NAME never holds a path separator."""
+    '=' itself (a sweep's trial 'sweep/lr=1e-3/best'): a NAME never holds a path separator."""
     name, sep, src = spec.partition("=")
     return (name, src) if sep and name and "/" not in name else (None, spec)
 
@@ -39,7 +38,7 @@ def head_spec(spec):
 def abs_head_spec(spec):
     """An --init-heads entry with its directory made absolute."""
     name, src = head_spec(spec)
-    return f"{name}={os.path.abspath(src)}" if name else os.path.abspath(src)
+    return f"{name}={absolute(src)}" if name else absolute(src)
 
 
 def abs_task_spec(spec):
@@ -48,7 +47,7 @@ def abs_task_spec(spec):
     parts = spec.strip().split(":")
     if len(parts) < 3 or not parts[2]:
         return spec
-    return ":".join(parts[:2] + [os.path.abspath(parts[2])] + parts[3:])
+    return ":".join(parts[:2] + [absolute(parts[2])] + parts[3:])
 
 
 @dataclass
@@ -81,7 +80,8 @@ class FinetuneConfig:
                                      "NAME:TYPE:PATH_WITH_{split}[:key=value...] "
                                      "(train/tasks/multitask.py)", path=abs_task_spec)
     tasks_file: str | None = option(None, "multitask: a JSON list of {name, type, path, "
-                                    "options...}", path=True)
+                                    "options...}; a relative path in it is read from the current "
+                                    "directory, also on --resume", path=True)
     sampling: str = option("proportional", "multitask: which task the next batch comes from",
                            choices=("proportional", "round-robin", "temperature"))
     sampling_temperature: float = option(2.0, "multitask, --sampling temperature: p_i ~ n_i^(1/T)")

@@ -20,7 +20,7 @@ import torch
 
 from minibert.errors import UserError
 from minibert.io import load_json
-from train.command import dataclass_from_args, print_config
+from train.command import absolute, dataclass_from_args, print_config
 from train.loop import distributed
 from train.loop.device import describe_precision, pick_device, resolve_precision, run_state
 from train.loop.rundir import check_fresh, exclusive
@@ -60,7 +60,7 @@ def absolute_paths(cfg):
     def fix(how, v):
         if isinstance(v, list):
             return [fix(how, x) for x in v]
-        return v if v is None else (os.path.abspath if how is True else how)(v)
+        return v if v is None else (absolute if how is True else how)(v)
     return dataclasses.replace(cfg, **{f.name: fix(f.metadata["path"], getattr(cfg, f.name))
                                        for f in dataclasses.fields(cfg) if "path" in f.metadata})
 

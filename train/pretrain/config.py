@@ -13,7 +13,7 @@ hour (see the lr comment); a base-size model wants a lower lr and far more steps
 import os
 from dataclasses import dataclass
 
-from train.command import option
+from train.command import absolute, option
 
 from minibert.config import BertConfig
 
@@ -72,7 +72,7 @@ class PretrainConfig:
                              "a small model spends fewer parameters on a small vocabulary")
     config: str | None = option(None, "model size (tiny, mini, small, medium, base) or a "
                                 "config.json; required unless --init-from",
-                                path=lambda s: s if s in SIZES else os.path.abspath(s))
+                                path=lambda s: s if s in SIZES else absolute(s))
     init_from: str | None = option(None, "continue pretraining this checkpoint (and its "
                                    "tokenizer), e.g. weights/minilm-l6 for domain adaptation",
                                    spelled="--model", path=True)

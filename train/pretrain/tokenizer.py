@@ -46,8 +46,9 @@ def train_tokenizer(corpus, vocab_size, min_frequency=2, limit_alphabet=1000):
     for path in corpus:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no such file")
-        with open(path, "rb") as f:  # else the trainer learns nothing and says nothing
-            if not any(raw.strip() for raw in f):  # stops at the first line with text
+        # else the trainer learns nothing and says nothing; a BOM and Unicode spaces are blank too
+        with open(path, encoding="utf-8-sig", errors="replace") as f:
+            if not any(line.strip() for line in f):  # stops at the first line with text
                 raise ValueError(f"{path}: no text to learn from (empty, or blank lines only)")
     if vocab_size <= len(SPECIALS):
         raise ValueError(f"--vocab-size {vocab_size} leaves no room beside {len(SPECIALS)} "
@@ -75,6 +76,8 @@ def train_tokenizer(corpus, vocab_size, min_frequency=2, limit_alphabet=1000):
     # of the vocabulary is hash order too, and cannot be fixed from here: a run that must repeat
     # exactly reuses a tokenizer, --tokenizer.)
     rest = sorted(t for t in tok.get_vocab() if t not in SPECIALS)
+    if not rest:  # text of control characters alone, say: the normalizer drops them all
+        raise ValueError(f"{', '.join(corpus)}: no text to learn from (no token was learned)")
     vocab = {t: i for i, t in enumerate([*SPECIALS, *rest])}
     return Tokenizer(build_wordpiece(vocab), source="trained on " + ", ".join(corpus))
 

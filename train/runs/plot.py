@@ -53,6 +53,8 @@ def lr_curves(train):
 
 def loss_name(run, config):
     """The loss of RUN's task, from its task meta (best/task.json), else its config."""
+    if "teacher" in config:  # alpha x cross-entropy + (1 - alpha) x T^2 KL, + any feature terms
+        return "distillation loss"
     meta = read_json(os.path.join(run, "best", "task.json")) or config
     return LOSS_NAMES.get(meta.get("task"), "cross-entropy (nats)")
 

@@ -29,10 +29,17 @@ def changed_options(config):
     """(name, value) of the options that differ from the defaults of the first command whose
     config has them all (a distill config holds finetune's options, and more)."""
     for cls in (FinetuneConfig, DistillConfig, PretrainConfig):
-        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
-        if set(config) <= set(defaults):
-            return [(k, v) for k, v in config.items() if v != defaults[k]]
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if set(config) <= set(fields):
+            return [(k, v) for k, v in config.items() if not is_default(v, fields[k])]
     return sorted(config.items())  # no command's config: show it all
+
+
+def is_default(value, field):
+    """A path saved absolute (train/loop/launch.py) is still its relative default, runs/..."""
+    d = field.default
+    return value == d or ("path" in field.metadata and isinstance(value, str)
+                          and isinstance(d, str) and value.endswith(os.sep + d))
 
 
 def group_lines(train):
