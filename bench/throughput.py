@@ -188,8 +188,9 @@ def maybe_compile(loss_fn, on):
 
 # ---------------------------------------------------------------------------- workloads
 def rate(model, opt, loss_fn, batches, args, amp, device, count, what, unit):
-    """Train `model` (its loss compiled with --compile) on `batches`: (count / second, peak MB).
-    Peak memory is this measurement's alone (measure resets it); the caller drops the model."""
+    """Train `model` (its loss compiled with --compile) on `batches`: (count / second, peak MB),
+    or (None, None) when it failed. Peak memory is this measurement's alone (measure resets it);
+    the caller drops the model."""
     try:  # one failing measurement (a compiler error, say) must not lose the others
         step = train_step(model, opt, maybe_compile(loss_fn, args.compile), amp, device)
         secs, first_pass, peak = measure(step, batches, args.warmup, args.steps, device)
@@ -330,6 +331,7 @@ def main(argv=None):
     head = ("", f"pretrain tokens/s (B={args.batch}, T={args.seq_len})", "MFU", "x hf",
             "peak mem", f"finetune examples/s (B={args.ft_batch})", "x hf", "peak mem")
     table = [head]
+
     def num(x, fmt):  # a failed measurement reads "failed"
         return "failed" if x is None else format(x, fmt)
 

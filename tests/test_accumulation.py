@@ -147,8 +147,10 @@ def test_masked_lm_accumulation_equals_one_big_batch(tmp_path, batch_size, accum
     assert logged[1] == pytest.approx(logged[0], rel=1e-6)
 
 
-def tagger_weights_after_one_step(tmp_path, batch_size, accum, crf):
-    # sentences of 1 to 8 words: a mean over words and a mean over sentences differ
+def tagger_weights_after_one_step(tmp_path, batch_size, accum, crf, multitask=False):
+    # sentences of 1 to 8 words: a mean over words and a mean over sentences differ. multitask:
+    # the same tagger as the one head of a multi-task model
+    from train.tasks.multitask import MultiDataset, MultiHead
     words = ["good", "film", "bad", "plot", "the", "movie", "was", "very"]
     rows = [(words[:n], ["B-X" if w in ("good", "bad") else "O" for w in words[:n]], f"t:{n}")
             for n in range(1, N + 1)]
@@ -156,11 +158,15 @@ def tagger_weights_after_one_step(tmp_path, batch_size, accum, crf):
                       "bio_constraints": False, "fallback_tag": "O", "max_length": 16})
     data = task._dataset(rows, tiny_tokenizer(), batch_size)
     torch.manual_seed(0)
-    model = TaskModel(tiny_model().bert, task.build_head(16, 0.0))
+    bert, head = tiny_model().bert, task.build_head(16, 0.0)
+    if multitask:
+        data = MultiDataset({"pos": data}, "proportional", 1.0, seed=0)
+        head = MultiHead({"pos": head}, {"pos": 1.0})
+    model = TaskModel(bert, head)
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    make_trainer(model, data, tmp_path / f"t{crf}{batch_size}a{accum}", opt, max_steps=1,
-                 grad_accum=accum).fit()
+    make_trainer(model, data, tmp_path / f"t{crf}{multitask}{batch_size}a{accum}", opt,
+                 max_steps=1, grad_accum=accum).fit()
     return {k: v - before[k] for k, v in model.state_dict().items()}
 
 
@@ -173,30 +179,10 @@ def test_tagging_accumulation_equals_one_big_batch(tmp_path, crf):
         torch.testing.assert_close(small[k], big[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
-def multitask_tagger_weights_after_one_step(tmp_path, batch_size, accum):
-    """The tagger of tagger_weights_after_one_step as the one head of a multi-task model."""
-    from train.tasks.multitask import MultiDataset, MultiHead
-    words = ["good", "film", "bad", "plot", "the", "movie", "was", "very"]
-    rows = [(words[:n], ["B-X" if w in ("good", "bad") else "O" for w in words[:n]], f"t:{n}")
-            for n in range(1, N + 1)]
-    task = TokenTask({"task": "tokens", "labels": ["O", "B-X"], "scheme": "bio", "crf": False,
-                      "bio_constraints": False, "fallback_tag": "O", "max_length": 16})
-    data = MultiDataset({"pos": task._dataset(rows, tiny_tokenizer(), batch_size)},
-                        "proportional", 1.0, seed=0)
-    torch.manual_seed(0)
-    model = TaskModel(tiny_model().bert, MultiHead({"pos": task.build_head(16, 0.0)},
-                                                   {"pos": 1.0}))
-    opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    make_trainer(model, data, tmp_path / f"mt{batch_size}a{accum}", opt, max_steps=1,
-                 grad_accum=accum).fit()
-    return {k: v - before[k] for k, v in model.state_dict().items()}
-
-
 def test_multitask_accumulation_weighs_each_task_by_its_own_items(tmp_path):
     # a tagging head in a multi-task model: its micro-batches weigh by words, as alone
-    big = multitask_tagger_weights_after_one_step(tmp_path, 8, 1)
-    small = multitask_tagger_weights_after_one_step(tmp_path, 3, 3)
+    big = tagger_weights_after_one_step(tmp_path, 8, 1, crf=False, multitask=True)
+    small = tagger_weights_after_one_step(tmp_path, 3, 3, crf=False, multitask=True)
     assert sum(d.abs().sum() for d in big.values()) > 1e-2
     for k in big:
         torch.testing.assert_close(small[k], big[k], rtol=1e-4, atol=1e-6, msg=k)

@@ -137,7 +137,7 @@ def test_a_non_finite_loss_logged_as_null_reads_as_nan(tmp_path):
     text = open(os.path.join(run, "metrics.jsonl")).read()
     with open(os.path.join(run, "metrics.jsonl"), "w") as f:
         f.write(text.replace("NaN", "null"))
-    assert "null" in text.replace("NaN", "null")
+    assert "NaN" in text  # there was a non-finite value to write as null
     d = diagnose(run)
     assert d["verdict"] == "diverging", d
 

@@ -225,6 +225,7 @@ def test_prune_refuses_bad_fractions_and_a_directory_that_is_not_a_run(tmp_path,
     assert "minibert prune: --heads 1.5: give a fraction in [0, 1)" in capsys.readouterr().err
     assert main(["prune", str(tmp_path), "--heads", "0.5", "--out", str(tmp_path / "o")]) == 2
     assert "not a minibert run directory" in capsys.readouterr().err
+    (tmp_path / "o").mkdir(exist_ok=True)
     (tmp_path / "o" / "results.json").write_text("{}")  # a finished prune: no --resume to offer
     assert main(["prune", str(tmp_path), "--heads", "0.5", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
