@@ -96,6 +96,27 @@ def test_specs_parse_and_bad_specs_say_why(setup, tmp_path):
                               "doc_stride": None, "max_answer_len": 20}]))
     (s,) = parse_specs(cfg_for(setup, "unused", tasks=None, tasks_file=str(f)))
     assert s.options == {"max_length": 256, "doc_stride": None, "max_answer_len": 20}
+    # name, type and path are strings, not a traceback further on
+    for row, why in (({"name": 5, "type": "qa", "path": "x"}, "name=5 must be a non-empty str"),
+                     ({"name": "p", "type": "qa", "path": ["x"]}, r"path=\['x'\] must be"),
+                     ({"name": "p", "type": "qa", "path": ""}, "path='' must be")):
+        f.write_text(json.dumps([row]))
+        with pytest.raises(ValueError, match=f"^{f}\\[0\\]: {why}"):
+            parse_specs(cfg_for(setup, "unused", tasks=None, tasks_file=str(f)))
+
+
+def test_tasks_file_paths_are_read_from_its_folder(setup, tmp_path, monkeypatch):
+    """The same files whatever the current directory, as on --resume from elsewhere."""
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    f = tmp_path / "conf" / "tasks.json"
+    f.write_text(json.dumps([{"name": "p", "type": "classification",
+                              "path": "../data/{split}.jsonl"},
+                             {"name": "q", "type": "regression", "path": "/abs/{split}.jsonl"}]))
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    p, q = parse_specs(cfg_for(setup, "unused", tasks=None, tasks_file=str(f)))
+    assert p.path == str(tmp_path / "conf" / "../data/{split}.jsonl")
+    assert q.path == "/abs/{split}.jsonl"
 
 
 class Part:

@@ -80,8 +80,8 @@ class FinetuneConfig:
                                      "NAME:TYPE:PATH_WITH_{split}[:key=value...] "
                                      "(train/tasks/multitask.py)", path=abs_task_spec)
     tasks_file: str | None = option(None, "multitask: a JSON list of {name, type, path, "
-                                    "options...}; a relative path in it is read from the current "
-                                    "directory, also on --resume", path=True)
+                                    "options...}; a relative path in it is read from the "
+                                    "file's folder", path=True)
     sampling: str = option("proportional", "multitask: which task the next batch comes from",
                            choices=("proportional", "round-robin", "temperature"))
     sampling_temperature: float = option(2.0, "multitask, --sampling temperature: p_i ~ n_i^(1/T)")

@@ -9,9 +9,10 @@ Tasks are given as specs, either on the command line
 (NAME:TYPE:PATH[:key=value...], specs separated by commas; `{split}` in PATH becomes train, dev
 and test, and a dev/test file that does not exist is skipped), or as a JSON file `--tasks-file`:
 [{"name": "polarity", "type": "classification", "path": "...{split}.jsonl", "label_field":
-"label"}, ...]. Every key other than name/type/path/weight sets, for this task alone, a flag of
-how it reads its data and builds its head (PER_TASK below: label_field, target_field,
-standardize_targets, crf, max_length, pooling ...); training flags are the run's.
+"label"}, ...], where a relative path is read from the file's own folder. Every key other
+than name/type/path/weight sets, for this task alone, a flag of how it reads its data and builds
+its head (PER_TASK below: label_field, target_field, standardize_targets, crf, max_length,
+pooling ...); training flags are the run's.
 `weight` multiplies the task's loss (default 1).
 
 Each batch holds one task. Which task comes next (`--sampling`):
@@ -129,6 +130,11 @@ def parse_specs(cfg):
         if missing:
             raise ValueError(f"{where}: missing {missing[0]!r}")
         name, typ, path = d.pop("name"), d.pop("type"), d.pop("path")
+        for key, v in (("name", name), ("type", typ), ("path", path)):
+            if not isinstance(v, str) or not v:
+                raise ValueError(f"{where}: {key}={v!r} must be a non-empty string")
+        if cfg.tasks_file:  # read from the file's folder: the same files from any directory
+            path = os.path.join(os.path.dirname(cfg.tasks_file), path)
         if typ not in SINGLE_TASKS:
             raise ValueError(f"{where}: unknown task type {typ!r}; one of {list(SINGLE_TASKS)}")
         weight = d.pop("weight", 1.0)
