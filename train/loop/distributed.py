@@ -68,7 +68,43 @@ def launch(argv, nproc):
     cmd = [sys.executable, "-P", "-m", "torch.distributed.run", "--standalone",
            "--nproc-per-node", str(nproc), "--no-python", *minibert_argv(), *child]
     print("launching: " + " ".join(cmd), file=sys.stderr, flush=True)
-    return subprocess.call(cmd, preexec_fn=die_with_parent)
+    # one thread per process, torchrun's own default, said here so that it prints no banner
+    env = {"OMP_NUM_THREADS": "1", **os.environ}
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace",
+                            preexec_fn=die_with_parent)
+    try:
+        code = relay(proc.stderr, sys.stderr)
+    finally:
+        rc = proc.wait()
+    return code if rc and code else rc
+
+
+def relay(lines, out):
+    """Copy torchrun's stderr (the workers' too) to `out`, leaving out torchrun's own report of
+    a failed worker: a traceback through its internals ending in ChildFailedError, a summary
+    table and a log line, after the worker has said why itself. Returns the exit code of the
+    failure's root cause (2 for an input error), or None."""
+    held, table, code = [], 0, None
+    for line in lines:
+        if table:  # inside the summary: "=====" opens and closes it
+            if line.strip().startswith("exitcode"):  # the root cause's comes last
+                code = int(line.split(":")[1].split()[0])
+            table -= line.startswith("=====")
+            continue
+        if held or line.startswith("Traceback (most recent call last):"):
+            held.append(line)
+            if line[:1].isspace() or line.startswith("Traceback"):
+                continue  # the exception's own line, at column 0, ends a traceback
+            if line.startswith("torch.distributed.elastic.multiprocessing.errors.ChildFailed"):
+                table, held = 2, []
+                continue
+            line, held = "".join(held), []
+        if "torch/distributed/elastic/" in line and "failed (exitcode" in line:
+            continue
+        out.write(line)
+        out.flush()
+    out.write("".join(held))
+    return code
 
 
 def die_with_parent():
@@ -178,12 +214,22 @@ class Dist:
     @contextlib.contextmanager
     def main_first(self):
         """Rank 0 runs the block first (it may write a cache or a tokenizer), the others after,
-        reading what it wrote."""
+        reading what it wrote. If rank 0's block fails, rank 0 reports why and the others stop
+        quietly, instead of each dying in a collective that rank 0 never joins."""
+        if self.world == 1:
+            yield
+            return
         if not self.is_main:
-            self.barrier()
-        yield
-        if self.is_main:
-            self.barrier()
+            if not self.on_main(lambda: None):  # rank 0's outcome
+                raise SystemExit(2)
+            yield
+            return
+        try:
+            yield
+        except BaseException:
+            self.on_main(lambda: False)
+            raise
+        self.on_main(lambda: True)
 
 
 def single(device):
@@ -237,6 +283,7 @@ def session(device):
     except (SystemExit, UserError) as e:
         # a deliberate stop (divergence, a data error) happens on every rank alike; rank 0
         # reports it, the others leave with the same status and no second copy of the message
+        tdist.destroy_process_group()  # now, not in the interpreter's teardown
         if rank != 0:
             raise SystemExit(getattr(e, "code", 2) not in (0, None)) from None
         raise
