@@ -278,3 +278,27 @@ def test_a_run_that_spent_its_time_budget_resumes_to_no_more_steps(corpus, tiny_
     run_pretrain(cut, resume=True)  # as `minibert pretrain --resume RUN` reads it back
     assert json.load(open(tmp_path / "cut" / "state" / "trainer.json"))["step"] == 1
     assert json.load(open(tmp_path / "cut" / "results.json"))["steps"] == 1
+
+
+def test_out_holding_a_checkpoint_or_tokenizer_is_refused_and_left_intact(corpus, tiny_run,
+                                                                          tmp_path, capsys):
+    """`--out` given the model's own directory (continuing "in place") would replace its
+    config.json and weights; refused before anything is written there, a lock file included."""
+    from tests.tiny import make_checkpoint, make_sentiment
+    from train.cli import main
+    ckpt = make_checkpoint(tmp_path / "ckpt", mlm=True)
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+    with pytest.raises(UserError, match=f"^{ckpt}/model.safetensors: {ckpt} holds a checkpoint"):
+        run_pretrain(config(corpus, ckpt, config=None, init_from=str(ckpt)))
+    data = make_sentiment(tmp_path / "data")
+    assert main(["finetune", "--model", str(ckpt), "--train", f"{data}/train.jsonl", "--out",
+                 str(ckpt), "--threads", "1"]) == 2
+    assert "holds a checkpoint or a tokenizer" in capsys.readouterr().err
+    # tokenizer train: over a model's vocabulary no, over an earlier tokenizer yes
+    assert main(["tokenizer", "train", "--corpus", str(corpus / "train.txt"), "--out",
+                 str(ckpt)]) == 2
+    assert "holds a checkpoint" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
+    for _ in range(2):
+        assert main(["tokenizer", "train", "--corpus", str(corpus / "train.txt"), "--vocab-size",
+                     "100", "--out", str(tmp_path / "tok")]) in (0, None)

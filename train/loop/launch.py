@@ -23,13 +23,15 @@ from minibert.io import load_json
 from train.command import absolute, dataclass_from_args, print_config
 from train.loop import distributed
 from train.loop.device import describe_precision, pick_device, resolve_precision, run_state
-from train.loop.rundir import check_fresh, exclusive
+from train.loop.rundir import check_fresh, check_not_a_model, exclusive
 
 
 def run_in_state(body, cfg, resume=False, dist=None):
     """body(cfg, resume, dist) with the run's seed and threads; `dist` None: one process. Rank 0
     holds the run directory's lock throughout; a fresh run refuses a directory holding a run."""
     dist = dist if dist is not None else distributed.single(pick_device(cfg.device))
+    if dist.is_main and not resume:
+        check_not_a_model(cfg.out)  # before the lock file is made there
     lock = exclusive(cfg.out) if dist.is_main else contextlib.nullcontext()
     with lock, run_state(cfg.seed, cfg.threads, dist.device):
         if dist.is_main and not resume:

@@ -108,6 +108,20 @@ class RunDir:
         return None
 
 
+# what a checkpoint or a tokenizer holds at its top; a run keeps its models in subdirectories
+MODEL_FILES = ("model.safetensors", "pytorch_model.bin", "head.safetensors", "task.json",
+               "tokenizer.json", "vocab.txt")
+
+
+def check_not_a_model(path, files=MODEL_FILES):
+    """Refuse to write into a directory that holds a checkpoint or a tokenizer: its config.json
+    and files would be replaced (`--out` given the `--model` directory, say)."""
+    held = [n for n in files if os.path.exists(os.path.join(path, n))]
+    if held:
+        raise UserError(f"{os.path.join(path, held[0])}: {path} holds a checkpoint or a "
+                        "tokenizer, which writing here would replace; give another --out")
+
+
 def check_fresh(path, resumable=True):
     """Refuse to start a new run in a directory that holds one (resumable or finished)."""
     held = [n for n in ("state", "state.old", "results.json")

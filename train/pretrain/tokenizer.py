@@ -26,6 +26,7 @@ from tokenizers.trainers import WordPieceTrainer
 from minibert.tokenizer import SPECIALS, Tokenizer, bert_normalization, build_wordpiece
 from train.command import add_dataclass_flags, dataclass_from_args, print_config
 from train.data.examples import decode_line
+from train.loop.rundir import check_not_a_model
 
 
 
@@ -85,6 +86,8 @@ def train_tokenizer(corpus, vocab_size, min_frequency=2, limit_alphabet=1000):
 def cmd_tokenizer_train(args):
     cfg = dataclass_from_args(TokenizerTrainConfig, args)
     print_config(cfg, "tokenizer train config")
+    # an earlier tokenizer there may be written over; a model's vocabulary may not
+    check_not_a_model(cfg.out, ("config.json", "model.safetensors", "pytorch_model.bin"))
     try:
         tok = train_tokenizer(cfg.corpus, cfg.vocab_size, cfg.min_frequency, cfg.limit_alphabet)
     except (FileNotFoundError, ValueError) as e:

@@ -32,7 +32,7 @@ from train.finetune.finetune import TASKS, load_task_model, run_finetune, save_t
 from train.finetune.predict import find_best
 from train.loop.device import pick_device, run_state
 from train.loop.launch import read_run_config
-from train.loop.rundir import RunDir, check_fresh, exclusive
+from train.loop.rundir import RunDir, check_fresh, check_not_a_model, exclusive
 from train.prune.importance import importance, least_important
 from train.prune.surgery import pruned, size_report
 from train.tasks.task import TaskModel
@@ -84,6 +84,7 @@ def scores(metrics):
 
 def run_prune(cfg: PruneConfig):
     device = pick_device(cfg.device)
+    check_not_a_model(cfg.out)  # before the lock file is made there
     with exclusive(cfg.out), run_state(cfg.seed, cfg.threads, device):
         check_fresh(cfg.out, resumable=False)  # prune itself has no --resume
         if cfg.finetune_steps:  # before any work or write, not when the fine-tune starts
