@@ -112,6 +112,10 @@ def cmd_fill_mask(args):
     tok = Tokenizer.from_dir(args.model)
     check_vocabulary(model.config, tok, args.model)
     max_length = model.config.max_position_embeddings
+    # a row of the embedding matrix that no token of the tokenizer has (a model whose vocabulary
+    # was padded, or a smaller tokenizer) can never be written out: it is left out of the softmax
+    V = model.config.vocab_size
+    tokenless = torch.tensor([tok.id_to_token(i) is None for i in range(V)])  # (V,)
     for text in texts:
         b = tok.encode_batch([text], max_length=max_length)
         where = (b["input_ids"][0] == tok.mask_id).nonzero().flatten()
@@ -120,8 +124,8 @@ def cmd_fill_mask(args):
             raise SystemExit(f"minibert fill-mask: no [MASK] in {text!r}" + (
                 f" within its first {max_length} tokens, all the model reads" if cut else ""))
         logits = model(b["input_ids"], b["attention_mask"], b["token_type_ids"])[0]  # (T, V)
-        probs = logits[where].softmax(-1)  # (n_masks, V)
-        top = probs.topk(min(args.top_k, probs.shape[-1]), dim=-1)  # k > V: all of V
+        probs = logits[where].masked_fill(tokenless, float("-inf")).softmax(-1)  # (n_masks, V)
+        top = probs.topk(min(args.top_k, int((~tokenless).sum())), dim=-1)  # k > V: all of V
         out = {"text": text, "masks": [
             [{"token": tok.id_to_token(i), "prob": round(p, 4)}
              for p, i in zip(ps.tolist(), ids.tolist())]

@@ -116,6 +116,18 @@ def test_fill_mask_reads_text_flags_and_stdin(tiny_mlm_dir, capsys, monkeypatch)
     assert positional == flags == piped and len(positional) == 2
 
 
+def test_fill_mask_answers_only_tokens_the_tokenizer_has(tmp_path, capsys):
+    """A model with more embedding rows than its tokenizer has tokens (a padded vocabulary):
+    the rows without a token are left out, not printed as null, and the rest sum to 1."""
+    from tests.tiny import WORDS, make_checkpoint
+    d = make_checkpoint(tmp_path / "padded", mlm=True, vocab_size=len(WORDS) + 5 + 64)
+    (line,) = _stdout_json_lines(capsys, ["fill-mask", str(d), "the [MASK] was good",
+                                          "--top-k", "1000"])
+    (guesses,) = line["masks"]
+    assert len(guesses) == len(WORDS) + 5 and all(g["token"] is not None for g in guesses)
+    assert abs(sum(g["prob"] for g in guesses) - 1) < 1e-4 * len(guesses)
+
+
 def test_fill_mask_without_mask_is_an_error(tiny_mlm_dir):
     with pytest.raises(SystemExit, match=r"no \[MASK\]"):
         main(["fill-mask", tiny_mlm_dir[0], "no mask here"])
