@@ -302,3 +302,26 @@ def test_out_holding_a_checkpoint_or_tokenizer_is_refused_and_left_intact(corpus
     for _ in range(2):
         assert main(["tokenizer", "train", "--corpus", str(corpus / "train.txt"), "--vocab-size",
                      "100", "--out", str(tmp_path / "tok")]) in (0, None)
+
+
+def test_flags_that_cannot_work_are_refused_before_the_tokenizer_is_trained(corpus, tmp_path,
+                                                                            capsys):
+    from tests.tiny import make_checkpoint
+    from train.cli import main
+    ckpt = make_checkpoint(tmp_path / "ckpt", mlm=True)  # 64 positions
+    (tmp_path / "texts").mkdir()
+    train = str(corpus / "train.txt")
+    for flags, why in (
+            (["--config", "tinny", "--corpus", train], "--config 'tinny': neither a size"),
+            (["--config", "tiny", "--corpus", str(tmp_path / "texts")],
+             f"--corpus {tmp_path / 'texts'}: a directory; give its files"),
+            (["--init-from", str(ckpt), "--corpus", train, "--max-len", "128"],
+             f"--max-len 128: {ckpt} has positions for 64 tokens")):
+        out = tmp_path / "run"
+        try:  # a refused flag is a SystemExit with the line, an input error 2 and the line
+            said = main(["pretrain", *flags, "--out", str(out), "--cache-dir",
+                         str(tmp_path / "cache")]) == 2 and capsys.readouterr().err
+        except SystemExit as e:
+            said = str(e)
+        assert why in said
+        assert not (tmp_path / "cache").exists() and not (out / "tokenizer").exists()

@@ -40,17 +40,24 @@ def model_config(name_or_path, vocab_size, max_len, attention, pad_token_id):
                           # checkpoint then accepts longer inputs at fine-tuning time
                           max_position_embeddings=max(512, max_len), attention=attention,
                           pad_token_id=pad_token_id)
-    if not os.path.exists(name_or_path):
-        raise ValueError(f"--config {name_or_path!r}: neither a size ({', '.join(SIZES)}) nor "
-                         "an existing config.json")
-    cfg = BertConfig.from_json(name_or_path)
+    cfg = config_file(name_or_path, max_len)
     if cfg.vocab_size != vocab_size:
         raise ValueError(f"{name_or_path}: vocab_size={cfg.vocab_size} but the tokenizer has "
                          f"{vocab_size} tokens")
-    if cfg.max_position_embeddings < max_len:
-        raise ValueError(f"{name_or_path}: max_position_embeddings="
-                         f"{cfg.max_position_embeddings} < --max-len {max_len}")
     return BertConfig(**{**cfg.__dict__, "attention": attention})
+
+
+def config_file(path, max_len):
+    """The BertConfig of a --config that names a config.json (not a size), with positions for
+    --max-len tokens; checked before the tokenizer and the token cache are made."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--config {path!r}: neither a size ({', '.join(SIZES)}) nor an "
+                         "existing config.json")
+    cfg = BertConfig.from_json(path)
+    if cfg.max_position_embeddings < max_len:
+        raise ValueError(f"{path}: max_position_embeddings={cfg.max_position_embeddings} < "
+                         f"--max-len {max_len}")
+    return cfg
 
 
 @dataclass

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from minibert.checkpoint import check_vocabulary, has_pooler, load_model, save_model
+from minibert.config import BertConfig
 from minibert.errors import UserError
 from minibert.model import BertForMLM
 from minibert.tokenizer import Tokenizer
@@ -35,7 +36,7 @@ from train.pretrain.masking import Masker, mlm_loss_sparse
 from train.pretrain.corpus import BatchIndices, MLMData, load_corpus
 from train.loop.optim import AdamW
 from train.loop.params import decays
-from train.pretrain.config import PretrainConfig, model_config
+from train.pretrain.config import SIZES, PretrainConfig, config_file, model_config
 from train.loop.rundir import RunDir
 from train.loop.schedules import LambdaSchedule, lr_multiplier
 from train.pretrain.tokenizer import train_tokenizer
@@ -112,10 +113,7 @@ def build_model(cfg: PretrainConfig, tok):
         for n in notes:
             print(f"init: {n}", file=sys.stderr)
         check_vocabulary(mlm.config, tok, cfg.init_from)
-        if cfg.max_len > mlm.config.max_position_embeddings:
-            raise UserError(f"--max-len {cfg.max_len}: {cfg.init_from} has positions for "
-                            f"{mlm.config.max_position_embeddings} tokens "
-                            "(max_position_embeddings); give at most that")
+        check_positions(cfg, mlm.config)
         return mlm
     mc = model_config(cfg.config, tok.vocab_size, cfg.max_len, cfg.attention, tok.pad_id)
     mc = dataclasses.replace(mc, hidden_dropout_prob=cfg.dropout,
@@ -257,8 +255,21 @@ def required_inputs(cfg):
                          "or --init-from a checkpoint")
     # before the tokenizer and the token cache are made, which take minutes on a real corpus
     for flag, path in [("--corpus", p) for p in cfg.corpus] + [("--valid", cfg.valid)]:
+        if path is not None and os.path.isdir(path):
+            raise ValueError(f"{flag} {path}: a directory; give its files, e.g. {path}/*.txt")
         if path is not None and not os.path.isfile(path):
             raise ValueError(f"{flag} {path}: no such file")
+    if cfg.config and cfg.config not in SIZES:
+        config_file(cfg.config, cfg.max_len)
+    if cfg.init_from and os.path.isfile(os.path.join(cfg.init_from, "config.json")):
+        check_positions(cfg, BertConfig.from_json(os.path.join(cfg.init_from, "config.json")))
+
+
+def check_positions(cfg, model_config):
+    if cfg.max_len > model_config.max_position_embeddings:
+        raise UserError(f"--max-len {cfg.max_len}: {cfg.init_from} has positions for "
+                        f"{model_config.max_position_embeddings} tokens "
+                        "(max_position_embeddings); give at most that")
 
 
 def cmd_pretrain(args):

@@ -45,6 +45,8 @@ class TokenizerTrainConfig:
 def train_tokenizer(corpus, vocab_size, min_frequency=2, limit_alphabet=1000):
     """Learn a WordPiece vocabulary from the files in `corpus`; returns a minibert Tokenizer."""
     for path in corpus:
+        if os.path.isdir(path):
+            raise ValueError(f"{path}: a directory; give its files, e.g. {path}/*.txt")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no such file")
         # else the trainer learns nothing and says nothing; a BOM and Unicode spaces are blank too
