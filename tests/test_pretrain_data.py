@@ -51,6 +51,32 @@ def test_cache_holds_every_document(tok_and_corpus, tmp_path):
     assert before == {f: os.stat(os.path.join(cache, f)).st_mtime_ns for f in os.listdir(cache)}
 
 
+@pytest.mark.parametrize("damage", ["truncate tokens", "pickle offsets", "garble meta"])
+def test_a_damaged_cache_is_made_again(tok_and_corpus, tmp_path, damage):
+    """A cache hurt after it was made (a full disk, a stray edit) is said and rebuilt, not read
+    as it is: a short token file, offsets that np.load would only read by unpickling, and a meta
+    file that is not JSON each used to be an error naming no file, at every later run."""
+    import io
+    import pickle
+    tok, corpus = tok_and_corpus
+    tokens, offsets, _ = tokenize_to_cache(corpus, tok, str(tmp_path))
+    want = (tokens.tolist(), offsets.tolist())
+    stem = tokens.filename[:-len(".tokens")]
+    del tokens
+    if damage == "truncate tokens":
+        os.truncate(stem + ".tokens", 3)
+    elif damage == "pickle offsets":
+        with open(stem + ".offsets.npy", "wb") as f:
+            np.save(f, np.array([pickle.dumps(1)], dtype=object), allow_pickle=True)
+    else:
+        with open(stem + ".json", "w") as f:
+            f.write("{'n_tokens': ")
+    log = io.StringIO()
+    tokens, offsets, _ = tokenize_to_cache(corpus, tok, str(tmp_path), log=log)
+    assert (tokens.tolist(), offsets.tolist()) == want
+    assert f"token cache {stem}.*: damaged; tokenizing {corpus} again" in log.getvalue()
+
+
 @pytest.mark.parametrize("max_len", [8, 13, 128])  # shorter than a doc, odd, longer than all
 def test_packing_loses_and_duplicates_nothing(tok_and_corpus, max_len, tmp_path):
     tok, corpus = tok_and_corpus

@@ -64,7 +64,16 @@ def tokenize_to_cache(corpus, tok, cache_dir=None, lines_per_batch=1000, log=Non
     meta). `log`: a stream for the progress bar (None: silent)."""
     tokens_path, offsets_path, meta_path = cache_paths(corpus, tok, cache_dir)
     dtype = _dtype_for(tok.vocab_size)
-    if not os.path.exists(meta_path):
+    cached = None
+    if os.path.exists(meta_path):
+        try:
+            cached = _read_cache(tokens_path, offsets_path, meta_path)
+        except (OSError, ValueError, KeyError, TypeError):  # a cache damaged after it was made
+            if log is not None:
+                print(f"token cache {meta_path[:-len('.json')]}.*: damaged; tokenizing {corpus} "
+                      "again", file=log, flush=True)
+            os.remove(meta_path)
+    if cached is None:
         lengths = []
         bar = Progress(os.path.getsize(corpus), f"tokenize {corpus} (bytes)", file=log)
         with open(corpus, "rb") as f, atomic_open(tokens_path, "wb") as out:
@@ -91,11 +100,22 @@ def tokenize_to_cache(corpus, tok, cache_dir=None, lines_per_batch=1000, log=Non
         atomic_write_json(meta_path, {"corpus": os.path.abspath(corpus), "tokenizer": tok.source,
                                       "dtype": np.dtype(dtype).name, "n_docs": len(lengths),
                                       "n_tokens": int(offsets[-1])})
-    meta = load_json(meta_path)
-    offsets = np.load(offsets_path)
-    if meta["n_tokens"] == 0:
+        cached = _read_cache(tokens_path, offsets_path, meta_path)
+    if cached[2]["n_tokens"] == 0:
         raise ValueError(f"{corpus}: no tokens (an empty file, or only blank lines)")
-    tokens = np.memmap(tokens_path, dtype=meta["dtype"], mode="r", shape=(meta["n_tokens"],))
+    return cached
+
+
+def _read_cache(tokens_path, offsets_path, meta_path):
+    """(tokens memmap, offsets, meta) of a cache, checked to agree with itself."""
+    meta = load_json(meta_path)
+    offsets = np.load(offsets_path)  # allow_pickle is off: a pickle is refused, not loaded
+    n, width = int(meta["n_tokens"]), np.dtype(meta["dtype"]).itemsize
+    if (offsets.dtype != np.int64 or offsets.shape != (meta["n_docs"] + 1,) or offsets[-1] != n
+            or os.path.getsize(tokens_path) != n * width):
+        raise ValueError(f"{meta_path}: its files disagree")
+    tokens = np.memmap(tokens_path, dtype=meta["dtype"], mode="r", shape=(n,)) if n else \
+        np.zeros(0, dtype=meta["dtype"])  # an empty file cannot be mapped
     return tokens, offsets, dict(meta, cache=os.path.dirname(tokens_path))
 
 
