@@ -325,3 +325,31 @@ def test_flags_that_cannot_work_are_refused_before_the_tokenizer_is_trained(corp
             said = str(e)
         assert why in said
         assert not (tmp_path / "cache").exists() and not (out / "tokenizer").exists()
+
+
+def test_resume_refuses_a_corpus_or_tokenizer_changed_since_the_start(corpus, tiny_run, tmp_path):
+    """A resume on a changed corpus recomputed the schedule for another size and went on with
+    no word; one on a retrained tokenizer went on with other token ids. Both are refused."""
+    import dataclasses
+    import shutil
+    train, tok = tmp_path / "train.txt", tmp_path / "tok"
+    shutil.copy(corpus / "train.txt", train)
+    shutil.copytree(tiny_run[0] / "tokenizer", tok)
+    cut = dataclasses.replace(config(corpus, tmp_path / "cut", eval_every=None, max_minutes=0,
+                                     tokenizer=str(tok)), corpus=[str(train)])
+    run_pretrain(cut)
+    saved = json.loads((tmp_path / "cut" / "inputs.json").read_text())
+    assert set(saved) == {str(train), str(corpus / "valid.txt"), str(tok / "tokenizer.json"),
+                          str(tok / "vocab.txt")}
+    original = train.read_bytes()
+    train.write_bytes(original[: len(original) // 2])
+    with pytest.raises(UserError, match=f"^{train}: changed since this run started"):
+        run_pretrain(cut, resume=True)
+    train.write_bytes(original)
+    (tok / "vocab.txt").write_text((tok / "vocab.txt").read_text() + "newword\n")
+    with pytest.raises(UserError, match=f"^{tok / 'vocab.txt'}: changed since this run started"):
+        run_pretrain(cut, resume=True)
+    (tok / "vocab.txt").unlink()
+    with pytest.raises(UserError, match=f"^{tok / 'vocab.txt'}: this run read it at its start"):
+        run_pretrain(cut, resume=True)
+    assert json.load(open(tmp_path / "cut" / "state" / "trainer.json"))["step"] == 1

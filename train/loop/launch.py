@@ -8,7 +8,8 @@
   holds RUN/.lock, and a fresh run refuses a directory that holds a run (train/loop/rundir.py).
 - `open_run(cfg, dist, resume, title)`: the config with absolute paths, fitted to the job's
   process count, the run directory (only rank 0 writes), the resolved config printed and saved,
-  and the line that says where and in which precision the run computes.
+  the inputs fingerprinted (or, on resume, checked: train/loop/inputs.py), and the line that
+  says where and in which precision the run computes.
 """
 
 import contextlib
@@ -22,6 +23,7 @@ from minibert.errors import UserError
 from minibert.io import load_json
 from train.command import absolute, dataclass_from_args, print_config
 from train.loop import distributed
+from train.loop.inputs import check_same_inputs, input_files
 from train.loop.device import describe_precision, pick_device, resolve_precision, run_state
 from train.loop.rundir import check_fresh, check_not_a_model, exclusive
 
@@ -48,6 +50,10 @@ def open_run(cfg, dist, resume, title):
     if not resume:
         run.start_fresh()
         run.write_json("config.json", dataclasses.asdict(cfg))
+        if run.writer:
+            run.write_json("inputs.json", input_files(cfg))
+    elif os.path.isfile(run.file("inputs.json")):  # on every rank: each stops alike
+        check_same_inputs(load_json(run.file("inputs.json")))
     precision, amp = resolve_precision(cfg.precision, dist.device)
     said = describe_precision(precision, amp, cfg.precision, dist.device)
     print(f"device: {dist.device}, torch threads: {torch.get_num_threads()}, processes: "
