@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from minibert.config import BertConfig
-from minibert.errors import CheckpointError
+from minibert.errors import CheckpointError, missing_from_checkpoint
 from minibert.io import atomic_save_safetensors
 from minibert.model import BertEncoder, BertForMLM
 
@@ -122,7 +122,7 @@ def weights_path(ckpt_dir):
                                   "minibert reads one model.safetensors: save it again with "
                                   "transformers' save_pretrained(..., max_shard_size='100GB')")
         bin_ = os.path.exists(os.path.join(ckpt_dir, "pytorch_model.bin"))
-        raise CheckpointError(f"{ckpt_dir}: no model.safetensors" + (
+        raise missing_from_checkpoint(ckpt_dir, "no model.safetensors" + (
             "; it holds pytorch_model.bin, a pickle, which minibert never reads: convert it "
             "with transformers (save_pretrained(..., safe_serialization=True))" if bin_ else ""))
     return path
@@ -230,8 +230,9 @@ def load_model(ckpt_dir, with_head=False, allow_missing_head=False, notes=None, 
     if not os.path.isdir(ckpt_dir):
         raise CheckpointError(f"{ckpt_dir}: no such checkpoint directory")
     if not os.path.exists(cfg_path):
-        raise CheckpointError(f"{ckpt_dir}: no config.json; a checkpoint directory holds "
-                              "config.json, model.safetensors and tokenizer.json or vocab.txt")
+        raise missing_from_checkpoint(ckpt_dir, "no config.json; a checkpoint directory holds "
+                                      "config.json, model.safetensors and tokenizer.json or "
+                                      "vocab.txt")
     cfg = BertConfig.from_json(cfg_path)
     if overrides:
         cfg = BertConfig(**{**cfg.__dict__, **overrides})

@@ -6,9 +6,10 @@ everything else in a foreign `config.json` is ignored, never guessed at.
 """
 
 import json
+import os
 from dataclasses import asdict, dataclass, field, fields
 
-from minibert.errors import ConfigError
+from minibert.errors import ConfigError, missing_from_checkpoint
 from minibert.io import load_json_object
 
 # Attention implementations the model can run. Each is written out in minibert/model.py (eager,
@@ -147,7 +148,12 @@ class BertConfig:
 
     @classmethod
     def from_json(cls, path):
-        return cls.from_dict(load_json_object(path, ConfigError), source=str(path))
+        d = load_json_object(path, ConfigError)
+        sizes = ("vocab_size", "hidden_size", "num_hidden_layers")
+        if not any(k in d for k in sizes):  # a run's config.json, say: not BERT-base's defaults
+            raise missing_from_checkpoint(os.path.dirname(path) or ".", f"{os.path.basename(path)}"
+                                          f" is not a model's config (none of {', '.join(sizes)})")
+        return cls.from_dict(d, source=str(path))
 
     def to_hf_dict(self, architecture="BertForMaskedLM"):
         d = {k: v for k, v in asdict(self).items() if k != "attention"}

@@ -8,6 +8,8 @@ traceback. The kinds below are also ValueErrors (or RuntimeErrors), as they were
 module existed, so code that catches those still does.
 """
 
+import os
+
 
 class UserError(Exception):
     """An input that is wrong: the message says where, what, and what to do."""
@@ -23,3 +25,12 @@ class CheckpointError(UserError, ValueError):
 
 class FetchError(UserError, RuntimeError):
     """A pinned archive that cannot be fetched, or whose sha256 differs."""
+
+
+def missing_from_checkpoint(path, what):
+    """The CheckpointError of a directory `path` that lacks `what`; a directory that is a
+    training run (its model in RUN/best) is pointed there."""
+    best = os.path.join(path, "best")
+    run = os.path.isfile(os.path.join(best, "config.json"))
+    return CheckpointError(f"{path}: {what}" + (f"; a training run: its model is {best}" if run
+                                                  else ""))

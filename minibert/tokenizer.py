@@ -19,7 +19,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 
-from minibert.errors import CheckpointError
+from minibert.errors import CheckpointError, missing_from_checkpoint
 from minibert.io import load_json_object
 
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -61,7 +61,7 @@ class Tokenizer:
             return cls(build_wordpiece(read_vocab(vt), **normalizer_options(config, tc)), source=vt)
         if not os.path.isdir(path):
             raise CheckpointError(f"{path}: no such checkpoint directory")
-        raise CheckpointError(f"{path}: neither tokenizer.json nor vocab.txt")
+        raise missing_from_checkpoint(path, "neither tokenizer.json nor vocab.txt")
 
     @property
     def vocab_size(self):

@@ -334,3 +334,25 @@ def test_weights_import_manifest(minilm_dir):
     keys = set(load_file(os.path.join(minilm_dir, "model.safetensors")))
     assert len(keys) == 103  # the published 104 tensors minus embeddings.position_ids
     assert all(k.startswith("bert.") for k in keys)
+
+
+def test_a_run_directory_given_as_a_checkpoint_points_to_its_model(tmp_path):
+    """A run's own config.json was read as a model config, every size left at BERT-base's
+    default; and a run given where a checkpoint goes named only the missing file."""
+    from minibert.checkpoint import load_model
+    from minibert.tokenizer import Tokenizer
+    from tests.tiny import make_checkpoint
+    run = tmp_path / "run"
+    make_checkpoint(run / "best")
+    (run / "config.json").write_text(json.dumps({"model": "weights/minilm-l6", "lr": 1e-4}))
+    hint = f"; a training run: its model is {run / 'best'}$"
+    with pytest.raises(CheckpointError, match=f"^{run}: config.json is not a model's config "
+                                              rf"\(none of vocab_size, .*\){hint}"):
+        BertConfig.from_json(str(run / "config.json"))
+    with pytest.raises(CheckpointError, match=f"^{run}: config.json is not a model's config"):
+        load_model(str(run))
+    with pytest.raises(CheckpointError, match=f"^{run}: neither tokenizer.json nor vocab.txt{hint}"):
+        Tokenizer.from_dir(str(run))
+    (run / "config.json").unlink()
+    with pytest.raises(CheckpointError, match=f"^{run}: no config.json; .*{hint}"):
+        load_model(str(run))
