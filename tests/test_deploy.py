@@ -40,7 +40,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import ATOL_FP32
 from minibert.checkpoint import read_safetensors, save_model
-from minibert.io import atomic_save_safetensors
+from minibert.io import atomic_save_safetensors, atomic_write_json
 from minibert.model import BertEncoder
 from minibert.tokenizer import Tokenizer
 from tests.test_qa import make_squad
@@ -244,9 +244,9 @@ def test_export_refuses_an_out_that_holds_a_run_or_a_file(lab, tmp_path):
     (ckpt / "config.json").write_text("{}")
     for cmd in (["export", run, "--to", "hf"], ["export", run, "--to", "onnx"],
                 ["quantize", run]):
-        for out, why in ((os.path.join(run, "best"), "holds a checkpoint or a run"),
-                         (run, "holds a checkpoint or a run"),
-                         (str(ckpt), "holds a checkpoint or a run .config.json."),
+        for out, why in ((os.path.join(run, "best"), "holds a checkpoint, a run or an export"),
+                         (run, "holds a checkpoint, a run or an export"),
+                         (str(ckpt), r"holds a checkpoint, a run or an export \(config.json\)"),
                          (str(a_file), "a file, not a directory")):
             with pytest.raises(SystemExit, match=f"--out {out}:? .*{why}"):
                 main([*cmd, "--out", out])
@@ -340,6 +340,32 @@ def test_predict_with_onnx_answers_as_torch_does(lab, tmp_path, name):
     torch_rows = predict_rows([lab["run"](name), *flags], tmp_path, "torch")
     onnx_rows = predict_rows([lab["export"](name), "--backend", "onnx", *flags], tmp_path, "onnx")
     assert same_answers(torch_rows, onnx_rows), (torch_rows, onnx_rows)
+
+
+def test_an_export_killed_over_an_earlier_one_is_never_read_as_a_model(lab, tmp_path, capsys,
+                                                                        monkeypatch):
+    """A regression export killed over a classification export, after its graph and before its
+    task.json, used to be read as the classifier (exit 0, wrong answers). model.json, removed
+    first and written last, now marks a complete export; the folder can be exported into again,
+    and an ONNX export and a transformers checkpoint are never mixed in one folder."""
+    import train.deploy.onnx_export as onnx_export
+    out = tmp_path / "ex"
+    shutil.copytree(lab["export"]("mean"), out)
+
+    def killed(path, obj):
+        if path.endswith("task.json"):
+            raise KeyboardInterrupt  # stands for kill -9 at this point
+        atomic_write_json(path, obj)
+    monkeypatch.setattr(onnx_export, "atomic_write_json", killed)
+    assert main(["export", lab["run"]("regression"), "--to", "onnx", "--out", str(out)]) == 130
+    monkeypatch.undo()
+    with pytest.raises(SystemExit, match=f"{out}: no model.onnx and model.json"):
+        main(["predict", str(out), "--backend", "onnx", "--text", "good"])
+    with pytest.raises(SystemExit, match=r"holds a checkpoint, a run or an export \(model.onnx\)"):
+        main(["export", lab["run"]("regression"), "--to", "hf", "--out", str(out)])
+    assert main(["export", lab["run"]("regression"), "--to", "onnx", "--out", str(out)]) == 0
+    assert json.loads((out / "task.json").read_text())["task"] == "regression"
+    assert main(["predict", str(out), "--backend", "onnx", "--text", "good"]) == 0
 
 
 def test_a_damaged_onnx_export_is_named_in_one_line(lab, tmp_path, capsys):

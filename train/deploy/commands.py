@@ -28,27 +28,33 @@ from train.finetune.predict import find_best
 
 
 # what a run, its best/ or any checkpoint holds: an --out holding one is somebody's model, not
-# ours to write over (export --to hf writes config.json and model.safetensors); an earlier
-# export (its model.json) may be written again
+# ours to write over (export --to hf writes config.json and model.safetensors); an earlier ONNX
+# export (model.onnx, and model.json unless it was killed part-way) may be written again, but
+# not mixed with a checkpoint
 RUN_FILES = ("task.json", "head.safetensors", "metrics.jsonl", "state", "config.json",
              "model.safetensors")
 
 
-def check_out(out, command):
+def check_out(out, command, onnx=True):
     """--out must be a directory to write, or nothing yet; checked before any work."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise SystemExit(f"minibert {command}: --out {out}: a file, not a directory to write to")
-    held = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
-    if held and not os.path.exists(os.path.join(out, "model.json")):  # not an earlier export
-        raise SystemExit(f"minibert {command}: --out {out} holds a checkpoint or a run "
-                         f"({held[0]}); writing there would replace its model: give another "
-                         "directory")
+    def has(name):
+        return os.path.exists(os.path.join(out, name))
+    earlier_onnx = has("model.onnx") or has("model.json")
+    held = [f for f in RUN_FILES if has(f) and not (onnx and earlier_onnx and f == "task.json")]
+    if not onnx and earlier_onnx:
+        held.insert(0, "model.onnx")
+    if held:
+        raise SystemExit(f"minibert {command}: --out {out} holds a checkpoint, a run or an "
+                         f"export ({held[0]}); writing there would replace or mix with its "
+                         "model: give another directory, or delete it first")
 
 
-def load_run(run, out, command):
+def load_run(run, out, command, onnx=True):
     """(TaskModel in eval mode on the CPU, task, tokenizer, best dir) of RUN, once --out is
     known to be writable."""
-    check_out(out, command)
+    check_out(out, command, onnx=onnx)
     best = find_best(run, command)
     model, task = load_task_model(best, "cpu")
     return model, task, Tokenizer.from_dir(best), best
@@ -84,7 +90,7 @@ def mb(path):
 
 def cmd_export(args):
     resolve_model(args, "export")
-    model, task, tok, best = load_run(args.model, args.out, "export")
+    model, task, tok, best = load_run(args.model, args.out, "export", onnx=args.to == "onnx")
     if args.to == "hf":
         if args.optimize:
             raise SystemExit("minibert export: --optimize applies to --to onnx only")

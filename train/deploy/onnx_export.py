@@ -186,8 +186,14 @@ def opset_of(proto):
 
 
 def write_onnx_dir(out_dir, proto, meanings, tok, meta, head, notes):
-    """model.onnx, tokenizer, task.json, model.json (and crf.safetensors for a CRF), atomically."""
+    """model.onnx, tokenizer, task.json, model.json (and crf.safetensors for a CRF), each file
+    atomically. model.json goes first and comes back last: an export killed part-way over an
+    earlier one has none, and predict refuses the folder instead of pairing one export's graph
+    with the other's task."""
     os.makedirs(out_dir, exist_ok=True)
+    for stale in ("model.json", "crf.safetensors"):
+        if os.path.exists(os.path.join(out_dir, stale)):
+            os.remove(os.path.join(out_dir, stale))
     atomic_write_bytes(os.path.join(out_dir, "model.onnx"), proto.SerializeToString())
     # what the run read, as predict reads it (a multi-task model: its heads' longest)
     tok.save(out_dir, model_max_length=meta.get("max_length") or max(
