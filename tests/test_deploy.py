@@ -368,6 +368,45 @@ def test_an_export_killed_over_an_earlier_one_is_never_read_as_a_model(lab, tmp_
     assert main(["predict", str(out), "--backend", "onnx", "--text", "good"]) == 0
 
 
+def test_a_damaged_or_mismatched_task_or_head_is_one_line(lab, tmp_path, capsys):
+    """task.json and the head's tensors, of a run and of an export: a traceback each, before."""
+    from safetensors.torch import save_file
+
+    def copy(src, name):
+        d = tmp_path / name
+        shutil.copytree(src, d)
+        return d
+
+    def head_of(run):  # head.safetensors of a run's best/
+        return read_safetensors(os.path.join(lab["run"](run), "best", "head.safetensors"))
+    cases = []
+    d = copy(lab["run"]("cls"), "cut-task")
+    (d / "best" / "task.json").write_text('{"task": "classification"')
+    cases.append((d, f"{d}/best/task.json: not valid JSON"))
+    d = copy(lab["run"]("cls"), "foo-task")
+    (d / "best" / "task.json").write_text('{"task": "foo"}')
+    cases.append((d, f"{d}/best/task.json: task 'foo' is not one of classification,"))
+    d = copy(lab["run"]("cls"), "other-head")
+    save_file(head_of("regression"), d / "best" / "head.safetensors")
+    cases.append((d, f"{d}/best/head.safetensors: does not fit the head its task.json"))
+    d = copy(lab["run"]("crf"), "no-crf")
+    save_file({k: v for k, v in head_of("crf").items() if "crf" not in k},
+              d / "best" / "head.safetensors")
+    cases.append((d, f"{d}/best/head.safetensors: does not fit the head its task.json"))
+    d = copy(lab["export"]("crf"), "onnx-no-crf")
+    (d / "crf.safetensors").unlink()
+    cases.append((d, f"{d}/crf.safetensors: does not fit the head its task.json"))
+    d = copy(lab["export"]("cls"), "onnx-list-card")
+    (d / "model.json").write_text("[]")
+    cases.append((d, f"{d}/model.json: "))
+    for d, why in cases:
+        backend = "onnx" if "onnx" in d.name else "torch"
+        capsys.readouterr()
+        assert main(["predict", str(d), "--backend", backend, "--text", "good"]) == 2, d
+        err = capsys.readouterr().err.strip().splitlines()
+        assert "Traceback" not in "".join(err) and why in err[-1], err[-1]
+
+
 def test_a_damaged_onnx_export_is_named_in_one_line(lab, tmp_path, capsys):
     src = lab["export"]("mean")
     for name, damage in (("cut", lambda d: (d / "model.onnx").write_bytes(

@@ -41,7 +41,9 @@ import os
 import torch
 import torch.nn as nn
 
-from minibert.io import atomic_save_safetensors, atomic_write_bytes, atomic_write_json, load_json
+from minibert.errors import CheckpointError
+from minibert.io import (atomic_save_safetensors, atomic_write_bytes, atomic_write_json,
+                         load_json_object)
 
 EXAMPLE_B, EXAMPLE_T = 3, 11  # the export example; tests check other sizes
 
@@ -220,4 +222,8 @@ def read_card(export_dir):
     if not os.path.exists(path) or not os.path.exists(os.path.join(export_dir, "model.onnx")):
         raise FileNotFoundError(f"{export_dir}: no model.onnx and model.json (make one with "
                                 "`minibert export RUN --to onnx --out DIR`)")
-    return load_json(path)
+    card = load_json_object(path, CheckpointError)
+    if not isinstance(card.get("outputs"), dict):
+        raise CheckpointError(f"{path}: no outputs listed: not a model.json minibert wrote; "
+                              "export it again")
+    return card

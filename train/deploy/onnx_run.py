@@ -25,12 +25,11 @@ import torch.nn as nn
 
 from minibert.checkpoint import read_safetensors
 from minibert.errors import CheckpointError
-from minibert.io import load_json
 from train.deploy.onnx_export import read_card
 from train.finetune.finetune import TASKS
 from train.tasks.crf import CRF
 from train.tasks.tagging import TokenHead
-from train.tasks.task import TaskModel
+from train.tasks.task import TaskModel, load_head_state, task_from_file
 
 
 class OnnxGraph:
@@ -60,7 +59,7 @@ class OnnxGraph:
 class GraphHead(nn.Module):
     """One task head's view of the graph's outputs, in the form minibert's head returns."""
 
-    def __init__(self, meta, prefix, crf_state):
+    def __init__(self, meta, prefix, crf_state, crf_path):
         super().__init__()
         self.meta, self.prefix, self.kind = meta, prefix, meta["task"]
         self.tagger = None
@@ -69,7 +68,8 @@ class GraphHead(nn.Module):
             crf = None
             if meta["crf"]:
                 crf = CRF(K)
-                crf.load_state_dict({k[len("crf."):]: v for k, v in crf_state.items()})
+                load_head_state(crf, {k[len("crf."):]: v for k, v in crf_state.items()},
+                                crf_path)
             # TokenHead's own code reads first pieces and decodes; its linear layer already ran
             # inside the graph, so here it is the identity on the emissions.
             self.tagger = TokenHead(K, K, 0.0, crf)
@@ -97,8 +97,8 @@ class GraphHead(nn.Module):
 def load_onnx_task_model(export_dir, threads=None):
     """(TaskModel running export_dir/model.onnx, the task from its task.json)."""
     card = read_card(export_dir)
-    meta = load_json(os.path.join(export_dir, "task.json"))
-    task = TASKS[meta["task"]](meta)
+    task = task_from_file(TASKS, os.path.join(export_dir, "task.json"))
+    meta = task.meta
     crf_path = os.path.join(export_dir, "crf.safetensors")
     crf = read_safetensors(crf_path) if os.path.exists(crf_path) else {}
 
@@ -106,10 +106,10 @@ def load_onnx_task_model(export_dir, threads=None):
         return {k[len(prefix):]: v for k, v in crf.items() if k.startswith(prefix)}
     if meta["task"] == "multitask":
         head = nn.ModuleDict({h["name"]: GraphHead(h["meta"], h["name"] + ".",
-                                                   own_crf(h["name"] + "."))
+                                                   own_crf(h["name"] + "."), crf_path)
                               for h in meta["heads"]})
     else:
-        head = GraphHead(meta, "", crf)
+        head = GraphHead(meta, "", crf, crf_path)
     graph = OnnxGraph(os.path.join(export_dir, "model.onnx"), threads)
     missing = sorted(set(card["outputs"]) - set(graph.outputs))
     if missing:

@@ -31,7 +31,8 @@ from train.loop.params import (GradualUnfreezer, LrPolicy, frozen_units, param_g
                           set_trainable, units_top_down)
 from train.loop.schedules import LambdaSchedule, WarmupThenPlateau, lr_multiplier
 from train.tasks.registry import SINGLE_TASKS
-from train.tasks.task import TaskModel, head_meaning_differs, head_metas
+from train.tasks.task import (TaskModel, head_meaning_differs, head_metas, load_head_state,
+                              task_from_file)
 from train.loop.device import grad_scaler
 from train.loop.launch import command, open_run, run_in_state
 from train.loop.trainer import Diverged, LoopSettings, OutOfMemory, Trainer, plan_steps
@@ -151,11 +152,11 @@ def save_task_model(model, tok, task, out_dir):
 
 
 def load_task_model(best_dir, device):
-    meta = load_json(os.path.join(best_dir, "task.json"))
-    task = TASKS[meta["task"]](meta)
+    task = task_from_file(TASKS, os.path.join(best_dir, "task.json"))
     bert = load_model(best_dir)
     head = task.build_head(bert.config.hidden_size, 0.0)
-    head.load_state_dict(read_safetensors(os.path.join(best_dir, "head.safetensors")))
+    path = os.path.join(best_dir, "head.safetensors")
+    load_head_state(head, read_safetensors(path), path)
     return TaskModel(bert, head).to(device).eval(), task
 
 

@@ -22,6 +22,9 @@ A dataset has `batches(epoch)`, `collate(indices)` and `lengths`, as train/loop/
 import torch
 import torch.nn as nn
 
+from minibert.errors import CheckpointError
+from minibert.io import load_json_object
+
 
 class TaskModel(nn.Module):
     """The backbone (`bert`) and one task head; `model(batch)` is the head's loss dict."""
@@ -82,3 +85,28 @@ def run_batches(model, dataset, device, fn):
         for i, r in zip(idx, fn(model(batch), idx)):
             out[i] = r
     return out
+
+
+def task_from_file(tasks, path):
+    """The task a saved task.json describes, from `tasks` (name -> class); a file that minibert
+    did not write, or that was damaged, is one line naming it."""
+    meta = load_json_object(path, CheckpointError)
+    if meta.get("task") not in tasks:
+        raise CheckpointError(f"{path}: task {meta.get('task')!r} is not one of "
+                              f"{', '.join(tasks)}: not a task.json minibert wrote")
+    try:
+        return tasks[meta["task"]](meta)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a task.json minibert wrote ({type(e).__name__}: "
+                              f"{e})") from None
+
+
+def load_head_state(head, state, path):
+    """head.load_state_dict(state), where `state` was read from `path`; a state of another
+    head (another run's, a damaged file) is one line, not torch's report of every key."""
+    try:
+        head.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[-1].strip()
+        raise CheckpointError(f"{path}: does not fit the head its task.json describes ({first}); "
+                              "the two come from different runs") from None
