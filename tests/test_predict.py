@@ -71,6 +71,27 @@ def test_predict_classification_jsonl(tmp_path, capsys):
     assert f"{bad}:2" in err and "--skip-bad-rows" not in err, err
 
 
+def test_output_that_would_replace_what_predict_reads_is_refused_first(tmp_path, capsys,
+                                                                        monkeypatch):
+    """--output as the --input file (the gold labels gone), inside the model's directory
+    (task.json replaced by predictions), or a directory (said after all the work, of a hidden
+    temporary name): each refused in one line before the model is loaded."""
+    data = make_sentiment(tmp_path / "data", n_dev=5)
+    run = _finetune(tmp_path, train=f"{data}/train.jsonl")
+    before = {p: p.read_bytes() for p in (run / "best").iterdir()}
+    dev = tmp_path / "data" / "dev.jsonl"
+    text = dev.read_text()
+    import train.finetune.predict as predict
+    monkeypatch.setattr(predict, "load_task_model", None)  # any work would fail loudly
+    for output, why in ((dev, "is the --input file"),
+                        (run / "best" / "task.json", "is inside the model's directory"),
+                        (tmp_path, "a directory; give a file name")):
+        with pytest.raises(SystemExit, match=f"--output {output}:? {why}"):
+            main(["predict", str(run), "--input", str(dev), "--output", str(output)])
+    assert dev.read_text() == text
+    assert before == {p: p.read_bytes() for p in (run / "best").iterdir()}
+
+
 def test_predict_regression_jsonl_in_data_units(tmp_path, capsys):
     train, dev = make_scores(tmp_path / "train.jsonl", 48, 0), make_scores(tmp_path / "dev.jsonl",
                                                                            11, 1)

@@ -47,8 +47,23 @@ def load_onnx(export_dir, threads):
         raise SystemExit(f"minibert predict: {e}") from None
 
 
+def check_output(output, model, input_):
+    """--output, checked before any work: a file to write, and not one that is read here."""
+    if os.path.isdir(output):
+        raise SystemExit(f"minibert predict: --output {output}: a directory; give a file name")
+    real = os.path.realpath(output)
+    if input_ and real == os.path.realpath(input_):
+        raise SystemExit(f"minibert predict: --output {output} is the --input file; writing "
+                         "the predictions there would replace the data: give another file")
+    if os.path.commonpath([real, os.path.realpath(model)]) == os.path.realpath(model):
+        raise SystemExit(f"minibert predict: --output {output} is inside the model's directory "
+                         f"{model}; give a file elsewhere")
+
+
 def cmd_predict(args):
     resolve_model(args, "predict")
+    if args.output:
+        check_output(args.output, args.model, args.input)
     texts, where = args.text, "--text {}"
     if not args.text and not args.input:
         texts, where = read_stdin_lines("predict", "--text or --input"), "stdin:{}"
