@@ -27,7 +27,10 @@ from what each op saves (checked op by op with torch.autograd.graph.saved_tensor
     attention, fused sdpa kernel: no (T, T) tensor, only a log-sum-exp per row (B nh T)
     dropout masks: 2 of (B, T, C) per block. On CPU torch multiplies by a float noise tensor
            (4 bytes per element); on CUDA it keeps a bool mask (1 byte).
-plus the embeddings (LayerNorm input, dropout mask, the int64 ids).
+plus the embeddings (LayerNorm input, dropout mask, the int64 ids). A frozen block keeps
+none of it when nothing below it trains, and all but its linear layers' inputs (block input,
+attention output unless a fused kernel keeps it, LayerNorm output, GELU output) when the
+embeddings train: their gradient flows back through it.
 Assumptions: fp32 everywhere, every sequence padded to T (the worst case), no activation
 checkpointing; small tensors (LayerNorm statistics, the head's (B, C) vectors) are left out.
 
@@ -93,8 +96,11 @@ def activation_bytes(cfg: BertConfig, B, T, device_type="cpu", frozen_layers=0,
                      embeddings_frozen=False):
     """Bytes autograd saves for one training forward pass of B sequences of T tokens.
 
-    Nothing below the lowest trainable parameter needs a gradient, so frozen bottom blocks (and
-    frozen embeddings) save nothing; `frozen_layers` = L is a linear probe."""
+    Nothing below the lowest trainable parameter needs a gradient, so frozen bottom blocks under
+    frozen embeddings save nothing; `frozen_layers` = L with them is a linear probe. Under
+    trainable embeddings (--freeze-layers alone) the gradient flows back through the frozen
+    blocks, which keep all but the inputs of their linear layers (only their weights' gradients
+    need those; a fused attention kernel keeps its output, proj's input, for itself)."""
     C, H, nh, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, \
         cfg.num_hidden_layers
     mask = FP32 if device_type == "cpu" else 1  # dropout mask element: float noise vs bool
@@ -110,7 +116,9 @@ def activation_bytes(cfg: BertConfig, B, T, device_type="cpu", frozen_layers=0,
         FP32 * BTC + (mask * BTC if p_hid else 0) + 2 * 8 * B * T  # + the int64 ids
     # the head keeps only (B, C)-sized tensors: mean pooling multiplies by a mask that needs no
     # gradient, so autograd saves the mask, not the last hidden state
-    return (L - frozen_layers) * block + embeddings
+    linear_inputs = FP32 * ((2 if fused else 3) * BTC + BTH)  # qkv, [proj,] fc_in, fc_out
+    frozen = 0 if embeddings_frozen else block - linear_inputs
+    return (L - frozen_layers) * block + frozen_layers * frozen + embeddings
 
 
 def transient_bytes(cfg: BertConfig, B, T):
