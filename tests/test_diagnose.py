@@ -350,3 +350,44 @@ def test_partial_forgetting_high_and_flat_at_a_high_lr(tmp_path):
     low = diagnose(write_run(tmp_path / "low", *stuck, lr=linear_lr(2e-5)))
     assert high["verdict"] == "diverging" and "partial catastrophic forgetting" in high["headline"]
     assert low["verdict"] == "underfitting" and low["headline"] == "the train loss is high and flat"
+
+
+# ------------------------------------------------------ groups that gradual unfreezing adds
+def unfreezing_run(path, stage_lr, lr=1e-4):
+    """--unfreeze-every with --stage-lrs 1e-3,STAGE_LR: the head trains alone for the first 5 of
+    20 logs, then layer.0 and the embeddings join at the stage's rate, as the trainer logs it."""
+    run = write_run(path, lambda x: 0.694, lambda x: 0.693, lambda x: 0.5,
+                    lr=linear_lr(stage_lr), head_lr=linear_lr(1e-3),
+                    config={"lr": lr, "stage_lrs": [1e-3, stage_lr], "unfreeze_every": 250})
+    events = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    for e in events:
+        if e["event"] == "train" and e["step"] <= 250:
+            e["lr"] = {"head": e["lr"]["head"]}
+    (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    return run
+
+
+def test_groups_unfreezing_adds_mid_run_are_read(tmp_path, capsys, monkeypatch):
+    # a backbone unfrozen at 1e-3 (logged peak 7.8e-4 at step 300) sits at chance: forgetting,
+    # not "raise the learning rate" of a backbone the rules could not see
+    run = unfreezing_run(tmp_path / "run", 1e-3)
+    d = diagnose(run)
+    assert d["verdict"] == "diverging" and "forgetting" in d["headline"], d
+    assert "backbone peak lr 7.78e-04" in d["evidence"][2]
+    assert main(["report", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "parameter groups (3):\n  head: peak lr 1.00e-03\n" \
+           "  layer.0, embeddings: peak lr 7.78e-04\n" in out
+    from matplotlib.figure import Figure
+    figs = []
+    monkeypatch.setattr(Figure, "savefig", lambda self, f, **kw: figs.append(self))
+    assert main(["plot", str(run), "--out", str(tmp_path / "c.png")]) == 0
+    lines = {ln.get_label(): ln for ln in figs[-1].axes[2].get_lines()}
+    assert list(lines) == ["run head", "run layer.0 (+1 groups)"]
+    assert list(lines["run layer.0 (+1 groups)"].get_xdata()) == list(range(300, 1001, 50))
+
+
+def test_stage_lrs_not_lr_are_the_backbone_s_rate(tmp_path):
+    # --lr 1e-3 is no group's base lr under --stage-lrs 1e-3,2e-5: the backbone trained at 2e-5
+    d = diagnose(unfreezing_run(tmp_path / "run", 2e-5, lr=1e-3))
+    assert d["verdict"] == "underfitting", d

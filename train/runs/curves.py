@@ -69,6 +69,19 @@ def run_metric(config, evals, wanted=None):
     return next((k for k in ("accuracy", "mlm_accuracy", "loss") if k in dev_keys), "loss")
 
 
+def group_lrs(train):
+    """{group: (steps, lrs)} of every parameter group the train events log, in order of first
+    appearance, each from the first log that has it: gradual unfreezing adds groups mid-run, so
+    the first event's lr dict does not name them all."""
+    out = {}
+    for e in train:
+        for g, lr in e["lr"].items():
+            steps, lrs = out.setdefault(g, ([], []))
+            steps.append(e["step"])
+            lrs.append(lr)
+    return out
+
+
 def load_curves(run, n_labels=None):
     events = read_jsonl(os.path.join(run, "metrics.jsonl"))
     if not events:
@@ -82,7 +95,6 @@ def load_curves(run, n_labels=None):
     if n_labels is None:  # the labels the head was built for, else the confusion matrix size
         n_labels = len(task["labels"]) if task and "labels" in task else (len(cm) if cm else None)
     rows = [sum(r) for r in cm] if cm else None
-    groups = list(train[0]["lr"]) if train else []
     # Distillation logs alpha * hard + (1 - alpha) * soft (+ feature terms) as its train loss;
     # only the hard term, the task's own loss on gold labels, compares with chance and dev loss.
     hard = all("hard" in e.get("train_terms", {}) for e in train) and bool(train)
@@ -92,7 +104,8 @@ def load_curves(run, n_labels=None):
     return Curves(
         train_steps=[e["step"] for e in train],
         train_loss=[num(e["train_terms"]["hard"] if hard else e["train_loss"]) for e in train],
-        lr={g: [e["lr"].get(g, 0.0) for e in train] for g in groups},
+        # a group's lr is 0 at the logs before it trains (unfreezing adds it later)
+        lr={g: [e["lr"].get(g, 0.0) for e in train] for g in group_lrs(train)},
         eval_steps=[e["step"] for e in evals],
         dev_loss=[num(e["dev"].get("loss")) for e in evals],
         dev_metric=[num(e["dev"].get(metric)) for e in evals],
@@ -127,9 +140,11 @@ def warmup_end(c):
 
 def backbone_peak_lr(c):
     """The largest lr any non-head group reached (the pretrained weights' lr). Logs come every
-    N steps and can miss the peak (no warm-up: it is step 0), so the configured --lr counts too."""
+    N steps and can miss the peak (no warm-up: it is step 0), so the configured --lr counts too,
+    unless --stage-lrs gave the base lrs instead."""
     logged = max((max(v) for g, v in c.lr.items() if not g.startswith("head")), default=0.0)
-    return max(logged, c.config.get("lr") or 0.0) if logged > 0 else 0.0
+    configured = 0.0 if c.config.get("stage_lrs") else c.config.get("lr") or 0.0
+    return max(logged, configured) if logged > 0 else 0.0
 
 
 def metric_noise(c, value):

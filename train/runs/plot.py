@@ -20,7 +20,7 @@ import sys
 
 from minibert.io import atomic_open
 from train.loop.rundir import read_jsonl
-from train.runs.curves import read_json, run_metric
+from train.runs.curves import group_lrs, read_json, run_metric
 
 # What a task's loss is; every other task (classification, tagging, QA, masked LM) is trained
 # with cross-entropy. Regression's MSE is in standardised units under --standardize-targets.
@@ -38,16 +38,15 @@ def _figure():
 
 
 def lr_curves(train):
-    """[(label, steps, lrs)] with groups of identical curves merged."""
-    steps = [e["step"] for e in train]
+    """[(label, steps, lrs)] with groups of identical curves merged; a group that unfreezing
+    adds mid-run starts where it first trains."""
     by_curve = {}
-    for name in (train[0]["lr"] if train else {}):
-        curve = tuple(e["lr"].get(name, 0.0) for e in train)
-        by_curve.setdefault(curve, []).append(name)
+    for name, (steps, lrs) in group_lrs(train).items():
+        by_curve.setdefault((tuple(steps), tuple(lrs)), []).append(name)
     out = []
-    for curve, names in by_curve.items():
+    for (steps, lrs), names in by_curve.items():
         label = names[0] + (f" (+{len(names) - 1} groups)" if len(names) > 1 else "")
-        out.append((label, steps, list(curve)))
+        out.append((label, list(steps), list(lrs)))
     return out
 
 

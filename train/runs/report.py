@@ -11,7 +11,7 @@ events' memory records). The report goes to stdout: it is the command's data.
 import dataclasses
 import os
 
-from train.runs.curves import read_json
+from train.runs.curves import group_lrs, read_json
 from train.runs.diagnose import diagnose, format_diagnosis
 from train.distill.config import DistillConfig
 from train.finetune.config import FinetuneConfig
@@ -42,12 +42,11 @@ def is_default(value, field):
                           and isinstance(d, str) and value.endswith(os.sep + d))
 
 
-def group_lines(train):
+def group_lines(groups):
     """Groups with the same peak lr on one line: 'head, head.no_decay: peak lr 1.00e-03'."""
     peaks = {}
-    for name in (train[0]["lr"] if train else {}):
-        peak = max(e["lr"].get(name, 0.0) for e in train)
-        peaks.setdefault(peak, []).append(name)
+    for name, (_, lrs) in groups.items():
+        peaks.setdefault(max(lrs), []).append(name)
     return [f"  {', '.join(names)}: peak lr {peak:.2e}" for peak, names in peaks.items()]
 
 
@@ -69,8 +68,9 @@ def report(run):
     lines = [f"run: {run}"]
     opts = changed_options(config)
     lines.append("config (non-default): " + (", ".join(f"{k}={v}" for k, v in opts) or "none"))
-    lines.append(f"parameter groups ({len(train[0]['lr']) if train else 0}):")
-    lines += group_lines(train)
+    groups = group_lrs(train)  # every group, also those gradual unfreezing added
+    lines.append(f"parameter groups ({len(groups)}):")
+    lines += group_lines(groups)
     last = train[-1] if train else {}
     lines.append(f"steps: {last.get('step', 0)} (epoch {last.get('epoch', 0):.2f}), "
                  f"{len(evals)} evaluations")
