@@ -275,6 +275,22 @@ def test_plot_refuses_an_unknown_format_and_writes_atomically(tmp_path, monkeypa
     assert sorted(os.listdir(tmp_path)) == ["a", "c.svg"]  # no temporary file left
 
 
+def test_plot_refuses_a_metric_a_run_does_not_report(tmp_path):
+    import matplotlib  # noqa: F401
+    a, b = healthy_run(tmp_path / "a"), healthy_run(tmp_path / "reg")
+    text = (b / "metrics.jsonl").read_text().replace('"accuracy"', '"pearson"')
+    (b / "metrics.jsonl").write_text(text)  # a regression run: no accuracy
+    out = tmp_path / "c.png"
+    with pytest.raises(SystemExit, match=r"^minibert plot: --metric acuracy: .*a reports no dev "
+                                         r"acuracy; its dev metrics: loss, accuracy$"):
+        main(["plot", str(a), "--out", str(out), "--metric", "acuracy"])  # a typo
+    with pytest.raises(SystemExit, match=r"--metric accuracy: .*reg reports no dev accuracy; "
+                                         r"its dev metrics: loss, pearson$"):
+        main(["plot", str(a), str(b), "--out", str(out), "--metric", "accuracy"])
+    assert not out.exists()
+    assert main(["plot", str(a), str(b), "--out", str(out), "--metric", "loss"]) == 0
+
+
 def test_plot_without_matplotlib_says_how_to_install(tmp_path, monkeypatch):
     import sys
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError

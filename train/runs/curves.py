@@ -58,6 +58,12 @@ def read_json(path):
     return load_json(path) if os.path.exists(path) else None
 
 
+def dev_metrics(dev):
+    """The scores of a dev dict that --metric may name, comma-separated ('' when none): not a
+    confusion matrix or per-class lists."""
+    return ", ".join(k for k, v in dev.items() if isinstance(v, (int, float)))
+
+
 def run_metric(config, evals, wanted=None):
     """The dev metric a run is judged by: `wanted`, else the run's --metric if its evaluations
     report it, else accuracy (fine-tuning) or masked-token accuracy (pretraining), else loss."""

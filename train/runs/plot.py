@@ -3,7 +3,8 @@
 Three panels, all against the optimizer step, every run in its own colour:
 - loss: train (solid line, the average over each log interval) and dev (dashed, one marker per
   evaluation); a run that diverged gets an x at the step where the loss stopped being finite;
-- the dev metric (`--metric`, default: the run's config metric, else accuracy);
+- the dev metric (`--metric`, default: the run's config metric, else accuracy); a --metric that
+  some run does not report is refused, naming the run and the metrics it does report;
 - the learning rate of every parameter group, on a log scale. Groups whose lr curves are
   identical (a decayed group and its `.no_decay` twin, all blocks without layer-wise decay) are
   drawn once and labelled with the first name and how many share it.
@@ -20,7 +21,7 @@ import sys
 
 from minibert.io import atomic_open
 from train.loop.rundir import read_jsonl
-from train.runs.curves import group_lrs, read_json, run_metric
+from train.runs.curves import dev_metrics, group_lrs, read_json, run_metric
 
 # What a task's loss is; every other task (classification, tagging, QA, masked LM) is trained
 # with cross-entropy. Regression's MSE is in standardised units under --standardize-targets.
@@ -85,6 +86,10 @@ def plot_runs(runs, out, metric=None, labels=None):
         evals = [e for e in events if e["event"] == "eval"]
         config = read_json(os.path.join(run, "config.json")) or {}
         m = run_metric(config, evals, metric)
+        if metric and not any(metric in e["dev"] for e in evals):  # a typo, or another task's
+            have = (dev_metrics(evals[-1]["dev"]) if evals else "") or "none (no evaluations)"
+            raise SystemExit(f"minibert plot: --metric {metric}: {run} reports no dev {metric}; "
+                             f"its dev metrics: {have}")
         losses.append(loss_name(run, config))
         ax_loss.plot([e["step"] for e in train], [e["train_loss"] for e in train], color=c,
                      label=f"{name} train")
@@ -122,7 +127,8 @@ def register(sub):
     p = sub.add_parser("plot", help="plot the learning curves of one or more runs")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (metrics.jsonl)")
     p.add_argument("--out", default="curves.png", help="image file to write (.png, .svg, .pdf)")
-    p.add_argument("--metric", default=None, help="dev metric to plot (default: the run's)")
+    p.add_argument("--metric", default=None, help="dev metric to plot, one that every run reports "
+                                                  "(default: each run's own)")
     p.add_argument("--labels", default=None, help="comma-separated names for the runs "
                                                   "(default: the directory names)")
     p.set_defaults(func=cmd_plot)

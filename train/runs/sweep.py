@@ -39,6 +39,7 @@ from minibert.io import atomic_write_json, atomic_write_text, load_json
 from train.command import minibert_argv
 from train.finetune.config import FinetuneConfig
 from train.loop.best import is_missing, metric_mode, rank_key
+from train.runs.curves import dev_metrics
 
 
 def parse_grid(specs):
@@ -130,8 +131,7 @@ def check_metric(r, metric, name):
     """The ranking metric must be one the trials report (a regression reports no accuracy)."""
     dev = r.get("dev") or {}
     if metric not in dev:
-        have = ", ".join(k for k, v in dev.items() if isinstance(v, (int, float))) or \
-            "none (pass --dev after --)"
+        have = dev_metrics(dev) or "none (pass --dev after --)"
         raise SystemExit(f"minibert sweep: --metric {metric}: trial {name} reports no dev "
                          f"{metric}; its dev metrics: {have}")
 
