@@ -407,3 +407,13 @@ def test_stage_lrs_not_lr_are_the_backbone_s_rate(tmp_path):
     # --lr 1e-3 is no group's base lr under --stage-lrs 1e-3,2e-5: the backbone trained at 2e-5
     d = diagnose(unfreezing_run(tmp_path / "run", 2e-5, lr=1e-3))
     assert d["verdict"] == "underfitting", d
+
+
+def test_underfitting_says_whether_the_loss_fell_or_rose(tmp_path):
+    for name, loss, said in (("up", lambda x: 0.68 + 0.02 * x, "rose 1.1%"),
+                             ("down", lambda x: 0.70 - 0.02 * x, "fell 1.1%"),
+                             ("flat", lambda x: 0.69, "stayed flat")):
+        d = diagnose(write_run(tmp_path / name, loss, lambda x: 0.693, lambda x: 0.5,
+                               config={"init": "random"}))
+        assert d["verdict"] == "underfitting", d
+        assert f"train loss {said} over the second half of the run" in d["evidence"], d

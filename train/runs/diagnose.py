@@ -153,7 +153,8 @@ def rule_underfitting(c):
         why = "the dev metric is at chance level"
     if why is None:
         return None
-    ev.append(f"train loss improved {gain:.1%} over the second half of the run")
+    how = f"fell {gain:.1%}" if gain > 0 else f"rose {-gain:.1%}" if gain < 0 else "stayed flat"
+    ev.append(f"train loss {how} over the second half of the run")
     if c.dev_metric:
         ev.append(dev_vs_chance(c))
     cfg, advice = c.config, ["train longer (more --epochs or --max-steps)"]
