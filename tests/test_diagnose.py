@@ -417,3 +417,14 @@ def test_underfitting_says_whether_the_loss_fell_or_rose(tmp_path):
                                config={"init": "random"}))
         assert d["verdict"] == "underfitting", d
         assert f"train loss {said} over the second half of the run" in d["evidence"], d
+
+
+def test_report_counts_the_task_s_own_metric_as_a_default(tmp_path, capsys):
+    run = healthy_run(tmp_path / "run")
+    for config, shown in (({"metric": "accuracy", "lr": 3e-5}, "lr=3e-05"),
+                          ({"task": "regression", "metric": "pearson"}, "task=regression"),
+                          ({"task": "regression", "metric": "rmse"}, "task=regression, "
+                                                                     "metric=rmse")):
+        (run / "config.json").write_text(json.dumps(config))
+        assert main(["report", str(run)]) == 0
+        assert f"config (non-default): {shown}\n" in capsys.readouterr().out

@@ -2,8 +2,8 @@
 
 It gathers what is spread over the run directory (train/loop/rundir.py): the config options that
 differ from the defaults (RUN/config.json against those of the run's own command: finetune,
-distill or pretrain), the parameter groups and their peak learning rates (from the train events'
-lr dicts), the best step, dev and test metrics (pretraining's: valid) from RUN/results.json,
+distill or pretrain; a --metric saved as the task's own is a default), the parameter groups and
+their peak learning rates (from the train events' lr dicts), the best step, dev and test metrics (pretraining's: valid) from RUN/results.json,
 the diagnosis (RUN/diagnosis.json, or computed now), time, throughput and peak memory (the
 events' memory records). The report goes to stdout: it is the command's data.
 """
@@ -14,7 +14,7 @@ import os
 from train.runs.curves import group_lrs, read_json
 from train.runs.diagnose import diagnose, format_diagnosis
 from train.distill.config import DistillConfig
-from train.finetune.config import FinetuneConfig
+from train.finetune.config import DEFAULT_METRIC, FinetuneConfig
 from train.loop.rundir import read_jsonl
 from train.pretrain.config import PretrainConfig
 
@@ -31,7 +31,11 @@ def changed_options(config):
     for cls in (FinetuneConfig, DistillConfig, PretrainConfig):
         fields = {f.name: f for f in dataclasses.fields(cls)}
         if set(config) <= set(fields):
-            return [(k, v) for k, v in config.items() if not is_default(v, fields[k])]
+            # --metric left out is saved as the task's own: that is its default too
+            task = config.get("task", getattr(fields.get("task"), "default", None))
+            resolved = {"metric": DEFAULT_METRIC.get(task)}
+            return [(k, v) for k, v in config.items()
+                    if not is_default(v, fields[k]) and not (k in resolved and v == resolved[k])]
     return sorted(config.items())  # no command's config: show it all
 
 
