@@ -419,6 +419,21 @@ def test_underfitting_says_whether_the_loss_fell_or_rose(tmp_path):
         assert f"train loss {said} over the second half of the run" in d["evidence"], d
 
 
+@pytest.mark.parametrize("config,lines", [
+    ({"lr": 1e-4}, ["head: peak lr 2.00e-03", "layer.0, embeddings: peak lr 1.00e-04"]),
+    ({"lr": 1e-4, "lr_encoder": 2e-5}, ["head: peak lr 4.00e-04", "layer.0, embeddings: peak lr "
+                                                                  "2.00e-05"])])
+def test_report_peak_lr_is_the_one_used_without_warm_up(tmp_path, capsys, config, lines):
+    # no warm-up: the peak is step 0, before the first log at step 50 (0.95 of it)
+    peak = config.get("lr_encoder", config["lr"])
+    run = write_run(tmp_path / "run", lambda x: 0.6 * math.exp(-2 * x) + 0.15,
+                    lambda x: 0.45 - 0.1 * x, lambda x: 0.80 + 0.06 * x,
+                    lr=lambda s: peak * (1 - s / STEPS), config=config)
+    assert main(["report", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "parameter groups (3):\n" + "".join(f"  {x}\n" for x in lines) in out
+
+
 def test_report_counts_the_task_s_own_metric_as_a_default(tmp_path, capsys):
     run = healthy_run(tmp_path / "run")
     for config, shown in (({"metric": "accuracy", "lr": 3e-5}, "lr=3e-05"),

@@ -146,11 +146,25 @@ def warmup_end(c):
 
 def backbone_peak_lr(c):
     """The largest lr any non-head group reached (the pretrained weights' lr). Logs come every
-    N steps and can miss the peak (no warm-up: it is step 0), so the configured --lr counts too,
-    unless --stage-lrs gave the base lrs instead."""
+    N steps and can miss the peak (no warm-up: it is step 0), so the configured rate counts too:
+    the top block's --lr, or --lr-encoder, and --lr-embeddings; --stage-lrs replaces them all."""
     logged = max((max(v) for g, v in c.lr.items() if not g.startswith("head")), default=0.0)
-    configured = 0.0 if c.config.get("stage_lrs") else c.config.get("lr") or 0.0
+    cfg = c.config
+    configured = 0.0 if cfg.get("stage_lrs") else max(
+        cfg.get("lr_encoder") or cfg.get("lr") or 0.0, cfg.get("lr_embeddings") or 0.0)
     return max(logged, configured) if logged > 0 else 0.0
+
+
+def peak_lrs(c):
+    """{group: peak lr}. Every group follows the one schedule, so when the backbone trained from
+    the first log on, each group's logs missed its peak by as much as backbone_peak_lr says the
+    backbone's did; groups that unfreezing adds mid-run start below their peak, where logged."""
+    logged = {g: max(v) for g, v in c.lr.items()}
+    backbone = [g for g in c.lr if not g.startswith("head")]
+    top = max((logged[g] for g in backbone), default=0.0)
+    if top > 0 and all(c.lr[g][0] > 0 for g in backbone):  # 0: not trained yet at the first log
+        return {g: v * backbone_peak_lr(c) / top for g, v in logged.items()}
+    return logged
 
 
 def metric_noise(c, value):

@@ -3,15 +3,16 @@
 It gathers what is spread over the run directory (train/loop/rundir.py): the config options that
 differ from the defaults (RUN/config.json against those of the run's own command: finetune,
 distill or pretrain; a --metric saved as the task's own is a default), the parameter groups and
-their peak learning rates (from the train events' lr dicts), the best step, dev and test metrics (pretraining's: valid) from RUN/results.json,
-the diagnosis (RUN/diagnosis.json, or computed now), time, throughput and peak memory (the
-events' memory records). The report goes to stdout: it is the command's data.
+their peak learning rates (from the train events' lr dicts, see curves.peak_lrs), the best step,
+dev and test metrics (pretraining's: valid) from RUN/results.json, the diagnosis
+(RUN/diagnosis.json, or computed now), time, throughput and peak memory (the events' memory
+records). The report goes to stdout: it is the command's data.
 """
 
 import dataclasses
 import os
 
-from train.runs.curves import group_lrs, read_json
+from train.runs.curves import load_curves, peak_lrs, read_json
 from train.runs.diagnose import diagnose, format_diagnosis
 from train.distill.config import DistillConfig
 from train.finetune.config import DEFAULT_METRIC, FinetuneConfig
@@ -46,12 +47,12 @@ def is_default(value, field):
                           and isinstance(d, str) and value.endswith(os.sep + d))
 
 
-def group_lines(groups):
+def group_lines(peaks):
     """Groups with the same peak lr on one line: 'head, head.no_decay: peak lr 1.00e-03'."""
-    peaks = {}
-    for name, (_, lrs) in groups.items():
-        peaks.setdefault(max(lrs), []).append(name)
-    return [f"  {', '.join(names)}: peak lr {peak:.2e}" for peak, names in peaks.items()]
+    by_peak = {}
+    for name, peak in peaks.items():
+        by_peak.setdefault(peak, []).append(name)
+    return [f"  {', '.join(names)}: peak lr {peak:.2e}" for peak, names in by_peak.items()]
 
 
 def metrics_line(m, metric=None):
@@ -72,9 +73,9 @@ def report(run):
     lines = [f"run: {run}"]
     opts = changed_options(config)
     lines.append("config (non-default): " + (", ".join(f"{k}={v}" for k, v in opts) or "none"))
-    groups = group_lrs(train)  # every group, also those gradual unfreezing added
-    lines.append(f"parameter groups ({len(groups)}):")
-    lines += group_lines(groups)
+    peaks = peak_lrs(load_curves(run))  # every group, also those gradual unfreezing added
+    lines.append(f"parameter groups ({len(peaks)}):")
+    lines += group_lines(peaks)
     last = train[-1] if train else {}
     lines.append(f"steps: {last.get('step', 0)} (epoch {last.get('epoch', 0):.2f}), "
                  f"{len(evals)} evaluations")
