@@ -96,3 +96,53 @@ def print_config(cfg, title, file=None):
     for f in dataclasses.fields(cfg):
         print(f"  {f.name:28s} {getattr(cfg, f.name)!r}", file=file)
     file.flush()
+
+
+# ------------------------------------------------------------------- the ranges of numeric flags
+# One definition for every command whose config holds the field (finetune and distill, pretrain,
+# `memory --freeze-layers`): field -> (accepts a value, the range as said). A value outside it
+# would be used as given: a negative lr or clip norm reverses training (torch scales gradients
+# by max_norm / norm), a zero stage lr divides the unfreezer's lr ratio by zero.
+_POSITIVE = (lambda v: v > 0, "must be > 0")
+_AT_LEAST_0 = (lambda v: v >= 0, "must be >= 0")
+_BETA = (lambda v: 0 <= v < 1, "must be in [0, 1)")
+RANGES = {
+    "lr": _POSITIVE, "lr_head": _POSITIVE, "lr_encoder": _POSITIVE, "lr_embeddings": _POSITIVE,
+    "stage_lrs": _POSITIVE,  # each value
+    # > 1 is allowed: lower blocks then train faster than the top (1 turns the decay off)
+    "layer_lr_decay": _POSITIVE,
+    "clip_grad_norm": _POSITIVE,
+    "weight_decay": _AT_LEAST_0,
+    "adam_beta1": _BETA, "adam_beta2": _BETA,
+    "adam_eps": _POSITIVE,
+    "warmup_ratio": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    "warmup_steps": _AT_LEAST_0,
+    "plateau_factor": (lambda v: 0 < v < 1, "must be in (0, 1)"),
+    "plateau_patience": _AT_LEAST_0, "plateau_cooldown": _AT_LEAST_0,
+    "plateau_threshold": _AT_LEAST_0, "plateau_min_lr": _AT_LEAST_0,
+    "early_stopping_patience": (lambda v: v >= 1, "must be >= 1"),
+    "freeze_layers": _AT_LEAST_0,
+    "unfreeze_every": _POSITIVE,
+}
+
+
+def check_range(name, value, optional=False):
+    """ValueError `--flag VALUE: must be ...` when `value` is outside RANGES[name]; None (the
+    flag's 'none') passes where the field is optional. A list is checked value by value."""
+    ok, said = RANGES[name]
+    if value is None and optional:
+        return
+    values = value if isinstance(value, list) else [value]
+    if value is None or not all(ok(v) for v in values):
+        shown = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+        each = "each " if isinstance(value, list) else ""
+        raise ValueError(f"--{name.replace('_', '-')} {shown}: {each}{said}"
+                         f"{', or none' if optional else ''}")
+
+
+def check_ranges(cfg):
+    """check_range on every field of the dataclass `cfg` that RANGES knows."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        if f.name in RANGES:
+            check_range(f.name, getattr(cfg, f.name), type(None) in typing.get_args(hints[f.name]))

@@ -8,7 +8,7 @@ stable; Sun et al. 2019: a higher lr for the new head, layer-wise decay).
 
 from dataclasses import dataclass
 
-from train.command import absolute, option
+from train.command import absolute, check_ranges, option
 from train.loop.best import metric_mode
 from train.tasks.registry import SINGLE_TASKS
 
@@ -150,7 +150,8 @@ class FinetuneConfig:
     freeze_layers: int = option(0, "do not train the bottom N blocks")
     freeze_backbone: bool = option(False, "train the head only (a linear probe on frozen features)")
     unfreeze_every: float | None = option(None, "gradual unfreezing: stage 0 trains the head, then "
-                                          "one more block from the top every this many units")
+                                          "one more block from the top every this many units "
+                                          "(whole epochs with --unfreeze-unit epoch)")
     unfreeze_unit: str = option("epoch", "unit of --unfreeze-every", choices=("epoch", "step"))
     stage_lrs: list[float] | None = option(None, "base lr of each unfreezing stage, "
                                            "comma-separated, e.g. 1e-3,1e-4 (the last repeats)")
@@ -181,6 +182,12 @@ class FinetuneConfig:
         if self.epochs < 1 or self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"--epochs {self.epochs}, --max-steps {self.max_steps}: each must be "
                              "at least 1")
+        check_ranges(self)  # every numeric flag in its range (train/command.py)
+        # stages advance at whole epochs: 0.5 would round to stage 0, then jump past stage 1
+        if self.unfreeze_unit == "epoch" and self.unfreeze_every is not None and \
+                not float(self.unfreeze_every).is_integer():
+            raise ValueError(f"--unfreeze-every {self.unfreeze_every:g}: must be a whole number "
+                             "of epochs; use --unfreeze-unit step for less")
         if self.metric is None:
             self.metric = DEFAULT_METRIC[self.task]
         if self.task == "qa":
@@ -222,8 +229,6 @@ class FinetuneConfig:
                              f"not {self.batch_size!r}")
         if self.eval_batch_size < 1:
             raise ValueError(f"--eval-batch-size {self.eval_batch_size} must be at least 1")
-        if self.unfreeze_every is not None and self.unfreeze_every <= 0:
-            raise ValueError(f"--unfreeze-every {self.unfreeze_every} must be positive")
         if self.grad_accum < 1:
             raise ValueError("--grad-accum must be at least 1")
         if self.effective_batch_size is not None:

@@ -13,7 +13,7 @@ hour (see the lr comment); a base-size model wants a lower lr and far more steps
 import os
 from dataclasses import dataclass
 
-from train.command import absolute, option
+from train.command import absolute, check_ranges, option
 
 from minibert.config import BertConfig
 
@@ -147,8 +147,7 @@ class PretrainConfig:
             raise ValueError(f"--log-every {self.log_every} must be at least 1")
         if self.eval_batch_size < 1 or self.eval_max_sequences < 1:
             raise ValueError("--eval-batch-size and --eval-max-sequences must be at least 1")
-        if not 0.0 <= self.warmup_ratio <= 1.0:
-            raise ValueError(f"--warmup-ratio {self.warmup_ratio} must be a fraction in [0, 1]")
+        check_ranges(self)  # lr, weight decay, AdamW, warm-up, clipping (train/command.py)
         if self.init_from and self.config:
             raise ValueError("--init-from takes the architecture from its checkpoint; "
                              "drop --config")

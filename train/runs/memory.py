@@ -52,6 +52,7 @@ import torch
 
 from minibert.config import BertConfig
 from minibert.model import BertEncoder
+from train.command import check_range
 from train.tasks.classification import ClassificationHead
 from train.loop.device import run_state
 from train.loop.optim import AdamW
@@ -207,10 +208,13 @@ def cmd_memory(args):
                   freeze_backbone=args.freeze_backbone)
     dev = "cuda" if args.device == "cuda" else "cpu"
     for flag, n, low in (("--batch-size", args.batch_size, 1), ("--max-len", args.max_len, 1),
-                         ("--labels", args.labels, 1),
-                         ("--freeze-layers", args.freeze_layers, 0)):
+                         ("--labels", args.labels, 1)):
         if n is not None and n < low:
             raise SystemExit(f"minibert memory: {flag} {n} must be at least {low}")
+    try:  # finetune's own check of the flag
+        check_range("freeze_layers", args.freeze_layers)
+    except ValueError as e:
+        raise SystemExit(f"minibert memory: {e}") from None
     if args.max_len > cfg.max_position_embeddings:
         raise SystemExit(f"minibert memory: --max-len {args.max_len}: {args.model} has positions "
                          f"for {cfg.max_position_embeddings} tokens (max_position_embeddings)")

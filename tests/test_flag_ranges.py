@@ -1,0 +1,107 @@
+"""Numeric flags out of their range, and flags that only matter in another setting, are refused
+up front: one line naming the flag and what it must be, before data or model are read and
+before --out exists. A value that was accepted before would have been used as given (a negative
+clip norm or lr reverses training, a zero stage lr divides by zero mid-run) or ignored."""
+
+import pytest
+
+from tests.tiny import make_checkpoint, make_sentiment
+from train.cli import main
+from train.finetune.config import FinetuneConfig
+from train.pretrain.config import PretrainConfig
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ranges")
+    make_checkpoint(root / "model")
+    make_sentiment(root / "data")
+    return root
+
+
+def refused(argv, capsys):
+    """The one line `minibert ARGV` stops with (a command's own stop raises SystemExit)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+    assert isinstance(e.value.code, str), capsys.readouterr().err
+    return e.value.code
+
+
+FINETUNE = [
+    # reversed or broken training
+    (["--clip-grad-norm=-1"], "--clip-grad-norm -1: must be > 0, or none"),
+    (["--clip-grad-norm", "0"], "--clip-grad-norm 0: must be > 0, or none"),
+    (["--layer-lr-decay", "-1"], "--layer-lr-decay -1: must be > 0"),
+    (["--lr-head=-1e-3"], "--lr-head -0.001: must be > 0, or none"),
+    (["--lr-encoder=-1e-4"], "--lr-encoder -0.0001: must be > 0, or none"),
+    (["--lr-embeddings", "0"], "--lr-embeddings 0: must be > 0, or none"),
+    (["--lr", "0"], "--lr 0: must be > 0"),
+    (["--stage-lrs=-1e-3", "--unfreeze-every", "1"], "--stage-lrs -0.001: each must be > 0, or "
+                                                     "none"),
+    # was a ZeroDivisionError in GradualUnfreezer.update at the first stage change
+    (["--stage-lrs", "1e-3,0", "--unfreeze-every", "5", "--unfreeze-unit", "step"],
+     "--stage-lrs 0.001,0: each must be > 0, or none"),
+    # was rounded to whole epochs: stage 1 never happened
+    (["--unfreeze-every", "0.5"], "--unfreeze-every 0.5: must be a whole number of epochs; use "
+                                  "--unfreeze-unit step for less"),
+    (["--unfreeze-every", "1.5", "--unfreeze-unit", "epoch"],
+     "--unfreeze-every 1.5: must be a whole number of epochs; use --unfreeze-unit step for less"),
+    (["--unfreeze-every", "0"], "--unfreeze-every 0: must be > 0, or none"),
+    # out of range, accepted silently or refused late with torch's names
+    (["--dev", "DEV", "--early-stopping-patience", "0"],
+     "--early-stopping-patience 0: must be >= 1, or none"),
+    (["--freeze-layers", "-1"], "--freeze-layers -1: must be >= 0"),
+    (["--warmup-ratio=-0.5"], "--warmup-ratio -0.5: must be in [0, 1]"),
+    (["--warmup-ratio", "1.5"], "--warmup-ratio 1.5: must be in [0, 1]"),
+    (["--warmup-steps=-5"], "--warmup-steps -5: must be >= 0, or none"),
+    (["--dev", "DEV", "--schedule", "plateau", "--plateau-patience=-2"],
+     "--plateau-patience -2: must be >= 0"),
+    (["--dev", "DEV", "--schedule", "plateau", "--plateau-factor", "1.5"],
+     "--plateau-factor 1.5: must be in (0, 1)"),
+    (["--weight-decay=-0.5"], "--weight-decay -0.5: must be >= 0"),
+    (["--adam-beta1", "1.5"], "--adam-beta1 1.5: must be in [0, 1)"),
+    (["--adam-beta2", "1"], "--adam-beta2 1: must be in [0, 1)"),
+]
+
+
+@pytest.mark.parametrize("flags,said", FINETUNE, ids=[" ".join(f) for f, _ in FINETUNE])
+def test_finetune_refuses_up_front(root, tmp_path, capsys, flags, said):
+    flags = [str(root / "data/dev.jsonl") if f == "DEV" else f for f in flags]
+    out = tmp_path / "out"
+    argv = ["finetune", "--model", root / "model", "--train", root / "data/train.jsonl",
+            "--out", out, "--threads", "1", *flags]
+    assert refused(argv, capsys) == f"minibert finetune: {said}"
+    assert not out.exists()  # nothing written: refused before the run directory is made
+
+
+def test_the_values_at_the_edges_of_each_range_are_accepted(root):
+    ok = dict(model="m", train="t", dev="d", lr=1e-9, lr_head=None, layer_lr_decay=1.2,
+              clip_grad_norm=None, weight_decay=0.0, adam_beta1=0.0, warmup_ratio=1.0,
+              warmup_steps=0, schedule="plateau", plateau_patience=0, plateau_factor=0.99,
+              early_stopping_patience=1, freeze_layers=0, unfreeze_every=2.0,
+              stage_lrs=[1e-3, 1e-5])
+    FinetuneConfig(**ok)
+    FinetuneConfig(**{**ok, "unfreeze_every": 0.5, "unfreeze_unit": "step"})
+
+
+@pytest.mark.parametrize("flags,said", [
+    (["--clip-grad-norm=-1"], "--clip-grad-norm -1: must be > 0, or none"),
+    (["--weight-decay=-0.5"], "--weight-decay -0.5: must be >= 0"),
+    (["--adam-beta1", "1.5"], "--adam-beta1 1.5: must be in [0, 1)"),
+    (["--warmup-ratio", "1.5"], "--warmup-ratio 1.5: must be in [0, 1]"),
+    (["--lr=-1e-3"], "--lr -0.001: must be > 0")])
+def test_pretrain_shares_the_checks(root, tmp_path, capsys, flags, said):
+    out = tmp_path / "p"
+    argv = ["pretrain", "--config", "tiny", "--corpus", root / "data/train.jsonl", "--out", out,
+            "--threads", "1", *flags]
+    assert refused(argv, capsys) == f"minibert pretrain: {said}"
+    assert not out.exists()
+    PretrainConfig(corpus=["c"], config="tiny", clip_grad_norm=None)  # 'none' stays allowed
+
+
+def test_memory_refuses_freeze_layers_as_finetune_does(root, capsys):
+    argv = ["memory", "--model", root / "model", "--batch-size", "2", "--max-len", "8",
+            "--freeze-layers", "-1"]
+    assert refused(argv, capsys) == "minibert memory: --freeze-layers -1: must be >= 0"
+
