@@ -227,8 +227,10 @@ def run_minibert(task, train, dev, extra, out, a):
            "--train", train, "--dev", dev, "--out", out, "--epochs", str(a.epochs),
            "--batch-size", str(a.batch_size), "--lr", str(a.lr), "--lr-head", str(a.lr_head),
            "--max-length", str(a.max_length), "--eval-every", "none", "--seed", str(a.seed),
-           "--log-every", "10", "--threads", str(a.threads), "--doc-stride", str(a.doc_stride),
-           "--max-answer-len", str(a.max_answer_len),
+           "--log-every", "10", "--threads", str(a.threads),
+           # QA's own flags: finetune refuses them with another task
+           *(["--doc-stride", str(a.doc_stride), "--max-answer-len", str(a.max_answer_len)]
+             if task == "qa" else []),
            # the reference's recipe: one lr for the whole backbone, batches in shuffled order
            "--layer-lr-decay", "1.0", "--no-group-by-length", *extra]
     print(" ".join(cmd), file=sys.stderr)

@@ -62,6 +62,22 @@ FINETUNE = [
     (["--weight-decay=-0.5"], "--weight-decay -0.5: must be >= 0"),
     (["--adam-beta1", "1.5"], "--adam-beta1 1.5: must be in [0, 1)"),
     (["--adam-beta2", "1"], "--adam-beta2 1: must be in [0, 1)"),
+    # given, but read only in another setting
+    (["--stage-lrs", "1e-3,1e-4"], "--stage-lrs applies with --unfreeze-every only"),
+    (["--unfreeze-unit", "step"], "--unfreeze-unit applies with --unfreeze-every only"),
+    (["--plateau-factor", "0.3"], "--plateau-factor applies to --schedule plateau only"),
+    (["--plateau-min-lr", "1e-6"], "--plateau-min-lr applies to --schedule plateau only"),
+    (["--crf"], "--crf applies to --task tokens only"),
+    (["--task", "tokens", "--crf", "--standardize-targets"],
+     "--standardize-targets applies to --task regression only"),
+    (["--doc-stride", "10"], "--doc-stride applies to --task qa only"),
+    (["--max-answer-len", "5"], "--max-answer-len applies to --task qa only"),
+    (["--task", "tokens", "--text-field", "words"],
+     "--text-field applies to --task classification or regression only"),
+    (["--task", "tokens", "--label-field", "ner"],
+     "--label-field applies to --task classification only"),
+    (["--task", "regression", "--label-field", "y"],
+     "--label-field applies to --task classification only"),
 ]
 
 
@@ -105,3 +121,24 @@ def test_memory_refuses_freeze_layers_as_finetune_does(root, capsys):
             "--freeze-layers", "-1"]
     assert refused(argv, capsys) == "minibert memory: --freeze-layers -1: must be >= 0"
 
+
+def test_multitask_task_flags_go_to_the_heads_that_read_them(root, tmp_path, capsys):
+    spec = f"a:classification:{root}/data/{{split}}.jsonl"
+    base = ["finetune", "--task", "multitask", "--model", root / "model", "--threads", "1",
+            "--out", tmp_path / "m"]
+    # a spec option its head type does not read is named with the spec
+    assert refused(base + ["--tasks", spec + ":crf=true"], capsys) == \
+        "minibert finetune: --tasks spec 1: crf applies to type tokens only"
+    # a run's flag that no head reads
+    assert refused(base + ["--tasks", spec, "--max-answer-len", "5"], capsys) == \
+        "minibert finetune: --max-answer-len applies to --task qa only, and no head is of that type"
+    # one that some head reads is that head's default; the classification head, which would
+    # refuse --standardize-targets, does not get it
+    from tests.tiny import tiny_tokenizer
+    from train.tasks.multitask import MultiTask
+    cfg = FinetuneConfig(model=str(root / "model"), task="multitask", max_length=16,
+                         standardize_targets=True, target_field="label",
+                         tasks=[spec, f"b:regression:{root}/data/{{split}}.jsonl"])
+    task, _ = MultiTask.from_data(cfg, tiny_tokenizer())
+    b = task.meta["heads"][1]["meta"]
+    assert b["target_field"] == "label" and b["target_std"] != 1.0  # standardized

@@ -6,7 +6,7 @@ the field learned since (Mosbach et al. 2021: bias-corrected AdamW and warm-up m
 stable; Sun et al. 2019: a higher lr for the new head, layer-wise decay).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from train.command import absolute, check_ranges, option
 from train.loop.best import metric_mode
@@ -19,6 +19,15 @@ DEFAULT_METRIC = {**{n: t.default_metric for n, t in SINGLE_TASKS.items()},
                   "multitask": "combined"}
 TASKS = tuple(DEFAULT_METRIC)
 
+# flags that only some tasks read: given (not at their default) with another task, they would be
+# ignored. The tagging reader always reads `tokens`/`tags` (train/tasks/tagging.py), QA its SQuAD
+# fields. A multi-task run's values are its heads' defaults, given to the heads that read them.
+TASK_FLAGS = {"text_field": ("classification", "regression"),
+              "pair_field": ("classification", "regression"),
+              "label_field": ("classification",),
+              "target_field": ("regression",), "standardize_targets": ("regression",),
+              "crf": ("tokens",), "doc_stride": ("qa",), "max_answer_len": ("qa",)}
+
 
 def check_metric(metric, names, task):
     """--metric must be one of `names`, the scores that --task `task` reports: a typo would
@@ -26,6 +35,13 @@ def check_metric(metric, names, task):
     if metric not in names:
         raise ValueError(f"--metric {metric}: not a metric of --task {task}; one of "
                          f"{', '.join(names)}")
+
+
+def flag_applies(name, task):
+    """None, or why --NAME does not apply to --task `task` (a TASK_FLAGS field)."""
+    tasks = TASK_FLAGS.get(name, (task,))
+    return None if task in tasks else \
+        f"--{name.replace('_', '-')} applies to --task {' or '.join(tasks)} only"
 
 
 def head_spec(spec):
@@ -183,6 +199,18 @@ class FinetuneConfig:
             raise ValueError(f"--epochs {self.epochs}, --max-steps {self.max_steps}: each must be "
                              "at least 1")
         check_ranges(self)  # every numeric flag in its range (train/command.py)
+        defaults = {f.name: f.default for f in fields(FinetuneConfig)}
+        given = [k for k in defaults if getattr(self, k) != defaults[k]]
+        for k in given:
+            why = self.task != "multitask" and flag_applies(k, self.task)
+            if why:
+                raise ValueError(why)
+        if self.unfreeze_every is None and {"stage_lrs", "unfreeze_unit"} & set(given):
+            raise ValueError(f"--{'stage-lrs' if 'stage_lrs' in given else 'unfreeze-unit'} "
+                             "applies with --unfreeze-every only")
+        if self.schedule != "plateau" and any(k.startswith("plateau_") for k in given):
+            raise ValueError(f"--{next(k for k in given if k.startswith('plateau_'))}"
+                             .replace("_", "-") + " applies to --schedule plateau only")
         # stages advance at whole epochs: 0.5 would round to stage 0, then jump past stage 1
         if self.unfreeze_unit == "epoch" and self.unfreeze_every is not None and \
                 not float(self.unfreeze_every).is_integer():

@@ -47,7 +47,7 @@ from minibert.config import BertConfig
 from minibert.io import load_json
 from train.command import converter
 from train.data.examples import DataError
-from train.finetune.config import FinetuneConfig
+from train.finetune.config import TASK_FLAGS, FinetuneConfig, flag_applies
 from train.tasks.registry import SINGLE_TASKS
 from train.tasks.task import TaskModel
 
@@ -143,6 +143,10 @@ def parse_specs(cfg):
         except (TypeError, ValueError):
             raise ValueError(f"{where}: weight={weight!r} must be a number") from None
         opts = {k: _convert(FinetuneConfig, k, v, where) for k, v in d.items()}
+        unread = [k for k in opts if flag_applies(k, typ)]
+        if unread:  # e.g. crf=true on a classification head: it would be ignored
+            raise ValueError(f"{where}: {unread[0]} applies to type "
+                             f"{' or '.join(TASK_FLAGS[unread[0]])} only")
         specs.append(TaskSpec(name, typ, path, weight, opts))
     names = [s.name for s in specs]
     if len(set(names)) != len(names) or any("." in n or "/" in n for n in names):
@@ -248,7 +252,16 @@ class MultiTask:
         positions = BertConfig.from_json(os.path.join(cfg.model, "config.json")
                                          ).max_position_embeddings
         heads, parts = [], {s: {} for s in SPLITS}
+        defaults = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
+        unread = [k for k in TASK_FLAGS if getattr(cfg, k) != defaults[k]
+                  and all(flag_applies(k, s.type) for s in specs)]
+        if unread:  # a run's --crf with no tagging head would be ignored
+            raise ValueError(f"{flag_applies(unread[0], 'multitask')}, and no head is of that "
+                             "type")
         for spec in specs:
+            # the run's task flags are the defaults of the heads that read them; the others keep
+            # the field's default (their own check would refuse a --crf on a classification head)
+            unused = {k: defaults[k] for k in TASK_FLAGS if flag_applies(k, spec.type)}
             paths = {s: spec.path.replace("{split}", s) for s in SPLITS}
             if not os.path.exists(paths["train"]):
                 raise DataError(f"task {spec.name}: no training data at {paths['train']}")
@@ -256,7 +269,7 @@ class MultiTask:
                 cfg, task=spec.type, metric=None, tasks=None, tasks_file=None, freeze_head=None,
                 init_heads=None,
                 **{s: paths[s] if os.path.exists(paths[s]) else None for s in SPLITS},
-                **spec.options)
+                **{**unused, **spec.options})
             if spec.options.get("max_length", 0) > positions:  # --max-length is capped already
                 raise ValueError(f"task {spec.name}: max_length={sub.max_length} is above the "
                                  f"{positions} positions {cfg.model} has")
