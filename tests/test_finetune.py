@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.tiny import (FILLER, NEGATIVE, POSITIVE, compile_and_bf16_losses, make_checkpoint,
-                        make_sentiment)
+                        make_sentiment, tiny_tokenizer)
 from train.tasks.classification import ClassificationTask
 from train.data.examples import DataError, read_examples
 from train.finetune.finetune import build_model, run_finetune
@@ -185,6 +185,23 @@ def test_bad_rows_stop_with_file_and_line(tmp_path):
     ex, stats = read_examples(str(f), "text", None, "label", skip_bad_rows=True)
     assert len(ex) == 1
     assert stats.skipped == {"empty text": 1, "missing field 'text'": 1, "not valid JSON (Expecting value)": 1}
+
+
+def test_an_empty_label_is_a_bad_row_not_a_class(setup, tmp_path):
+    tok = tiny_tokenizer()
+    for name, text in (("d.jsonl", '{"text": "good", "label": "pos"}\n'
+                                   '{"text": "bad", "label": " "}\n'
+                                   '{"text": "dull", "label": "neg"}\n'),
+                       ("d.csv", "text,label\ngood,1\nbad,\ndull,0\n")):  # numeric labels
+        f = tmp_path / name
+        f.write_text(text)
+        cfg = cfg_for(setup, tmp_path / "r", train=str(f), dev=None, test=None)
+        with pytest.raises(DataError, match=rf"^{f}:\d: empty label \(use --skip-bad-rows"):
+            ClassificationTask.from_data(cfg, tok)
+        task, _ = ClassificationTask.from_data(cfg_for(setup, tmp_path / "r", train=str(f),
+                                                       dev=str(f), test=None,
+                                                       skip_bad_rows=True), tok)
+        assert len(task.labels) == 2 and "" not in task.labels and " " not in task.labels
 
 
 def test_dev_label_absent_from_train_is_an_error(setup, tmp_path):

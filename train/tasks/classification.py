@@ -103,12 +103,16 @@ class ClassificationTask:
     @classmethod
     def from_data(cls, cfg, tok):
         fields = (cfg.text_field, cfg.pair_field, cfg.label_field)
-        train_ex, _ = read_examples(cfg.train, *fields, cfg.skip_bad_rows)
+
+        def present(label):  # '' or ' ' would become a class of its own
+            return "empty label" if not str(label).strip() else None
+        train_ex, _ = read_examples(cfg.train, *fields, cfg.skip_bad_rows, check_target=present)
         label_map = build_label_map(train_ex)
 
         def known(label):
-            return None if label_key(label) in label_map else \
-                f"label {label!r} does not occur in the training data {cfg.train}"
+            return present(label) or (None if label_key(label) in label_map else
+                                      f"label {label!r} does not occur in the training data "
+                                      f"{cfg.train}")
 
         def read(path, split):
             if split == "train":
