@@ -104,15 +104,43 @@ def test_changed_finetune_args_are_refused_same_ones_reused(tiny_setup, tmp_path
     assert trial["how"] == "already done"
 
 
-def test_a_metric_no_trial_reports_is_named(tiny_setup, tmp_path, capsys):
-    # a classification run reports accuracy, f1, ... but no pearson: stop after the first
-    # trial, naming --metric and the metrics there are (not a TypeError at the very end)
+def test_a_metric_the_task_cannot_report_is_refused_before_any_trial(tiny_setup, tmp_path):
+    # a classification run reports accuracy, f1, ... but no pearson; a regression run no
+    # accuracy: refused before the first trial (which would run whole, then fail), naming both
+    for task, metric in ((["--task", "classification"], "pearson"),
+                         (["--task", "regression", "--target-field", "label"], "accuracy")):
+        out = tmp_path / metric
+        args = sweep_args(tiny_setup, out, ["lr=1e-2,1e-3"]) + task
+        with pytest.raises(SystemExit, match=rf"^minibert sweep: --metric {metric}: not a metric "
+                                             rf"of --task {task[1]}; one of "):
+            main(args[:1] + ["--metric", metric] + args[1:])
+        assert not out.exists()
+
+
+def test_the_default_metric_is_the_trials_task_s(tiny_setup, tmp_path, capsys):
+    from train.runs.sweep import sort_key, sweep_metric
+    assert sweep_metric(None, ["--task", "regression"], {}) == "pearson"
+    assert sweep_metric(None, ["--task=tokens"], {}) == "f1"
+    assert sweep_metric(None, ["--task", "multitask", "--tasks", "a:b:c"], {}) == "combined"
+    assert sweep_metric(None, ["--model", "m"], {}) == "accuracy"  # finetune's default task
+    assert sweep_metric(None, ["--task", "regression", "--metric", "mse"], {}) == "mse"
+    assert sweep_metric("a/mse", ["--task", "multitask"], {}) == "a/mse"  # a head's
+    with pytest.raises(SystemExit, match="give --metric"):
+        sweep_metric(None, [], {"task": ["classification", "regression"]})
+    # the trials' own --metric mse ranks lowest first: the direction is metric_mode's
+    trials = [{"status": "done", "dev_mse": v} for v in (0.3, 0.1, 0.2)]
+    assert [t["dev_mse"] for t in sorted(trials, key=sort_key("mse"))] == [0.1, 0.2, 0.3]
+    # end to end: a regression sweep given no --metric ranks its trial by dev pearson
     out = tmp_path / "sweep"
-    args = sweep_args(tiny_setup, out, ["lr=1e-2,1e-3"])
-    with pytest.raises(SystemExit, match=r"--metric pearson: trial lr=1e-2 reports no dev "
-                                         r"pearson; its dev metrics: accuracy, .*loss"):
-        main(args[:1] + ["--metric", "pearson"] + args[1:])
-    assert not (out / "lr=1e-3").exists()
+    args = sweep_args(tiny_setup, out, ["lr=1e-2"]) + ["--task", "regression",
+                                                       "--target-field", "label"]
+    assert main(args) == 0
+    s = json.loads((out / "sweep.json").read_text())
+    assert s["metric"] == "pearson" and s["trials"][0]["status"] == "done", s
+    assert isinstance(s["trials"][0]["dev_pearson"], float)
+
+
+def test_a_metric_no_trial_reports_is_named(tiny_setup, tmp_path, capsys):
     from train.runs.sweep import check_metric
     with pytest.raises(SystemExit, match=r"its dev metrics: none \(pass --dev after --\)"):
         check_metric({"best_step": 3}, "accuracy", "lr=1")

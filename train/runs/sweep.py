@@ -17,7 +17,9 @@ arguments after `--` before the first trial, and a rerun with other ones is refu
 mixing trials of two setups. OUT/sweep.json (rewritten after every trial) holds every trial's
 values, status, metrics and command; at the end the table, sorted by the dev metric, is printed on
 stdout and saved as OUT/sweep.md, with the best configuration and the command that reproduces it.
-The first finished trial must report the dev metric `--metric` names; the sweep stops there if not.
+`--metric` defaults to the trials' own --metric, else their task's (DEFAULT_METRIC); one their
+task cannot report is refused before the first trial, and the first finished trial must report
+it (a trial without --dev reports none); the sweep stops there if not.
 
 Limits: trials run one after another (one machine, one process at a time); the grid is over
 config fields only, with values given as text exactly as on the command line.
@@ -37,9 +39,11 @@ import typing
 from minibert.commands import int_at_least
 from minibert.io import atomic_write_json, atomic_write_text, load_json
 from train.command import minibert_argv
-from train.finetune.config import FinetuneConfig
+from train.finetune.config import DEFAULT_METRIC, FinetuneConfig
+from train.finetune.config import check_metric as check_task_metric
 from train.loop.best import is_missing, metric_mode, rank_key
 from train.runs.curves import dev_metrics
+from train.tasks.registry import SINGLE_TASKS
 
 
 def parse_grid(specs):
@@ -118,6 +122,35 @@ def last_error(run_dir):
     return lines[-1] if lines else "no output"
 
 
+def sweep_metric(metric, base, grid):
+    """The metric that ranks the trials: --metric, else the trials' own --metric, else their
+    task's default (DEFAULT_METRIC). One their task cannot report is refused before the first
+    trial runs; a multi-task's NAME/METRIC is checked by its suffix (the heads are the trials')."""
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    p.add_argument("--task", default=FinetuneConfig.task)
+    p.add_argument("--metric", default=None)
+    known, _ = p.parse_known_args(base)
+    tasks = [t for t in dict.fromkeys(grid.get("task", [known.task])) if t in DEFAULT_METRIC]
+    if metric is None:  # an unknown --task fails in its trial, which names it
+        defaults = set(known.metric or DEFAULT_METRIC[t] for t in tasks) or {"loss"}
+        if len(defaults) > 1:
+            raise SystemExit(f"minibert sweep: --grid task: its tasks rank by different metrics "
+                             f"({', '.join(sorted(defaults))}); give --metric")
+        return defaults.pop()
+    of_heads = {m for task in SINGLE_TASKS.values() for m in task.metrics}
+    for t in tasks:
+        if t in SINGLE_TASKS:
+            names = list(SINGLE_TASKS[t].metrics)
+        else:  # multitask
+            head = "/" in metric and metric.split("/")[-1] in of_heads
+            names = ["combined", "loss"] + ([metric] if head else ["NAME/METRIC"])
+        try:
+            check_task_metric(metric, names, t)
+        except ValueError as e:
+            raise SystemExit(f"minibert sweep: {e}") from None
+    return metric
+
+
 def check_finetune_args(out, base):
     """Refuse to reuse OUT's trials when they were run with other arguments after `--`."""
     path = os.path.join(out, "sweep.json")
@@ -181,6 +214,7 @@ def cmd_sweep(args):
     if "--out" in base or "--resume" in base:
         raise SystemExit("minibert sweep: --out/--resume are set by the sweep; drop them")
     grid = parse_grid(args.grid)
+    args.metric = sweep_metric(args.metric, base, grid)
     todo = trials(grid, args.random, args.seed)
     check_finetune_args(args.out, base)
     os.makedirs(args.out, exist_ok=True)
@@ -247,7 +281,10 @@ def register(sub):
     p.add_argument("--random", type=int_at_least(1), default=None, metavar="N",
                    help="run N trials drawn from the grid instead of all of it")
     p.add_argument("--seed", type=int, default=0, help="seed of --random's draw")
-    p.add_argument("--metric", default="accuracy", help="dev metric that ranks the trials")
+    p.add_argument("--metric", default=None,
+                   help="dev metric that ranks the trials (default: the trials' --metric, else "
+                        "their task's: " + ", ".join(f"{m} for {t}" for t, m in
+                                                     DEFAULT_METRIC.items()) + ")")
     p.add_argument("--out", default="runs/sweep", help="sweep directory (one run per trial)")
     p.add_argument("finetune_args", nargs=argparse.REMAINDER,
                    help="-- then the arguments every trial passes to `minibert finetune`")
