@@ -274,3 +274,20 @@ def test_a_distilled_run_prunes_and_finetunes_without_its_teacher(data, tmp_path
     res = prune_and_finetune(student, tmp_path / "p")
     assert res["size_after"]["heads"] == 4 and "dev" in res["finetuned"]
     assert "teacher" not in json.loads((tmp_path / "p" / "finetune" / "config.json").read_text())
+
+
+def test_a_prune_output_teaches_and_says_what_each_layer_kept(data, tmp_path, capsys):
+    """--heads 0.875 of 8 heads in 2 layers asks for 7, but each layer keeps one: 6 go, and the
+    command says so (results.json already records the sizes). The pruned model, which predict
+    and export take from DIR, is a teacher for distill as well."""
+    d, sentiment = data
+    run, pruned, student = tmp_path / "run", tmp_path / "p", tmp_path / "student"
+    assert main(["finetune", "--model", str(d / "ckpt"), *run_flags(sentiment, run)]) == 0
+    capsys.readouterr()
+    assert main(["prune", str(run), "--heads", "0.875", "--out", str(pruned),
+                 "--importance-examples", "16", "--threads", "1"]) == 0
+    assert "--heads 0.875 asks for 7 of 8 heads; 6 removed, as every layer keeps at least one" \
+        in capsys.readouterr().err
+    assert main(["distill", "--teacher", str(pruned), "--student", "layers=0",
+                 *run_flags(sentiment, student)]) == 0
+    assert json.loads((student / "results.json").read_text())["dev"]

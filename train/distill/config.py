@@ -23,7 +23,7 @@ from minibert.errors import UserError
 from minibert.io import load_json
 from train.command import absolute, option
 from train.finetune.config import FinetuneConfig
-from train.loop.rundir import RunDir
+from train.finetune.predict import task_model_dir
 from train.pretrain.config import SIZES
 
 DISTILLABLE = ("classification", "regression", "tokens")
@@ -38,11 +38,12 @@ NOT_FOR_DISTILL = FROM_TEACHER + ("init", "init_heads", "tasks", "tasks_file", "
 
 
 def teacher_best(run):
-    """RUN's best/ (best.old after a kill between renames): the teacher's checkpoint."""
-    best = RunDir(run, writer=False).find_dir("best")
-    if best is None or not os.path.isfile(os.path.join(best, "task.json")):
+    """The teacher's checkpoint: RUN's best/, or the model a `minibert prune` DIR ended with,
+    as predict and export read them."""
+    best = task_model_dir(run)
+    if best is None:
         raise UserError(f"--teacher {run}: no best/ with a task.json; give the directory of a "
-                        "finished `minibert finetune` run")
+                        "finished `minibert finetune` (or `minibert prune`) run")
     return best
 
 

@@ -21,15 +21,21 @@ def is_task_model(d):
     return all(os.path.exists(os.path.join(d, f)) for f in ("task.json", "head.safetensors"))
 
 
-def find_best(run, command):
+def task_model_dir(run):
     """RUN's best/ checkpoint (best.old after a kill between renames), or RUN itself when it is
     one; for a finished `minibert prune` DIR, the model it ended with (finetune/best/, else
-    pruned/). SystemExit naming RUN when it holds no fine-tuned model."""
+    pruned/). None when RUN holds no fine-tuned model."""
     best = RunDir(run, writer=False).find_dir("best") or run
     if not is_task_model(best) and os.path.exists(os.path.join(run, "results.json")):
         pruned = [os.path.join(run, "finetune", "best"), os.path.join(run, "pruned")]
         best = next((d for d in pruned if is_task_model(d)), best)
-    if not is_task_model(best):
+    return best if is_task_model(best) else None
+
+
+def find_best(run, command):
+    """task_model_dir(run), or SystemExit naming RUN when it holds no fine-tuned model."""
+    best = task_model_dir(run)
+    if best is None:
         raise SystemExit(f"minibert {command}: {run} holds no fine-tuned model "
                          "(no best/task.json and best/head.safetensors)")
     return best

@@ -42,8 +42,10 @@ from train.tasks.task import TaskModel
 class PruneConfig:
     model: str = option(None, "a finetune run directory: its best/ is pruned, its data reused")
     out: str = option("runs/pruned", "directory to write")
-    heads: float = option(0.0, "fraction of all attention heads to remove (0..1)")
-    ffn: float = option(0.0, "fraction of all FFN neurons to remove (0..1)")
+    heads: float = option(0.0, "fraction of all attention heads to remove (0..1); every layer "
+                          "keeps at least one, so the most removed is all but one a layer")
+    ffn: float = option(0.0, "fraction of all FFN neurons to remove (0..1); every layer keeps at "
+                        "least one")
     importance_examples: int = option(2048, "training examples that score the heads and "
                                             "neurons (Michel et al. use a few thousand)")
     finetune_steps: int = option(0, "then fine-tune the pruned model this many steps with the "
@@ -128,6 +130,12 @@ def _prune(cfg, device):
           f"{before['neurons'] - after['neurons']} neurons: {after['parameters'] / 1e6:.2f}M "
           f"encoder parameters ({after['parameters'] / before['parameters']:.0%})",
           file=sys.stderr)
+    for unit, asked in (("heads", cfg.heads), ("neurons", cfg.ffn)):
+        removed = before[unit] - after[unit]
+        if removed < round(asked * before[unit]):  # each layer keeps one (least_important)
+            print(f"prune: --{'heads' if unit == 'heads' else 'ffn'} {asked:g} asks for "
+                  f"{round(asked * before[unit])} of {before[unit]} {unit}; {removed} removed, "
+                  "as every layer keeps at least one", file=sys.stderr)
 
     results = {"run": cfg.model, "heads": cfg.heads, "ffn": cfg.ffn,
                "importance_examples": n_scored,
