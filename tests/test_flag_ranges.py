@@ -1,7 +1,8 @@
-"""Numeric flags out of their range, and flags that only matter in another setting, are refused
-up front: one line naming the flag and what it must be, before data or model are read and
-before --out exists. A value that was accepted before would have been used as given (a negative
-clip norm or lr reverses training, a zero stage lr divides by zero mid-run) or ignored."""
+"""Numeric flags out of their range are refused up front: one line naming the flag and what it
+must be, before data or model are read and before --out exists. A value that was accepted before
+would have been used as given (a negative clip norm or lr reverses training, a zero stage lr
+divides by zero mid-run). Flags that only matter in another setting are said to be ignored at
+the start of the run: refused, they would stop a sweep over --schedule and a saved run."""
 
 import pytest
 
@@ -62,7 +63,20 @@ FINETUNE = [
     (["--weight-decay=-0.5"], "--weight-decay -0.5: must be >= 0"),
     (["--adam-beta1", "1.5"], "--adam-beta1 1.5: must be in [0, 1)"),
     (["--adam-beta2", "1"], "--adam-beta2 1: must be in [0, 1)"),
-    # given, but read only in another setting
+]
+
+
+@pytest.mark.parametrize("flags,said", FINETUNE, ids=[" ".join(f) for f, _ in FINETUNE])
+def test_finetune_refuses_up_front(root, tmp_path, capsys, flags, said):
+    flags = [str(root / "data/dev.jsonl") if f == "DEV" else f for f in flags]
+    out = tmp_path / "out"
+    argv = ["finetune", "--model", root / "model", "--train", root / "data/train.jsonl",
+            "--out", out, "--threads", "1", *flags]
+    assert refused(argv, capsys) == f"minibert finetune: {said}"
+    assert not out.exists()  # nothing written: refused before the run directory is made
+
+
+UNUSED = [
     (["--stage-lrs", "1e-3,1e-4"], "--stage-lrs applies with --unfreeze-every only"),
     (["--unfreeze-unit", "step"], "--unfreeze-unit applies with --unfreeze-every only"),
     (["--plateau-factor", "0.3"], "--plateau-factor applies to --schedule plateau only"),
@@ -81,14 +95,29 @@ FINETUNE = [
 ]
 
 
-@pytest.mark.parametrize("flags,said", FINETUNE, ids=[" ".join(f) for f, _ in FINETUNE])
-def test_finetune_refuses_up_front(root, tmp_path, capsys, flags, said):
-    flags = [str(root / "data/dev.jsonl") if f == "DEV" else f for f in flags]
-    out = tmp_path / "out"
+@pytest.mark.parametrize("flags,said", UNUSED, ids=[" ".join(f) for f, _ in UNUSED])
+def test_a_flag_read_only_in_another_setting_is_named(flags, said):
+    from train.cli import build_parser
+    from train.command import dataclass_from_args
+    from train.finetune.config import unused_flags
+    args = build_parser().parse_args(["finetune", "--model", "m", "--train", "t", *flags])
+    assert unused_flags(dataclass_from_args(FinetuneConfig, args)) == [said]
+
+
+def test_a_run_says_what_it_ignores_and_one_saved_with_it_resumes(root, tmp_path, capsys):
+    """A sweep over --schedule with a plateau flag in common, or a run saved (by an earlier
+    version) with a flag its setting does not read: each runs, and says so at its start."""
+    out = tmp_path / "run"
     argv = ["finetune", "--model", root / "model", "--train", root / "data/train.jsonl",
-            "--out", out, "--threads", "1", *flags]
-    assert refused(argv, capsys) == f"minibert finetune: {said}"
-    assert not out.exists()  # nothing written: refused before the run directory is made
+            "--out", out, "--threads", "1", "--max-steps", "4", "--plateau-patience", "3",
+            "--save-every", "2"]
+    capsys.readouterr()
+    assert main([str(a) for a in argv]) == 0
+    assert "note: --plateau-patience applies to --schedule plateau only; it is ignored" in \
+        capsys.readouterr().err
+    (out / "results.json").unlink()  # as if killed after its last save
+    assert main(["finetune", "--resume", str(out)]) == 0
+    assert "resumed from" in capsys.readouterr().err
 
 
 def test_the_values_at_the_edges_of_each_range_are_accepted(root):
@@ -142,3 +171,19 @@ def test_multitask_task_flags_go_to_the_heads_that_read_them(root, tmp_path, cap
     task, _ = MultiTask.from_data(cfg, tiny_tokenizer())
     b = task.meta["heads"][1]["meta"]
     assert b["target_field"] == "label" and b["target_std"] != 1.0  # standardized
+
+
+def test_a_runs_crf_with_bio_constraints_goes_to_its_tagging_heads_only(root, tmp_path):
+    """--crf --bio-constraints on a run with a classification head and a tagging head: the
+    classification head used to get --bio-constraints without --crf, and refused the run."""
+    from tests.test_tagging import make_ner
+    from tests.tiny import tiny_tokenizer
+    from train.tasks.multitask import MultiTask
+    make_ner(tmp_path / "train.jsonl", 16, 0)
+    cfg = FinetuneConfig(model=str(root / "model"), task="multitask", max_length=16, crf=True,
+                         bio_constraints=True,
+                         tasks=[f"a:classification:{root}/data/{{split}}.jsonl",
+                                f"b:tokens:{tmp_path}/{{split}}.jsonl"])
+    task, _ = MultiTask.from_data(cfg, tiny_tokenizer())
+    a, b = (h["meta"] for h in task.meta["heads"])
+    assert b["crf"] and b["bio_constraints"] and "crf" not in a

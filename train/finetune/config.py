@@ -19,14 +19,15 @@ DEFAULT_METRIC = {**{n: t.default_metric for n, t in SINGLE_TASKS.items()},
                   "multitask": "combined"}
 TASKS = tuple(DEFAULT_METRIC)
 
-# flags that only some tasks read: given (not at their default) with another task, they would be
-# ignored. The tagging reader always reads `tokens`/`tags` (train/tasks/tagging.py), QA its SQuAD
+# flags that only some tasks read: given (not at their default) with another task, they are
+# ignored, and the run says so at its start (unused_flags). The tagging reader always reads `tokens`/`tags` (train/tasks/tagging.py), QA its SQuAD
 # fields. A multi-task run's values are its heads' defaults, given to the heads that read them.
 TASK_FLAGS = {"text_field": ("classification", "regression"),
               "pair_field": ("classification", "regression"),
               "label_field": ("classification",),
               "target_field": ("regression",), "standardize_targets": ("regression",),
-              "crf": ("tokens",), "doc_stride": ("qa",), "max_answer_len": ("qa",)}
+              "crf": ("tokens",), "bio_constraints": ("tokens",), "doc_stride": ("qa",),
+              "max_answer_len": ("qa",)}
 
 
 def check_metric(metric, names, task):
@@ -42,6 +43,23 @@ def flag_applies(name, task):
     tasks = TASK_FLAGS.get(name, (task,))
     return None if task in tasks else \
         f"--{name.replace('_', '-')} applies to --task {' or '.join(tasks)} only"
+
+
+def unused_flags(cfg):
+    """Why each flag given (not at its default) goes unread in this run: another task's flag, a
+    plateau flag without --schedule plateau, --stage-lrs without --unfreeze-every. Said at the
+    start of a run rather than refused, so that a sweep over --schedule or --task with such a
+    flag in common, and a run saved with one, still run."""
+    defaults = {f.name: f.default for f in fields(FinetuneConfig)}
+    given = [k for k in defaults if getattr(cfg, k) != defaults[k]]
+    why = [flag_applies(k, cfg.task) for k in given if cfg.task != "multitask"]
+    if cfg.unfreeze_every is None:
+        why += [f"--{k.replace('_', '-')} applies with --unfreeze-every only"
+                for k in ("stage_lrs", "unfreeze_unit") if k in given]
+    if cfg.schedule != "plateau":
+        why += [f"--{k.replace('_', '-')} applies to --schedule plateau only"
+                for k in given if k.startswith("plateau_")]
+    return [w for w in why if w]
 
 
 def head_spec(spec):
@@ -199,18 +217,6 @@ class FinetuneConfig:
             raise ValueError(f"--epochs {self.epochs}, --max-steps {self.max_steps}: each must be "
                              "at least 1")
         check_ranges(self)  # every numeric flag in its range (train/command.py)
-        defaults = {f.name: f.default for f in fields(FinetuneConfig)}
-        given = [k for k in defaults if getattr(self, k) != defaults[k]]
-        for k in given:
-            why = self.task != "multitask" and flag_applies(k, self.task)
-            if why:
-                raise ValueError(why)
-        if self.unfreeze_every is None and {"stage_lrs", "unfreeze_unit"} & set(given):
-            raise ValueError(f"--{'stage-lrs' if 'stage_lrs' in given else 'unfreeze-unit'} "
-                             "applies with --unfreeze-every only")
-        if self.schedule != "plateau" and any(k.startswith("plateau_") for k in given):
-            raise ValueError(f"--{next(k for k in given if k.startswith('plateau_'))}"
-                             .replace("_", "-") + " applies to --schedule plateau only")
         # stages advance at whole epochs: 0.5 would round to stage 0, then jump past stage 1
         if self.unfreeze_unit == "epoch" and self.unfreeze_every is not None and \
                 not float(self.unfreeze_every).is_integer():

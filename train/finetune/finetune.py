@@ -22,7 +22,8 @@ from minibert.io import atomic_save_safetensors, atomic_write_json, load_json
 from minibert.model import BertEncoder
 from minibert.tokenizer import Tokenizer
 from train.runs.diagnose import write_diagnosis
-from train.finetune.config import FinetuneConfig, batch_size_arg, check_metric, head_spec
+from train.finetune.config import (FinetuneConfig, batch_size_arg, check_metric, head_spec,
+                                   unused_flags)
 from train.command import add_dataclass_flags
 from train.runs.memory import auto_batch_size, plan_accumulation
 from train.tasks.multitask import MultiTask
@@ -60,8 +61,7 @@ def with_new_head(bert, cfg, task):
 
 
 def load_backbone(path, overrides):
-    """load_model(path) with config `overrides`, printing its notes (what was dropped or created
-    fresh, and why)."""
+    """load_model(path) with `overrides`, printing its notes (what it dropped or made new)."""
     notes = []
     bert = load_model(path, notes=notes, **overrides)
     for n in notes:
@@ -223,6 +223,8 @@ def train_task_model(cfg, resume, dist, build=finetune_model, name="finetune"):
                          "CUDA device; on CPU give --batch-size N (`minibert memory` estimates "
                          "the memory of a batch)")
     cfg, run, precision, amp = open_run(cfg, dist, resume, f"{name} config")
+    for why in unused_flags(cfg):
+        print(f"note: {why}; it is ignored", file=sys.stderr)
     positions = BertConfig.from_json(os.path.join(cfg.model, "config.json")).max_position_embeddings
     if cfg.max_length > positions:  # else it trains on short texts, then fails on a long one
         print(f"max length: {positions}, the positions {cfg.model} has, not --max-length "

@@ -103,7 +103,10 @@ def finetune_recipe(run):
         raise UserError(f"{run}: a checkpoint, not a run directory: give the finetune run whose "
                         "best/ it is, which names the data to score on (a pruned model is "
                         "pruned again through its DIR/finetune run)")
-    return FinetuneConfig(**{k: v for k, v in config.items() if k in names})
+    try:
+        return FinetuneConfig(**{k: v for k, v in config.items() if k in names})
+    except (TypeError, ValueError) as e:  # a run saved with a value refused since
+        raise UserError(f"{os.path.join(run, 'config.json')}: {e}") from None
 
 
 def _prune(cfg, device):
