@@ -90,6 +90,10 @@ def test_output_that_would_replace_what_predict_reads_is_refused_first(tmp_path,
             main(["predict", str(run), "--input", str(dev), "--output", str(output)])
     assert dev.read_text() == text
     assert before == {p: p.read_bytes() for p in (run / "best").iterdir()}
+    monkeypatch.undo()  # beside the model in its run directory is where predictions may go
+    assert main(["predict", str(run), "--input", str(dev), "--output",
+                 str(run / "dev-predictions.jsonl")]) in (0, None)
+    assert len((run / "dev-predictions.jsonl").read_text().splitlines()) == 5
 
 
 def test_predict_regression_jsonl_in_data_units(tmp_path, capsys):

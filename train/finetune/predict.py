@@ -68,17 +68,17 @@ def check_output(output, model, input_):
 
 def cmd_predict(args):
     resolve_model(args, "predict")
+    # the directory the model is read from: a run's best/ (a file beside it in RUN is fine)
+    tok_dir = args.model if args.backend == "onnx" else find_best(args.model, "predict")
     if args.output:
-        check_output(args.output, args.model, args.input)
+        check_output(args.output, tok_dir, args.input)
     texts, where = args.text, "--text {}"
     if not args.text and not args.input:
         texts, where = read_stdin_lines("predict", "--text or --input"), "stdin:{}"
     if args.backend == "onnx":
         device = "cpu"  # onnxruntime's CPU provider; batches stay on the CPU
         model, task = load_onnx(args.model, args.threads)
-        tok_dir = args.model
     else:
-        tok_dir = find_best(args.model, "predict")
         device = pick_device(args.device)
         model, task = load_task_model(tok_dir, device)
     data = task.read_inputs(texts, args.input, Tokenizer.from_dir(tok_dir), args.batch_size, where)
