@@ -289,6 +289,12 @@ def test_plot_refuses_a_metric_a_run_does_not_report(tmp_path):
         main(["plot", str(a), str(b), "--out", str(out), "--metric", "accuracy"])
     assert not out.exists()
     assert main(["plot", str(a), str(b), "--out", str(out), "--metric", "loss"]) == 0
+    # a run without evaluations (no --dev) is drawn beside the others: its loss and lr
+    c = healthy_run(tmp_path / "nodev")
+    text = "".join(line + "\n" for line in (c / "metrics.jsonl").read_text().splitlines()
+                   if '"eval"' not in line)
+    (c / "metrics.jsonl").write_text(text)
+    assert main(["plot", str(a), str(c), "--out", str(out), "--metric", "accuracy"]) == 0
 
 
 def test_plot_without_matplotlib_says_how_to_install(tmp_path, monkeypatch):

@@ -86,8 +86,9 @@ def plot_runs(runs, out, metric=None, labels=None):
         evals = [e for e in events if e["event"] == "eval"]
         config = read_json(os.path.join(run, "config.json")) or {}
         m = run_metric(config, evals, metric)
-        if metric and not any(metric in e["dev"] for e in evals):  # a typo, or another task's
-            have = (dev_metrics(evals[-1]["dev"]) if evals else "") or "none (no evaluations)"
+        # a typo, or another task's; a run without evaluations (no --dev) has only its loss
+        if metric and evals and not any(metric in e["dev"] for e in evals):
+            have = dev_metrics(evals[-1]["dev"]) or "none"
             raise SystemExit(f"minibert plot: --metric {metric}: {run} reports no dev {metric}; "
                              f"its dev metrics: {have}")
         losses.append(loss_name(run, config))
