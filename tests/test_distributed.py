@@ -247,7 +247,7 @@ def test_fp16_keeps_its_gradient_scaler_in_the_state(setup, tmp_path, capsys):
 def test_an_input_error_under_two_processes_is_one_line(tmp_path):
     """Rank 0 fails inside main_first (reading the corpus, before the others start): it says
     why in one line, the other rank stops quietly, and torchrun's own failure report is left
-    out. The exit status is the input error's, 2."""
+    out (train/loop/torchrun.py). The exit status is the input error's, 2."""
     ckpt = make_checkpoint(tmp_path / "tiny", mlm=True)
     corpus = tmp_path / "latin1.txt"
     corpus.write_bytes(b"fine text\ncaf\xe9 au lait\n")
@@ -258,25 +258,26 @@ def test_an_input_error_under_two_processes_is_one_line(tmp_path):
                        env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr[-3000:]
     assert f"minibert pretrain: {corpus}:2: not UTF-8" in r.stderr
-    for noise in ("Traceback", "ChildFailedError", "rank 1 of 2 failed", "OMP_NUM_THREADS"):
+    for noise in ("Traceback", "ChildFailedError", "rank 1 of 2 failed", "OMP_NUM_THREADS",
+                  "failed (exitcode"):
         assert noise not in r.stderr, r.stderr[-3000:]
 
 
-def test_relay_keeps_the_workers_words_and_drops_torchruns_report():
-    import io
-    from train.loop.distributed import relay
-    worker = ["Traceback (most recent call last):\n", '  File "x.py", line 1, in <module>\n',
-              "ZeroDivisionError: division by zero\n"]  # a worker's own crash is kept
-    text = ["minibert pretrain: bad input\n", *worker,
-            "E1204 15:47:05.166000 24734 torch/distributed/elastic/multiprocessing/api.py:1002] "
-            "failed (exitcode: 2) local_rank: 0\n",
-            "Traceback (most recent call last):\n", '  File "run.py", line 9, in main\n',
-            "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n",
-            "=====\n", "Failures:\n", "  exitcode  : -15 (pid: 2)\n", "-----\n",
-            "Root Cause (first observed failure):\n", "  exitcode  : 2 (pid: 1)\n", "=====\n",
-            "after\n"]
-    out = io.StringIO()
-    assert relay(text, out) == 2
-    assert out.getvalue() == "".join(["minibert pretrain: bad input\n", *worker, "after\n"])
-    out = io.StringIO()
-    assert relay(["all well\n"], out) is None and out.getvalue() == "all well\n"
+def test_torchrun_wrapper_exits_as_the_failed_worker_did(monkeypatch, capsys):
+    """The worker's own status (2 for an input error, which it has said); a worker killed by a
+    signal, which could say nothing, is named in one line, with the shell's 128 + signal."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+    import train.loop.torchrun as wrapper
+
+    def failing(code):
+        def run(argv):
+            raise ChildFailedError("train.cli", {1: ProcessFailure(1, 8678, code, "<N/A>")})
+        return run
+    monkeypatch.setattr(wrapper, "torchrun", failing(2))
+    assert wrapper.main([]) == 2 and capsys.readouterr().err == ""
+    monkeypatch.setattr(wrapper, "torchrun", failing(-9))
+    assert wrapper.main([]) == 128 + 9
+    assert capsys.readouterr().err == "minibert: rank 1 was killed by signal SIGKILL (out of " \
+                                      "memory?)\n"
+    monkeypatch.setattr(wrapper, "torchrun", lambda argv: None)
+    assert wrapper.main([]) == 0

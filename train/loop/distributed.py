@@ -51,7 +51,8 @@ def launched():
 
 
 def launch(argv, nproc):
-    """Run `minibert <argv>` in `nproc` processes under torchrun; returns torchrun's exit code.
+    """Run `minibert <argv>` in `nproc` processes under torchrun (through train/loop/torchrun.py,
+    which cuts its failure report to what the user needs); returns the job's exit code.
 
     `--nproc` itself is removed from the child command line: inside torchrun the process count
     comes from WORLD_SIZE. `--standalone` makes torchrun pick a free port on this machine."""
@@ -65,46 +66,13 @@ def launch(argv, nproc):
             child.append(a)
     # --no-python: the workers run minibert_argv() as given, with `python -P`, so that a
     # train.py in the working directory cannot stand in for the `train` package
-    cmd = [sys.executable, "-P", "-m", "torch.distributed.run", "--standalone",
+    cmd = [sys.executable, "-P", "-m", "train.loop.torchrun", "--standalone",
            "--nproc-per-node", str(nproc), "--no-python", *minibert_argv(), *child]
     print("launching: " + " ".join(cmd), file=sys.stderr, flush=True)
     # one thread per process, torchrun's own default, said here so that it prints no banner
     env = {"OMP_NUM_THREADS": "1", **os.environ}
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace",
-                            preexec_fn=die_with_parent)
-    try:
-        code = relay(proc.stderr, sys.stderr)
-    finally:
-        rc = proc.wait()
-    return code if rc and code else rc
-
-
-def relay(lines, out):
-    """Copy torchrun's stderr (the workers' too) to `out`, leaving out torchrun's own report of
-    a failed worker: a traceback through its internals ending in ChildFailedError, a summary
-    table and a log line, after the worker has said why itself. Returns the exit code of the
-    failure's root cause (2 for an input error), or None."""
-    held, table, code = [], 0, None
-    for line in lines:
-        if table:  # inside the summary: "=====" opens and closes it
-            if line.strip().startswith("exitcode"):  # the root cause's comes last
-                code = int(line.split(":")[1].split()[0])
-            table -= line.startswith("=====")
-            continue
-        if held or line.startswith("Traceback (most recent call last):"):
-            held.append(line)
-            if line[:1].isspace() or line.startswith("Traceback"):
-                continue  # the exception's own line, at column 0, ends a traceback
-            if line.startswith("torch.distributed.elastic.multiprocessing.errors.ChildFailed"):
-                table, held = 2, []
-                continue
-            line, held = "".join(held), []
-        if "torch/distributed/elastic/" in line and "failed (exitcode" in line:
-            continue
-        out.write(line)
-        out.flush()
-    out.write("".join(held))
-    return code
+    rc = subprocess.call(cmd, env=env, preexec_fn=die_with_parent)
+    return 128 - rc if rc < 0 else rc  # killed by a signal: the shell's status, not 256 - sig
 
 
 def die_with_parent():
