@@ -129,8 +129,10 @@ class QADataset(Batched):
             if max_length - 3 - len(q.ids) <= doc_stride:
                 raise DataError(f"{ex.where}: the question is {len(q.ids)} tokens, which leaves "
                                 f"{max_length - 3 - len(q.ids)} of --max-length {max_length} for "
-                                f"the context, not more than --doc-stride {doc_stride}: raise "
-                                "--max-length or lower --doc-stride")
+                                f"the context, not more than --doc-stride {doc_stride}: " + (
+                                    "raise --max-length or lower --doc-stride" if labelled else
+                                    f"this model reads questions of at most "
+                                    f"{max_length - 4 - doc_stride} tokens; shorten it"))
         tok.tok.enable_truncation(max_length=max_length, stride=doc_stride,
                                   strategy="only_second")
         self.windows = []  # (example index, Encoding)
@@ -249,8 +251,9 @@ class QATask:
             for i, t in enumerate(texts):
                 if "|||" not in t:
                     raise DataError(f"{where.format(i + 1)}: write 'QUESTION ||| CONTEXT'")
-                q, c = (x.strip() for x in t.split("|||", 1))
-                examples.append(QAExample(f"text-{i + 1}", q, c, [], where.format(i + 1)))
+                # the context as written after '|||', spaces and all: start/end index into it
+                q, c = t.split("|||", 1)
+                examples.append(QAExample(f"text-{i + 1}", q.strip(), c, [], where.format(i + 1)))
         else:
             examples = read_squad(path, need_answers=False)
         return QADataset(examples, tok, self.meta["max_length"], self.meta["doc_stride"],
