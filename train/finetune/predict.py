@@ -98,7 +98,7 @@ def register(sub):
     p.add_argument("--text", action="append", help="an input text (repeatable); with neither "
                    "--text nor --input, texts are read from stdin, one a line. A model of text "
                    "pairs (--pair-field) reads 'TEXT ||| PAIR', a QA model 'QUESTION ||| "
-                   "CONTEXT'")
+                   "CONTEXT' (its answers' start/end index CONTEXT without the spaces around it)")
     p.add_argument("--input", help="a file in the run's training format")
     p.add_argument("--output", help="write JSON lines here instead of stdout")
     p.add_argument("--batch-size", type=int_at_least(1), default=64)

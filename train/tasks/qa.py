@@ -251,9 +251,9 @@ class QATask:
             for i, t in enumerate(texts):
                 if "|||" not in t:
                     raise DataError(f"{where.format(i + 1)}: write 'QUESTION ||| CONTEXT'")
-                # the context as written after '|||', spaces and all: start/end index into it
-                q, c = t.split("|||", 1)
-                examples.append(QAExample(f"text-{i + 1}", q.strip(), c, [], where.format(i + 1)))
+                # start/end index the context without the spaces around it (predict --help)
+                q, c = (x.strip() for x in t.split("|||", 1))
+                examples.append(QAExample(f"text-{i + 1}", q, c, [], where.format(i + 1)))
         else:
             examples = read_squad(path, need_answers=False)
         return QADataset(examples, tok, self.meta["max_length"], self.meta["doc_stride"],
