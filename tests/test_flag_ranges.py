@@ -92,6 +92,9 @@ UNUSED = [
      "--label-field applies to --task classification only"),
     (["--task", "regression", "--label-field", "y"],
      "--label-field applies to --task classification only"),
+    # the tagging and SQuAD readers stop at the first bad row
+    (["--task", "qa", "--skip-bad-rows"],
+     "--skip-bad-rows applies to --task classification or regression only"),
 ]
 
 

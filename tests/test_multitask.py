@@ -62,7 +62,9 @@ def test_specs_parse_and_bad_specs_say_why(setup, tmp_path):
                      (["a:nope:x"], "unknown task type"),
                      (["a:regression:x:colour=red"], "not a per-task option"),
                      (["a:regression:x:crf=maybe"], "true or false"),
-                     (["a:regression:x", "a:regression:y"], "unique"),
+                     (["a:regression:x{split}", "a:regression:y{split}"], "unique"),
+                     # dev and test would be the training file: chosen and tested on train
+                     (["a:regression:x.jsonl"], "path 'x.jsonl' has no {split}, which becomes"),
                      # set by the multi-task run itself, per head or for the run
                      (["a:regression:x:metric=mse"], "'metric' is not a per-task option"),
                      (["a:regression:x:freeze_head=a"], "'freeze_head' is not a per-task"),
@@ -92,7 +94,7 @@ def test_specs_parse_and_bad_specs_say_why(setup, tmp_path):
         f.write_text(json.dumps([{"name": "p", "type": "tokens", "path": "x", **extra}]))
         with pytest.raises(ValueError, match=f"^{f}\\[0\\]: {why}"):
             parse_specs(cfg_for(setup, "unused", tasks=None, tasks_file=str(f)))
-    f.write_text(json.dumps([{"name": "p", "type": "qa", "path": "x", "max_length": 256,
+    f.write_text(json.dumps([{"name": "p", "type": "qa", "path": "x{split}", "max_length": 256,
                               "doc_stride": None, "max_answer_len": 20}]))
     (s,) = parse_specs(cfg_for(setup, "unused", tasks=None, tasks_file=str(f)))
     assert s.options == {"max_length": 256, "doc_stride": None, "max_answer_len": 20}

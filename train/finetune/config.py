@@ -27,7 +27,9 @@ TASK_FLAGS = {"text_field": ("classification", "regression"),
               "label_field": ("classification",),
               "target_field": ("regression",), "standardize_targets": ("regression",),
               "crf": ("tokens",), "bio_constraints": ("tokens",), "doc_stride": ("qa",),
-              "max_answer_len": ("qa",)}
+              "max_answer_len": ("qa",),
+              # the tagging and SQuAD readers stop at the first bad row
+              "skip_bad_rows": ("classification", "regression")}
 
 
 def check_metric(metric, names, task):
@@ -125,8 +127,8 @@ class FinetuneConfig:
                                           "of fresh: DIR (the whole head) or, multitask, NAME=DIR "
                                           "(head NAME; from DIR's head NAME if DIR is "
                                           "multi-task), comma-separated", path=abs_head_spec)
-    skip_bad_rows: bool = option(False, "skip (and count) bad rows instead of stopping at the "
-                                 "first")
+    skip_bad_rows: bool = option(False, "classification, regression: skip (and count) bad rows "
+                                 "instead of stopping at the first")
     max_length: int = option(128, "tokens per example after truncation (longest-first for pairs)")
     init: str = option("pretrained", "'random' trains the same architecture from scratch, to show "
                        "what pretraining is worth", choices=("pretrained", "random"))

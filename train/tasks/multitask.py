@@ -147,6 +147,9 @@ def parse_specs(cfg):
         if unread:  # e.g. crf=true on a classification head: it would be ignored
             raise ValueError(f"{where}: {unread[0]} applies to type "
                              f"{' or '.join(TASK_FLAGS[unread[0]])} only")
+        if "{split}" not in path:  # else dev and test would be the training file itself
+            raise ValueError(f"{where}: path {path!r} has no {{split}}, which becomes train, dev "
+                             "and test (a dev or test file that does not exist is skipped)")
         specs.append(TaskSpec(name, typ, path, weight, opts))
     names = [s.name for s in specs]
     if len(set(names)) != len(names) or any("." in n or "/" in n for n in names):
