@@ -129,7 +129,8 @@ class FinetuneConfig:
                                           "multi-task), comma-separated", path=abs_head_spec)
     skip_bad_rows: bool = option(False, "classification, regression: skip (and count) bad rows "
                                  "instead of stopping at the first")
-    max_length: int = option(128, "tokens per example after truncation (longest-first for pairs)")
+    max_length: int = option(128, "tokens per example after truncation (longest-first for "
+                             "pairs; tokens: later words are predicted O; qa: the window size)")
     init: str = option("pretrained", "'random' trains the same architecture from scratch, to show "
                        "what pretraining is worth", choices=("pretrained", "random"))
     # the head
