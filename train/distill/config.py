@@ -16,13 +16,13 @@ Limits: classification, regression and tagging teachers only (QA and multi-task 
 """
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from minibert.config import BertConfig
 from minibert.errors import UserError
 from minibert.io import load_json
 from train.command import absolute, option
-from train.finetune.config import FinetuneConfig
+from train.finetune.config import FinetuneConfig, flag_defaults
 from train.finetune.predict import task_model_dir
 from train.pretrain.config import SIZES
 
@@ -129,7 +129,7 @@ class DistillConfig(FinetuneConfig):
         if self.teacher is None or self.student is None:
             raise UserError(f"--{'teacher' if self.teacher is None else 'student'} is required")
         best = teacher_best(self.teacher)
-        defaults = {f.name: f.default for f in fields(FinetuneConfig)}
+        defaults = flag_defaults()
         for k, v in teacher_settings(best, self.student).items():
             # a value given that is not the teacher's is a contradiction, not a choice
             if getattr(self, k) not in (defaults[k], v):

@@ -47,12 +47,17 @@ def flag_applies(name, task):
         f"--{name.replace('_', '-')} applies to --task {' or '.join(tasks)} only"
 
 
+def flag_defaults():
+    """{field: default} of FinetuneConfig: what a flag is when it is not given."""
+    return {f.name: f.default for f in fields(FinetuneConfig)}
+
+
 def unused_flags(cfg):
     """Why each flag given (not at its default) goes unread in this run: another task's flag, a
     plateau flag without --schedule plateau, --stage-lrs without --unfreeze-every. Said at the
     start of a run rather than refused, so that a sweep over --schedule or --task with such a
     flag in common, and a run saved with one, still run."""
-    defaults = {f.name: f.default for f in fields(FinetuneConfig)}
+    defaults = flag_defaults()
     given = [k for k in defaults if getattr(cfg, k) != defaults[k]]
     why = [flag_applies(k, cfg.task) for k in given if cfg.task != "multitask"]
     if cfg.unfreeze_every is None:

@@ -47,7 +47,7 @@ from minibert.config import BertConfig
 from minibert.io import load_json
 from train.command import converter
 from train.data.examples import DataError
-from train.finetune.config import TASK_FLAGS, FinetuneConfig, flag_applies
+from train.finetune.config import TASK_FLAGS, FinetuneConfig, flag_applies, flag_defaults
 from train.tasks.registry import SINGLE_TASKS
 from train.tasks.task import TaskModel
 
@@ -255,7 +255,7 @@ class MultiTask:
         positions = BertConfig.from_json(os.path.join(cfg.model, "config.json")
                                          ).max_position_embeddings
         heads, parts = [], {s: {} for s in SPLITS}
-        defaults = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
+        defaults = flag_defaults()
         unread = [k for k in TASK_FLAGS if getattr(cfg, k) != defaults[k]
                   and all(flag_applies(k, s.type) for s in specs)]
         if unread:  # a run's --crf with no tagging head would be ignored
