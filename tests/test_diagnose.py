@@ -168,6 +168,26 @@ def test_diverging_rising_loss(tmp_path):
     assert d["verdict"] == "diverging" and d["headline"] == "the train loss is rising", d
 
 
+def test_a_short_log_at_an_epoch_end_is_not_taken_for_a_minimum(tmp_path):
+    """A 30-step tagging run logged at steps 15, 19 (the epoch's last 4 steps), 20 (1 step) and
+    30: the 4-step log, low by chance, passed for the minimum the loss then 'rose' from, though
+    the loss fell from 1.49 to 0.30 and the dev loss reached its lowest at the end."""
+    run = tmp_path / "run"
+    run.mkdir()
+    lr = lambda s: 1e-4 * (30 - s) / 27  # noqa: E731 (warm-up ended at step 3)
+    events = [{"event": "train", "step": s, "epoch": s / 19, "train_loss": v,
+               "lr": {"head": 10 * lr(s), "layer.0": lr(s)}}
+              for s, v in ((15, 1.4901), (19, 0.1406), (20, 0.2801), (30, 0.3013))]
+    events[1:1] = [{"event": "eval", "step": 15, "epoch": 15 / 19,
+                    "dev": {"loss": 0.2949, "f1": 0.1}, "lr": {}, "best_step": 15}]
+    events.append({"event": "eval", "step": 30, "epoch": 30 / 19,
+                   "dev": {"loss": 0.2785, "f1": 0.2}, "lr": {}, "best_step": 30})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    (run / "config.json").write_text(json.dumps({"metric": "f1", "init": "pretrained",
+                                                 "task": "tokens", "lr": 1e-4}))
+    assert diagnose(str(run))["verdict"] != "diverging"
+
+
 def test_stalled_when_the_lr_is_tiny(tmp_path):
     # plateau schedule cut the lr to 1e-8 at step 500; nothing improved afterwards
     lr = lambda s: 5e-5 if s < 500 else 1e-8  # noqa: E731

@@ -122,17 +122,23 @@ def rule_forgetting(c):
 
 
 def rule_rising(c):
-    """Train loss going up (after warm-up) without becoming NaN."""
-    if len(c.train_loss) < 3:
+    """Train loss going up (after warm-up) without becoming NaN. A log that averages far fewer
+    steps than the others (an epoch's last few, cut short) is left out: on a short run one such
+    log, low by chance, would pass for the minimum the loss then 'rose' from."""
+    off = warmup_end(c) if len(c.train_loss) >= 3 else len(c.train_loss)
+    spans = [b - a for a, b in zip([0] + c.train_steps, c.train_steps)]  # steps each log averages
+    typical = sorted(spans)[len(spans) // 2]
+    kept = [i for i in range(off, len(c.train_loss)) if 2 * spans[i] >= typical] or \
+        [i for i in range(len(c.train_loss)) if 2 * spans[i] >= typical]
+    if len(kept) < 3:
         return None
-    sm = smooth(c.train_loss[warmup_end(c):] or c.train_loss)
+    sm = smooth([c.train_loss[i] for i in kept])
     i_min, lo = min(sm, key=lambda t: t[1])
     end = sm[-1][1]
     if end < RISE_FACTOR * lo or end - lo < RISE_MIN_NATS:
         return None
-    off = warmup_end(c)
     return Finding("diverging", "the train loss is rising", [
-        f"smoothed train loss rose from {lo:.4f} (around step {c.train_steps[off + i_min]}) to "
+        f"smoothed train loss rose from {lo:.4f} (around step {c.train_steps[kept[i_min]]}) to "
         f"{end:.4f} at the end (x{end / lo:.2f})"],
         ["lower the learning rate", "use a longer warm-up or gradient clipping"])
 
