@@ -295,3 +295,19 @@ def test_a_per_task_max_length_beyond_the_positions_is_refused(setup, tmp_path):
                                          f"{positions} positions"):
         run_finetune(cfg_for(setup, tmp_path / "r", tasks=[spec]))
     assert not os.path.exists(tmp_path / "r" / "state")
+
+
+def test_the_data_of_each_task_is_fingerprinted_for_resume(setup, tmp_path):
+    """RUN/inputs.json holds the files behind --tasks specs and a --tasks-file, not only the
+    tasks file itself: a changed dev file is then refused on --resume, as for one task."""
+    from train.loop.inputs import input_files
+    from train.loop.launch import absolute_paths
+    _, data = setup
+    want = {f"{data}/train.jsonl", f"{data}/dev.jsonl"}  # no test.jsonl: skipped
+    assert want <= set(input_files(absolute_paths(cfg_for(setup, "unused"))))
+    f = tmp_path / "tasks.json"
+    f.write_text(json.dumps([{"name": "p", "type": "classification",
+                              "path": os.path.relpath(data, tmp_path) + "/{split}.jsonl"}]))
+    got = input_files(cfg_for(setup, "unused", tasks=None, tasks_file=str(f)))
+    assert {os.path.realpath(p) for p in got} >= {os.path.realpath(p) for p in want} | {
+        os.path.realpath(f)}

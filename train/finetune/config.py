@@ -6,6 +6,8 @@ the field learned since (Mosbach et al. 2021: bias-corrected AdamW and warm-up m
 stable; Sun et al. 2019: a higher lr for the new head, layer-wise decay).
 """
 
+import json
+import os
 from dataclasses import dataclass, fields
 
 from train.command import absolute, check_ranges, option
@@ -82,6 +84,36 @@ def abs_head_spec(spec):
     return f"{name}={absolute(src)}" if name else absolute(src)
 
 
+def split_files(path):
+    """The train/dev/test files a multi-task PATH with {split} names, those that exist."""
+    return [p for p in (path.replace("{split}", s) for s in ("train", "dev", "test"))
+            if os.path.isfile(p)]
+
+
+def tasks_file_path(tasks_file, path):
+    """A task's PATH in a --tasks-file: a relative one is read from the file's folder."""
+    return os.path.join(os.path.dirname(tasks_file), path)
+
+
+def spec_files(spec):
+    """The data files of a --tasks spec (NAME:TYPE:PATH...), for RUN/inputs.json."""
+    parts = spec.split(":")
+    return split_files(parts[2]) if len(parts) >= 3 else []
+
+
+def tasks_file_files(tasks_file):
+    """The data files a --tasks-file names, for RUN/inputs.json (a bad file: none; the
+    multi-task reader says what is wrong with it)."""
+    try:
+        with open(tasks_file, encoding="utf-8") as f:
+            rows = json.load(f)
+    except (OSError, ValueError):
+        return []
+    paths = [r.get("path") for r in rows if isinstance(r, dict)] if isinstance(rows, list) else []
+    return [f for p in paths if isinstance(p, str)
+            for f in split_files(tasks_file_path(tasks_file, p))]
+
+
 def abs_task_spec(spec):
     """A --tasks spec with its PATH made absolute; a malformed one is left for multitask's
     reader to refuse."""
@@ -119,10 +151,11 @@ class FinetuneConfig:
     max_answer_len: int = option(30, "qa: longest answer span, in tokens")
     tasks: list[str] | None = option(None, "multitask: comma-separated specs "
                                      "NAME:TYPE:PATH_WITH_{split}[:key=value...] "
-                                     "(train/tasks/multitask.py)", path=abs_task_spec)
+                                     "(train/tasks/multitask.py)", path=abs_task_spec,
+                                     inputs=spec_files)
     tasks_file: str | None = option(None, "multitask: a JSON list of {name, type, path, "
                                     "options...}; a relative path in it is read from the "
-                                    "file's folder", path=True)
+                                    "file's folder", path=True, inputs=tasks_file_files)
     sampling: str = option("proportional", "multitask: which task the next batch comes from",
                            choices=("proportional", "round-robin", "temperature"))
     sampling_temperature: float = option(2.0, "multitask, --sampling temperature: p_i ~ n_i^(1/T)")

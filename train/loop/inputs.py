@@ -7,9 +7,9 @@ names is hashed at the start, and a resume refuses in one line if one of them di
 
 Which files: every config field declared `option(..., path=...)` whose value is a file, and, for
 one that is a directory (a checkpoint, a tokenizer), the tokenizer files in it: by the time a run
-resumes, the weights are its own state. Paths inside specs (--tasks, --init-heads) and the run's
-own --out are not followed. A run saved before this file existed has no inputs.json and is not
-checked.
+resumes, the weights are its own state. A field declared with `inputs=fn` adds the files fn
+names (the data of multi-task specs and of a --tasks-file). The run's own --out is not followed.
+A run saved before this file existed has no inputs.json and is not checked.
 """
 
 import dataclasses
@@ -34,12 +34,14 @@ def input_files(cfg):
             continue
         value = getattr(cfg, f.name)
         for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, str) and "inputs" in f.metadata:
+                paths += f.metadata["inputs"](v)
             if isinstance(v, str) and os.path.isfile(v):
                 paths.append(v)
             elif isinstance(v, str) and os.path.isdir(v):
                 paths += [p for p in (os.path.join(v, n) for n in TOKENIZER_FILES)
                           if os.path.isfile(p)]
-    return {p: sha256(p) for p in paths}
+    return {p: sha256(p) for p in dict.fromkeys(paths)}
 
 
 def check_same_inputs(saved):

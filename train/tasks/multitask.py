@@ -47,7 +47,8 @@ from minibert.config import BertConfig
 from minibert.io import load_json
 from train.command import converter
 from train.data.examples import DataError
-from train.finetune.config import TASK_FLAGS, FinetuneConfig, flag_applies, flag_defaults
+from train.finetune.config import (TASK_FLAGS, FinetuneConfig, flag_applies, flag_defaults,
+                                   tasks_file_path)
 from train.tasks.registry import SINGLE_TASKS
 from train.tasks.task import TaskModel
 
@@ -134,7 +135,7 @@ def parse_specs(cfg):
             if not isinstance(v, str) or not v:
                 raise ValueError(f"{where}: {key}={v!r} must be a non-empty string")
         if cfg.tasks_file:  # read from the file's folder: the same files from any directory
-            path = os.path.join(os.path.dirname(cfg.tasks_file), path)
+            path = tasks_file_path(cfg.tasks_file, path)
         if typ not in SINGLE_TASKS:
             raise ValueError(f"{where}: unknown task type {typ!r}; one of {list(SINGLE_TASKS)}")
         weight = d.pop("weight", 1.0)
