@@ -186,6 +186,14 @@ def test_a_short_log_at_an_epoch_end_is_not_taken_for_a_minimum(tmp_path):
     (run / "config.json").write_text(json.dumps({"metric": "f1", "init": "pretrained",
                                                  "task": "tokens", "lr": 1e-4}))
     assert diagnose(str(run))["verdict"] != "diverging"
+    # a rise is still a rise when short logs sit among the others: 19 steps an epoch, a log
+    # every 20 and at each epoch's end, warm-up to step 20
+    lr = lambda s: 1e-4 * min(s / 20, 1.0)  # noqa: E731
+    events = [{"event": "train", "step": s, "epoch": s / 19, "train_loss": v,
+               "lr": {"head": 10 * lr(s), "layer.0": lr(s)}}
+              for s, v in ((19, 0.69), (20, 0.60), (38, 0.95), (40, 1.3), (57, 2.1))]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    assert diagnose(str(run))["verdict"] == "diverging"
 
 
 def test_stalled_when_the_lr_is_tiny(tmp_path):

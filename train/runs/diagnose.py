@@ -123,22 +123,24 @@ def rule_forgetting(c):
 
 def rule_rising(c):
     """Train loss going up (after warm-up) without becoming NaN. A log that averages far fewer
-    steps than the others (an epoch's last few, cut short) is left out: on a short run one such
-    log, low by chance, would pass for the minimum the loss then 'rose' from."""
-    off = warmup_end(c) if len(c.train_loss) >= 3 else len(c.train_loss)
+    steps than the others (an epoch's last few, cut short) cannot be the minimum the loss rose
+    from: on a short run one such log, low by chance, passed for it."""
+    if len(c.train_loss) < 3:
+        return None
+    off = warmup_end(c)
+    idx = list(range(off, len(c.train_loss))) or list(range(len(c.train_loss)))
     spans = [b - a for a, b in zip([0] + c.train_steps, c.train_steps)]  # steps each log averages
     typical = sorted(spans)[len(spans) // 2]
-    kept = [i for i in range(off, len(c.train_loss)) if 2 * spans[i] >= typical] or \
-        [i for i in range(len(c.train_loss)) if 2 * spans[i] >= typical]
-    if len(kept) < 3:
-        return None
-    sm = smooth([c.train_loss[i] for i in kept])
-    i_min, lo = min(sm, key=lambda t: t[1])
+    sm = smooth([c.train_loss[i] for i in idx])
+    w = len(idx) - len(sm) + 1  # smooth's window
+    full = [(j, v) for j, v in sm if any(2 * spans[idx[k]] >= typical for k in range(j - w + 1,
+                                                                                   j + 1))]
+    j_min, lo = min(full or sm, key=lambda t: t[1])
     end = sm[-1][1]
     if end < RISE_FACTOR * lo or end - lo < RISE_MIN_NATS:
         return None
     return Finding("diverging", "the train loss is rising", [
-        f"smoothed train loss rose from {lo:.4f} (around step {c.train_steps[kept[i_min]]}) to "
+        f"smoothed train loss rose from {lo:.4f} (around step {c.train_steps[idx[j_min]]}) to "
         f"{end:.4f} at the end (x{end / lo:.2f})"],
         ["lower the learning rate", "use a longer warm-up or gradient clipping"])
 
