@@ -84,7 +84,10 @@ def test_output_that_would_replace_what_predict_reads_is_refused_first(tmp_path,
     import train.finetune.predict as predict
     monkeypatch.setattr(predict, "load_task_model", None)  # any work would fail loudly
     for output, why in ((dev, "is the --input file"),
-                        (run / "best" / "task.json", "is inside the model's directory"),
+                        (run / "best" / "task.json", "would replace a file of the model or "
+                                                     "its run"),
+                        (run / "config.json", "would replace a file of the model or its run"),
+                        (run / "state" / "x.json", "would replace a file of the model or its run"),
                         (tmp_path, "a directory; give a file name")):
         with pytest.raises(SystemExit, match=f"--output {output}:? {why}"):
             main(["predict", str(run), "--input", str(dev), "--output", str(output)])

@@ -53,17 +53,25 @@ def load_onnx(export_dir, threads):
         raise SystemExit(f"minibert predict: {e}") from None
 
 
-def check_output(output, model, input_):
-    """--output, checked before any work: a file to write, and not one that is read here."""
+# what a run (or a prune DIR) writes beside its model; predictions may go there under another name
+RUN_OWN = ("config.json", "inputs.json", "metrics.jsonl", "results.json", "diagnosis.json",
+           "sweep.json")
+
+
+def check_output(output, model, run, input_):
+    """--output, checked before any work: a file to write, and not one that is read here: the
+    --input, a file of the model's directory, or one of the run's own files."""
     if os.path.isdir(output):
         raise SystemExit(f"minibert predict: --output {output}: a directory; give a file name")
-    real = os.path.realpath(output)
+    real, run = os.path.realpath(output), os.path.realpath(run)
     if input_ and real == os.path.realpath(input_):
         raise SystemExit(f"minibert predict: --output {output} is the --input file; writing "
                          "the predictions there would replace the data: give another file")
-    if os.path.commonpath([real, os.path.realpath(model)]) == os.path.realpath(model):
-        raise SystemExit(f"minibert predict: --output {output} is inside the model's directory "
-                         f"{model}; give a file elsewhere")
+    if os.path.commonpath([real, os.path.realpath(model)]) == os.path.realpath(model) or (
+            os.path.commonpath([real, run]) == run
+            and (os.path.dirname(real) != run or os.path.basename(real) in RUN_OWN)):
+        raise SystemExit(f"minibert predict: --output {output} would replace a file of the model "
+                         f"or its run ({run}); give another file")
 
 
 def cmd_predict(args):
@@ -71,7 +79,7 @@ def cmd_predict(args):
     # the directory the model is read from: a run's best/ (a file beside it in RUN is fine)
     tok_dir = args.model if args.backend == "onnx" else find_best(args.model, "predict")
     if args.output:
-        check_output(args.output, tok_dir, args.input)
+        check_output(args.output, tok_dir, args.model, args.input)
     texts, where = args.text, "--text {}"
     if not args.text and not args.input:
         texts, where = read_stdin_lines("predict", "--text or --input"), "stdin:{}"
