@@ -281,3 +281,22 @@ def test_torchrun_wrapper_exits_as_the_failed_worker_did(monkeypatch, capsys):
                                       "memory?)\n"
     monkeypatch.setattr(wrapper, "torchrun", lambda argv: None)
     assert wrapper.main([]) == 0
+    # rank 1 stopped on the input error first; torchrun then ended rank 0 with SIGTERM in the
+    # same second: the status is the input error's, and no signal is reported
+
+    def both(argv):
+        failures = {0: ProcessFailure(0, 1, -15, "<N/A>"), 1: ProcessFailure(1, 2, 2, "<N/A>")}
+        for f in failures.values():
+            f.timestamp = 1796403056
+        raise ChildFailedError("train.cli", failures)
+    monkeypatch.setattr(wrapper, "torchrun", both)
+    assert wrapper.main([]) == 2 and capsys.readouterr().err == ""
+
+
+def test_a_follower_rank_leaves_with_rank_0s_status():
+    """Ranks other than 0 leave a deliberate stop quietly, with the status rank 0 gets from
+    train/cli.py; a follower's 1 used to win when both exited in the same second."""
+    from minibert.errors import UserError
+    from train.loop.distributed import exit_status
+    assert [exit_status(e) for e in (UserError("x"), KeyboardInterrupt(), SystemExit("said"),
+                                     SystemExit(3), SystemExit(None))] == [2, 130, 1, 3, 0]

@@ -36,6 +36,7 @@ import gc
 import os
 import subprocess
 import sys
+import time
 
 import torch
 import torch.distributed as tdist
@@ -71,7 +72,13 @@ def launch(argv, nproc):
     print("launching: " + " ".join(cmd), file=sys.stderr, flush=True)
     # one thread per process, torchrun's own default, said here so that it prints no banner
     env = {"OMP_NUM_THREADS": "1", **os.environ}
-    rc = subprocess.call(cmd, env=env, preexec_fn=die_with_parent)
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent)
+    while True:
+        try:
+            rc = proc.wait()
+            break
+        except KeyboardInterrupt:  # the job got the same Ctrl-C: let it stop its workers
+            continue
     return 128 - rc if rc < 0 else rc  # killed by a signal: the shell's status, not 256 - sig
 
 
@@ -248,12 +255,15 @@ def session(device):
 
     try:
         yield Dist(rank, world, device)
-    except (SystemExit, UserError) as e:
-        # a deliberate stop (divergence, a data error) happens on every rank alike; rank 0
-        # reports it, the others leave with the same status and no second copy of the message
+    except (SystemExit, UserError, KeyboardInterrupt) as e:
+        # a deliberate stop (divergence, a data error, Ctrl-C) happens on every rank alike;
+        # rank 0 reports it, the others leave with rank 0's status and no second message
         tdist.destroy_process_group()  # now, not in the interpreter's teardown
         if rank != 0:
-            raise SystemExit(getattr(e, "code", 2) not in (0, None)) from None
+            # rank 0 exits first, having said why: torchrun stops the job at the first exit
+            # and would otherwise end rank 0 (SIGTERM) before its message is out
+            time.sleep(2)
+            raise SystemExit(exit_status(e)) from None
         raise
     except BaseException as e:
         speak()  # the interpreter prints the traceback after this line
@@ -270,6 +280,16 @@ def session(device):
         tdist.destroy_process_group()
     finally:
         speak()
+
+
+def exit_status(e):
+    """The status `minibert` leaves with after `e` (train/cli.py): an input error 2, Ctrl-C 130,
+    a SystemExit its code (1 for a message)."""
+    if isinstance(e, UserError):
+        return 2
+    if isinstance(e, KeyboardInterrupt):
+        return 130
+    return e.code if isinstance(e.code, int) else int(e.code is not None)
 
 
 def run_dir(path, dist):

@@ -14,6 +14,7 @@ untouched, so a terminal still shows their redrawn progress bar.
 import logging
 import sys
 
+from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import main as torchrun
 
@@ -21,11 +22,19 @@ from torch.distributed.run import main as torchrun
 def main(argv):
     # its log line for the failure ("failed (exitcode: 2) local_rank: 0 ...") and its SIGTERMs
     # to the other workers repeat what the exit status says
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    for name in list(logging.root.manager.loggerDict):  # some set a level of their own
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         torchrun(argv)
+    except SignalException as e:  # Ctrl-C or a kill: the workers were stopped, and said so
+        return 128 + e.sigval
     except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
+        # the first worker to exit on its own (torchrun ends the others with SIGTERM); on a tie
+        # (timestamps are whole seconds) the lowest rank, rank 0, which said why
+        rank = min(e.failures, key=lambda r: (e.failures[r].exitcode < 0,
+                                              e.failures[r].timestamp, r))
+        failure = e.failures[rank]
         if failure.exitcode >= 0:
             return failure.exitcode
         print(f"minibert: rank {rank} was killed by signal {failure.signal_name()}"
