@@ -323,6 +323,9 @@ def test_plot_refuses_a_metric_a_run_does_not_report(tmp_path):
                    if '"eval"' not in line)
     (c / "metrics.jsonl").write_text(text)
     assert main(["plot", str(a), str(c), "--out", str(out), "--metric", "accuracy"]) == 0
+    with pytest.raises(SystemExit, match="--metric acuracy: no run has dev evaluations"):
+        main(["plot", str(c), "--out", str(tmp_path / "d.png"), "--metric", "acuracy"])
+    assert not (tmp_path / "d.png").exists()
 
 
 def test_plot_without_matplotlib_says_how_to_install(tmp_path, monkeypatch):

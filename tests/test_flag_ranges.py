@@ -186,7 +186,9 @@ def test_a_runs_crf_with_bio_constraints_goes_to_its_tagging_heads_only(root, tm
     cfg = FinetuneConfig(model=str(root / "model"), task="multitask", max_length=16, crf=True,
                          bio_constraints=True,
                          tasks=[f"a:classification:{root}/data/{{split}}.jsonl",
-                                f"b:tokens:{tmp_path}/{{split}}.jsonl"])
+                                f"b:tokens:{tmp_path}/{{split}}.jsonl",
+                                f"c:tokens:{tmp_path}/{{split}}.jsonl:crf=false"])
     task, _ = MultiTask.from_data(cfg, tiny_tokenizer())
-    a, b = (h["meta"] for h in task.meta["heads"])
+    a, b, c = (h["meta"] for h in task.meta["heads"])
     assert b["crf"] and b["bio_constraints"] and "crf" not in a
+    assert not c["crf"] and not c.get("bio_constraints")  # its spec turned the CRF off

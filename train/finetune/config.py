@@ -29,9 +29,7 @@ TASK_FLAGS = {"text_field": ("classification", "regression"),
               "label_field": ("classification",),
               "target_field": ("regression",), "standardize_targets": ("regression",),
               "crf": ("tokens",), "bio_constraints": ("tokens",), "doc_stride": ("qa",),
-              "max_answer_len": ("qa",),
-              # the tagging and SQuAD readers stop at the first bad row
-              "skip_bad_rows": ("classification", "regression")}
+              "max_answer_len": ("qa",)}
 
 
 def check_metric(metric, names, task):
@@ -68,6 +66,8 @@ def unused_flags(cfg):
     if cfg.schedule != "plateau":
         why += [f"--{k.replace('_', '-')} applies to --schedule plateau only"
                 for k in given if k.startswith("plateau_")]
+    if cfg.skip_bad_rows and cfg.task in ("tokens", "qa"):  # their readers stop at the first
+        why.append("--skip-bad-rows applies to --task classification or regression only")
     return [w for w in why if w]
 
 

@@ -76,6 +76,7 @@ def plot_runs(runs, out, metric=None, labels=None):
     fmt = image_format(fig, out)
     ax_loss, ax_metric, ax_lr = fig.subplots(1, 3)
     losses = []  # each run's loss name: the axis says them all, once each
+    any_evals = False
     for i, run in enumerate(runs):
         events = read_jsonl(os.path.join(run, "metrics.jsonl"))
         if not events:
@@ -84,6 +85,7 @@ def plot_runs(runs, out, metric=None, labels=None):
         c = colors[i % len(colors)]
         train = [e for e in events if e["event"] == "train"]
         evals = [e for e in events if e["event"] == "eval"]
+        any_evals = any_evals or bool(evals)
         config = read_json(os.path.join(run, "config.json")) or {}
         m = run_metric(config, evals, metric)
         # a typo, or another task's; a run without evaluations (no --dev) has only its loss
@@ -106,6 +108,9 @@ def plot_runs(runs, out, metric=None, labels=None):
         styles = ["-", "--", ":", "-."]
         for j, (label, steps, lrs) in enumerate(lr_curves(train)):
             ax_lr.plot(steps, lrs, styles[j % len(styles)], color=c, label=f"{name} {label}")
+    if metric and not any_evals:
+        raise SystemExit(f"minibert plot: --metric {metric}: no run has dev evaluations (they "
+                         "come with --dev)")
     ax_loss.set(title="loss", xlabel="step", ylabel=" / ".join(dict.fromkeys(losses)))
     ax_metric.set(title="dev metric", xlabel="step")
     ax_lr.set(title="learning rate per parameter group", xlabel="step", yscale="log")

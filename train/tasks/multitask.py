@@ -266,6 +266,8 @@ class MultiTask:
             # the run's task flags are the defaults of the heads that read them; the others keep
             # the field's default (their own check would refuse a --crf on a classification head)
             unused = {k: defaults[k] for k in TASK_FLAGS if flag_applies(k, spec.type)}
+            if not spec.options.get("crf", cfg.crf):  # a head that says crf=false: no constraints
+                unused["bio_constraints"] = False
             paths = {s: spec.path.replace("{split}", s) for s in SPLITS}
             if not os.path.exists(paths["train"]):
                 raise DataError(f"task {spec.name}: no training data at {paths['train']}")
