@@ -1,8 +1,9 @@
 """Labelled examples from JSONL, CSV or TSV files, and the batches a trainer draws from them.
 
 Reading is strict: a row with a missing field, an empty text, an empty label, a label unseen in
-training, or a line that does not decode stops the run with `file:line` and the reason. With `skip_bad_rows`
-such rows are skipped and counted instead, and the count is printed; nothing is dropped silently.
+training, or a line that does not decode stops the run with `file:line` and the reason. With
+`skip_bad_rows` such rows are skipped and counted instead, and the count is printed; nothing is
+dropped silently.
 
 Batching is dynamic: each batch is padded to its own longest sequence. With `group_by_length`,
 examples are sorted by length inside large shuffled windows so that a batch holds similar lengths

@@ -6,10 +6,10 @@ the field learned since (Mosbach et al. 2021: bias-corrected AdamW and warm-up m
 stable; Sun et al. 2019: a higher lr for the new head, layer-wise decay).
 """
 
-import json
 import os
 from dataclasses import dataclass, fields
 
+from minibert.io import load_json
 from train.command import absolute, check_ranges, option
 from train.loop.best import metric_mode
 from train.tasks.registry import SINGLE_TASKS
@@ -22,8 +22,9 @@ DEFAULT_METRIC = {**{n: t.default_metric for n, t in SINGLE_TASKS.items()},
 TASKS = tuple(DEFAULT_METRIC)
 
 # flags that only some tasks read: given (not at their default) with another task, they are
-# ignored, and the run says so at its start (unused_flags). The tagging reader always reads `tokens`/`tags` (train/tasks/tagging.py), QA its SQuAD
-# fields. A multi-task run's values are its heads' defaults, given to the heads that read them.
+# ignored, and the run says so at its start (unused_flags). The tagging reader always reads
+# `tokens`/`tags` (train/tasks/tagging.py), QA its SQuAD fields. A multi-task run's values are
+# its heads' defaults, given to the heads that read them.
 TASK_FLAGS = {"text_field": ("classification", "regression"),
               "pair_field": ("classification", "regression"),
               "label_field": ("classification",),
@@ -105,8 +106,7 @@ def tasks_file_files(tasks_file):
     """The data files a --tasks-file names, for RUN/inputs.json (a bad file: none; the
     multi-task reader says what is wrong with it)."""
     try:
-        with open(tasks_file, encoding="utf-8") as f:
-            rows = json.load(f)
+        rows = load_json(tasks_file)
     except (OSError, ValueError):
         return []
     paths = [r.get("path") for r in rows if isinstance(r, dict)] if isinstance(rows, list) else []

@@ -13,17 +13,12 @@ A run saved before this file existed has no inputs.json and is not checked.
 """
 
 import dataclasses
-import hashlib
 import os
 
 from minibert.errors import UserError
+from minibert.fetch import sha256_of
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
-
-
-def sha256(path):
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def input_files(cfg):
@@ -41,7 +36,7 @@ def input_files(cfg):
             elif isinstance(v, str) and os.path.isdir(v):
                 paths += [p for p in (os.path.join(v, n) for n in TOKENIZER_FILES)
                           if os.path.isfile(p)]
-    return {p: sha256(p) for p in dict.fromkeys(paths)}
+    return {p: sha256_of(p) for p in dict.fromkeys(paths)}
 
 
 def check_same_inputs(saved):
@@ -50,7 +45,7 @@ def check_same_inputs(saved):
         if not os.path.isfile(path):
             raise UserError(f"{path}: this run read it at its start, and it is gone; put it "
                             "back to resume, or start a new run")
-        if sha256(path) != digest:
+        if sha256_of(path) != digest:
             raise UserError(f"{path}: changed since this run started (its sha256 differs), so "
                             "the run would continue on other data or token ids; put the "
                             "original back to resume, or start a new run")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from train.command import absolute, check_ranges, option
 
 from minibert.config import BertConfig
+from minibert.errors import UserError
 
 
 
@@ -54,10 +55,16 @@ def config_file(path, max_len):
         raise ValueError(f"--config {path!r}: neither a size ({', '.join(SIZES)}) nor an "
                          "existing config.json")
     cfg = BertConfig.from_json(path)
-    if cfg.max_position_embeddings < max_len:
-        raise ValueError(f"{path}: max_position_embeddings={cfg.max_position_embeddings} < "
-                         f"--max-len {max_len}")
+    check_positions(max_len, cfg, path)
     return cfg
+
+
+def check_positions(max_len, config, where):
+    """--max-len must fit the positions of the model `where` (a config.json, a checkpoint)."""
+    if max_len > config.max_position_embeddings:
+        raise UserError(f"--max-len {max_len}: {where} has positions for "
+                        f"{config.max_position_embeddings} tokens (max_position_embeddings); "
+                        "give at most that")
 
 
 @dataclass

@@ -36,7 +36,8 @@ from train.pretrain.masking import Masker, mlm_loss_sparse
 from train.pretrain.corpus import BatchIndices, MLMData, load_corpus
 from train.loop.optim import AdamW
 from train.loop.params import decays
-from train.pretrain.config import SIZES, PretrainConfig, config_file, model_config
+from train.pretrain.config import (SIZES, PretrainConfig, check_positions, config_file,
+                                   model_config)
 from train.loop.rundir import RunDir
 from train.loop.schedules import LambdaSchedule, lr_multiplier
 from train.pretrain.tokenizer import train_tokenizer
@@ -113,7 +114,7 @@ def build_model(cfg: PretrainConfig, tok):
         for n in notes:
             print(f"init: {n}", file=sys.stderr)
         check_vocabulary(mlm.config, tok, cfg.init_from)
-        check_positions(cfg, mlm.config)
+        check_positions(cfg.max_len, mlm.config, cfg.init_from)
         return mlm
     mc = model_config(cfg.config, tok.vocab_size, cfg.max_len, cfg.attention, tok.pad_id)
     mc = dataclasses.replace(mc, hidden_dropout_prob=cfg.dropout,
@@ -262,14 +263,9 @@ def required_inputs(cfg):
     if cfg.config and cfg.config not in SIZES:
         config_file(cfg.config, cfg.max_len)
     if cfg.init_from and os.path.isfile(os.path.join(cfg.init_from, "config.json")):
-        check_positions(cfg, BertConfig.from_json(os.path.join(cfg.init_from, "config.json")))
-
-
-def check_positions(cfg, model_config):
-    if cfg.max_len > model_config.max_position_embeddings:
-        raise UserError(f"--max-len {cfg.max_len}: {cfg.init_from} has positions for "
-                        f"{model_config.max_position_embeddings} tokens "
-                        "(max_position_embeddings); give at most that")
+        check_positions(cfg.max_len, BertConfig.from_json(os.path.join(cfg.init_from,
+                                                                        "config.json")),
+                        cfg.init_from)
 
 
 def cmd_pretrain(args):

@@ -133,10 +133,10 @@ def _prune(cfg, device):
           f"{before['neurons'] - after['neurons']} neurons: {after['parameters'] / 1e6:.2f}M "
           f"encoder parameters ({after['parameters'] / before['parameters']:.0%})",
           file=sys.stderr)
-    for unit, asked in (("heads", cfg.heads), ("neurons", cfg.ffn)):
+    for unit, flag, asked in (("heads", "--heads", cfg.heads), ("neurons", "--ffn", cfg.ffn)):
         removed = before[unit] - after[unit]
         if removed < round(asked * before[unit]):  # each layer keeps one (least_important)
-            print(f"prune: --{'heads' if unit == 'heads' else 'ffn'} {asked:g} asks for "
+            print(f"prune: {flag} {asked:g} asks for "
                   f"{round(asked * before[unit])} of {before[unit]} {unit}; {removed} removed, "
                   "as every layer keeps at least one", file=sys.stderr)
 

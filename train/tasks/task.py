@@ -107,6 +107,6 @@ def load_head_state(head, state, path):
     try:
         head.load_state_dict(state)
     except RuntimeError as e:
-        first = str(e).strip().splitlines()[-1].strip()
-        raise CheckpointError(f"{path}: does not fit the head its task.json describes ({first}); "
+        gist = str(e).strip().splitlines()[-1].strip()  # torch's list of keys or shapes
+        raise CheckpointError(f"{path}: does not fit the head its task.json describes ({gist}); "
                               "the two come from different runs") from None
