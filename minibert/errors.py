@@ -27,6 +27,14 @@ class FetchError(UserError, RuntimeError):
     """A pinned archive that cannot be fetched, or whose sha256 differs."""
 
 
+class BackendError(UserError, RuntimeError):
+    """An attention backend that cannot run here: no GPU, or a Triton that cannot run the kernels."""
+
+
+class MissingPackage(UserError, ImportError):
+    """An optional package that the chosen setting needs is not installed."""
+
+
 def missing_from_checkpoint(path, what):
     """The CheckpointError of a directory `path` that lacks `what`; a directory that is a
     training run (its model in RUN/best) is pointed there."""

@@ -294,6 +294,14 @@ def test_run_directories_that_cannot_serve(base, tmp_path, capsys):
            "--out", run, "--max-steps", "1"], str(run), capsys, runs=[run])
 
 
+def test_kernels_that_cannot_run_here(base, tmp_path, capsys, monkeypatch):
+    # Triton kernels on a CPU without the interpreter: one line naming the setting, no traceback
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    check("triton-on-cpu", ["finetune", "--model", base / "model", "--train",
+                            base / "data/train.jsonl", "--out", tmp_path / "o", "--device", "cpu",
+                            "--attention", "triton"], "attention='triton'", capsys)
+
+
 def test_contradictory_and_wrong_flags(base, tmp_path, capsys):
     common = ["--model", base / "model", "--train", base / "data/train.jsonl",
               "--out", tmp_path / "o"]

@@ -13,6 +13,8 @@ import os
 
 import torch
 
+from minibert.errors import BackendError, ConfigError, MissingPackage
+
 # Names resolved on first use, so `import minibert.kernels` works without triton installed.
 _PUBLIC = {"flash_attention": "flash", "flash_attention_varlen": "flash",
            "dropout_keep_mask": "flash", "attention_reference": "flash_kernels"}
@@ -22,7 +24,7 @@ def _import_triton():
     try:
         import triton  # noqa: F401  (only whether it imports)
     except ImportError as e:
-        raise ImportError(
+        raise MissingPackage(
             "attention='triton' needs the triton package, which is not installed: "
             "`pip install triton` (or `pip install minibert[gpu]`), or use attention='sdpa'"
         ) from e
@@ -39,16 +41,31 @@ def interpreting():
 
 def check_head_size(hs, what):
     if hs not in HEAD_SIZES:
-        raise ValueError(f"{what}: head size {hs} is not supported by the Triton kernels; it "
+        raise ConfigError(f"{what}: head size {hs} is not supported by the Triton kernels; it "
                          "must be a power of two from 16 to 128 (a compile-time tile width)")
+
+
+def _version(text):
+    """(major, minor) of a version string: "3.6.0" -> (3, 6), "2.4.0rc1" -> (2, 4)."""
+    return tuple(int("".join(c for c in part if c.isdigit()) or 0) for part in text.split(".")[:2])
 
 
 def check_device(device_type, what):
     if device_type != "cuda" and not interpreting():
-        raise RuntimeError(
+        raise BackendError(
             f"{what} runs Triton kernels, which need a CUDA GPU (got {device_type}). To run them "
             "on a CPU (slowly, for tests), set TRITON_INTERPRET=1 before importing triton; "
             "otherwise use attention='sdpa'.")
+    if device_type != "cuda":
+        import numpy
+        import triton
+        # Before 3.7 the interpreter reads a loop bound with int() on a 1-element array, which
+        # NumPy 2.4 made an error, and every kernel here loops up to a length read on the device.
+        if _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 4):
+            raise BackendError(
+                f"{what}: Triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1) cannot "
+                f"run these kernels with NumPy {numpy.__version__}: it converts loop bounds in a "
+                "way NumPy 2.4 refuses. Use triton>=3.7 or numpy<2.4 with the interpreter.")
 
 
 def check_triton_usable(cfg):
