@@ -1,7 +1,8 @@
 """A corpus of malformed inputs, each made here (nothing binary is committed), each run through the
 real `minibert` command. Every one must end with a non-zero exit status, no traceback, and a last
 line of the form `minibert CMD: WHERE: what is wrong...` where WHERE names the file, file:line
-or key; and a run directory that existed before is left exactly as it was.
+or key; a run directory that existed before is left exactly as it was, and a --out that did not
+exist still does not.
 
 The cases span data files (JSONL, CSV, TSV, CoNLL, SQuAD JSON), checkpoints (missing, truncated,
 wrong dtype, missing/extra keys, wrong shapes, bad config values and types, a vocabulary that
@@ -66,6 +67,8 @@ def run_cli(argv, capsys):
 def check(name, argv, where, capsys, runs=()):
     where = str(where)
     before = {str(r): snapshot(r) for r in runs}
+    out = str(argv[argv.index("--out") + 1]) if "--out" in argv else None
+    new_out = out is not None and not os.path.exists(out)
     code, err = run_cli(argv, capsys)
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code not in (0, None), f"{name}: exit status {code}\n{err}"
@@ -75,6 +78,8 @@ def check(name, argv, where, capsys, runs=()):
     assert where in last, f"{name}: {where!r} not named in {last!r}"
     for r in runs:
         assert snapshot(r) == before[str(r)], f"{name}: {r} changed"
+    if new_out:  # a refused command leaves no trace of the --out it was given
+        assert not os.path.exists(out), f"{name}: left {out}: {os.listdir(out)}"
     TRIED.append(name)
     if os.environ.get("SHOW_BAD_INPUTS"):
         print(f"  {name:32s} {last}", file=sys.__stderr__)

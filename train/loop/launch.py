@@ -5,7 +5,8 @@
   process's distributed session, and the project's own errors become one line.
 - `run_in_state(body, cfg, ...)`: the run seeds torch and sets its thread count for its own
   duration only (train/loop/device.py), so a library caller's random stream is left alone; it
-  holds RUN/.lock, and a fresh run refuses a directory that holds a run (train/loop/rundir.py).
+  holds RUN/.lock, and a fresh run refuses a directory that holds a run (train/loop/rundir.py);
+  a --out it made and that holds no event yet is removed again if the run stops.
 - `open_run(cfg, dist, resume, title)`: the config with absolute paths, fitted to the job's
   process count, the run directory (only rank 0 writes), the resolved config printed and saved,
   the inputs fingerprinted (or, on resume, checked: train/loop/inputs.py), and the line that
@@ -25,7 +26,7 @@ from train.command import absolute, dataclass_from_args, print_config
 from train.loop import distributed
 from train.loop.inputs import check_same_inputs, input_files
 from train.loop.device import describe_precision, pick_device, resolve_precision, run_state
-from train.loop.rundir import check_fresh, check_not_a_model, exclusive
+from train.loop.rundir import check_fresh, check_not_a_model, exclusive, remove_if_unstarted
 
 
 def run_in_state(body, cfg, resume=False, dist=None):
@@ -34,11 +35,17 @@ def run_in_state(body, cfg, resume=False, dist=None):
     dist = dist if dist is not None else distributed.single(pick_device(cfg.device))
     if dist.is_main and not resume:
         check_not_a_model(cfg.out)  # before the lock file is made there
+    made = dist.is_main and not resume and not os.path.exists(cfg.out)
     lock = exclusive(cfg.out) if dist.is_main else contextlib.nullcontext()
-    with lock, run_state(cfg.seed, cfg.threads, dist.device):
-        if dist.is_main and not resume:
-            check_fresh(cfg.out)
-        return body(cfg, resume, dist)
+    try:
+        with lock, run_state(cfg.seed, cfg.threads, dist.device):
+            if dist.is_main and not resume:
+                check_fresh(cfg.out)
+            return body(cfg, resume, dist)
+    except BaseException:
+        if made:  # a run refused or stopped before its first event leaves no directory behind
+            remove_if_unstarted(cfg.out)
+        raise
 
 
 def open_run(cfg, dist, resume, title):

@@ -155,6 +155,19 @@ def exclusive(path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+# what a fresh run writes before its first event: nothing that a user would miss
+STARTUP_FILES = {".lock", "config.json", "inputs.json"}
+
+
+def remove_if_unstarted(path):
+    """Remove the directory `path` if it holds no more than a run's startup files: for a --out
+    that a run made and then stopped in (a refusal, an error, Ctrl-C) before logging anything."""
+    if os.path.isdir(path) and set(os.listdir(path)) <= STARTUP_FILES:
+        for name in os.listdir(path):
+            os.remove(os.path.join(path, name))
+        os.rmdir(path)
+
+
 def read_jsonl(path):
     """The events of a metrics.jsonl; a torn last line (a kill mid-append) is left out."""
     if not os.path.exists(path):
