@@ -1,5 +1,5 @@
 """Multi-task: spec parsing, the three sampling rules, per-head metrics and checkpoint, prediction
-from every head, a frozen head that stays bit-identical, and freezing everything as an error."""
+from every head or the heads --head names, a frozen head that stays bit-identical, and freezing everything as an error."""
 
 import json
 import os
@@ -15,6 +15,7 @@ from minibert.tokenizer import Tokenizer
 from tests.tiny import FILLER, NEGATIVE, POSITIVE, make_checkpoint
 from train.finetune.finetune import TASKS, build_model, run_finetune
 from train.finetune.config import FinetuneConfig
+from train.finetune.predict import pick_heads
 from train.tasks.multitask import MultiDataset, parse_specs
 from train.cli import main
 
@@ -184,6 +185,36 @@ def test_trains_both_heads_and_predicts_with_every_head(setup, tmp_path):
                  "--output", str(out), "--batch-size", "8", "--device", "cpu"]) == 0
     row = json.loads(out.read_text())
     assert row["polarity"]["label"] == "1" and row["intensity"]["score"] > 0, row
+    # --head: the named heads alone, with the same answers
+    assert main(["predict", "--model", str(tmp_path / "r"), "--text", "the film was superb",
+                 "--output", str(out), "--head", "intensity", "--device", "cpu"]) == 0
+    alone = json.loads(out.read_text())
+    assert set(alone) == {"text", "intensity"} and alone["intensity"] == row["intensity"], alone
+    with pytest.raises(SystemExit, match="--head tone: .* no such head; its heads: polarity, "
+                                         "intensity"):
+        main(["predict", "--model", str(tmp_path / "r"), "--text", "x", "--head", "tone"])
+
+
+def test_heads_that_read_different_inputs_are_chosen_with_head():
+    # A QA head reads 'QUESTION ||| CONTEXT', a pair classifier 'TEXT ||| PAIR', others a text:
+    # one --text cannot feed all of them, so predict refuses and --head picks.
+    cls = {"task": "classification", "labels": ["0", "1"], "pair_field": None}
+    task = TASKS["multitask"]({"task": "multitask", "heads": [
+        {"name": "sent", "weight": 1.0, "meta": cls},
+        {"name": "ans", "weight": 1.0, "meta": {"task": "qa", "max_length": 64,
+                                                "doc_stride": 16}},
+        {"name": "nli", "weight": 1.0, "meta": {**cls, "pair_field": "claim"}}]})
+    with pytest.raises(SystemExit, match=r"RUN: its heads read different inputs \(sent reads a "
+                       r"text; ans reads 'QUESTION \|\|\| CONTEXT'; nli reads 'TEXT \|\|\| "
+                       r"PAIR'\); choose .* --head NAME"):
+        pick_heads(task, None, "RUN")
+    assert list(pick_heads(task, ["ans"], "RUN").tasks) == ["ans"]
+    assert list(pick_heads(task, ["sent"], "RUN").tasks) == ["sent"]
+    with pytest.raises(SystemExit, match="nli reads 'TEXT"):
+        pick_heads(task, ["nli", "sent"], "RUN")
+    with pytest.raises(SystemExit, match="--head sent: RUN is a single-task model"):
+        pick_heads(TASKS["classification"](cls), ["sent"], "RUN")
+    assert pick_heads(TASKS["classification"](cls), None, "RUN").name == "classification"
 
 
 def test_frozen_head_stays_bit_identical(setup, tmp_path):

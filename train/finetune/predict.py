@@ -74,6 +74,28 @@ def check_output(output, model, run, input_):
                          f"or its run ({run}); give another file")
 
 
+def pick_heads(task, heads, model):
+    """The task to predict with: a multi-task model's heads named by --head (default: all of
+    them, when they all read the same kind of input)."""
+    if task.name != "multitask":
+        if heads:
+            raise SystemExit(f"minibert predict: --head {heads[0]}: {model} is a single-task "
+                             f"model ({task.name}); --head picks heads of a multi-task one")
+        return task
+    kinds = task.input_kinds()
+    unknown = [h for h in heads or () if h not in kinds]
+    if unknown:
+        raise SystemExit(f"minibert predict: --head {unknown[0]}: {model} has no such head; its "
+                         f"heads: {', '.join(kinds)}")
+    task = task.only(heads) if heads else task
+    kinds = task.input_kinds()
+    if len(set(kinds.values())) > 1:
+        said = "; ".join(f"{n} reads {k}" for n, k in kinds.items())
+        raise SystemExit(f"minibert predict: {model}: its heads read different inputs ({said}); "
+                         "choose the heads that read yours with --head NAME")
+    return task
+
+
 def cmd_predict(args):
     resolve_model(args, "predict")
     # the directory the model is read from: a run's best/ (a file beside it in RUN is fine)
@@ -89,6 +111,7 @@ def cmd_predict(args):
     else:
         device = pick_device(args.device)
         model, task = load_task_model(tok_dir, device)
+    task = pick_heads(task, args.head, args.model)
     data = task.read_inputs(texts, args.input, Tokenizer.from_dir(tok_dir), args.batch_size, where)
     rows = task.predict(model, data, device)
     lines = "".join(json_line(row) + "\n" for row in rows)
@@ -108,6 +131,9 @@ def register(sub):
                    "pairs (--pair-field) reads 'TEXT ||| PAIR', a QA model 'QUESTION ||| "
                    "CONTEXT' (its answers' start/end index CONTEXT without the spaces around it)")
     p.add_argument("--input", help="a file in the run's training format")
+    p.add_argument("--head", action="append", metavar="NAME",
+                   help="a multi-task model: predict with this head (repeatable; default: every "
+                        "head, which must then all read the same kind of input)")
     p.add_argument("--output", help="write JSON lines here instead of stdout")
     p.add_argument("--batch-size", type=int_at_least(1), default=64)
     p.add_argument("--device", default="auto", help="torch backend: cpu, cuda, auto")

@@ -318,6 +318,17 @@ class MultiTask:
         out["loss"] = loss
         return out
 
+    def only(self, names):
+        """This model's task with the heads `names` alone (predict --head), in meta order."""
+        return MultiTask({**self.meta, "heads": [h for h in self.meta["heads"]
+                                                 if h["name"] in names]})
+
+    def input_kinds(self):
+        """{head name: the input it reads}: one --text feeds every head only if they agree."""
+        return {n: "'QUESTION ||| CONTEXT'" if t.meta["task"] == "qa" else
+                "'TEXT ||| PAIR'" if t.meta.get("pair_field") else "a text"
+                for n, t in self.tasks.items()}
+
     def read_inputs(self, texts, path, tok, batch_size, where="--text {}"):
         """Every head reads the same inputs, each with its own fields."""
         return {n: t.read_inputs(texts, path, tok, batch_size, where)
