@@ -302,9 +302,13 @@ def test_run_directories_that_cannot_serve(base, tmp_path, capsys):
 def test_kernels_that_cannot_run_here(base, tmp_path, capsys, monkeypatch):
     # Triton kernels on a CPU without the interpreter: one line naming the setting, no traceback
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    check("triton-on-cpu", ["finetune", "--model", base / "model", "--train",
-                            base / "data/train.jsonl", "--out", tmp_path / "o", "--device", "cpu",
-                            "--attention", "triton"], "attention='triton'", capsys)
+    argv = ["finetune", "--model", base / "model", "--train", base / "data/train.jsonl",
+            "--device", "cpu", "--attention", "triton"]
+    check("triton-on-cpu", [*argv, "--out", tmp_path / "o"], "attention='triton'", capsys)
+    # on a machine with a GPU too: the run's --device decides, not whether a GPU exists
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    check("triton-on-cpu-beside-a-gpu", [*argv, "--out", tmp_path / "o2"], "attention='triton'",
+          capsys)
 
 
 def test_contradictory_and_wrong_flags(base, tmp_path, capsys):

@@ -149,6 +149,40 @@ def test_a_second_run_on_the_same_out_refuses(tiny, tmp_path):
     FAULTS.append("two runs on one --out")
 
 
+
+def test_a_run_that_stops_early_removes_only_the_out_it_made(tmp_path, monkeypatch):
+    # run_in_state removes a --out it made when the run stops before its first event, and only
+    # while it holds that directory's lock: never a directory another run took in between.
+    from train.loop import launch, rundir
+    cfg = type("Cfg", (), dict(seed=0, threads=1, device="cpu"))
+
+    def stop(*_):
+        raise UserError("refused")
+
+    cfg.out = str(tmp_path / "made")  # made here, stopped before any event: gone again
+    with pytest.raises(UserError):
+        launch.run_in_state(stop, cfg)
+    assert not os.path.exists(cfg.out)
+
+    cfg.out = str(tmp_path / "taken")  # another run takes it between the check and the lock
+    held = []
+
+    def exclusive_after_another(path):
+        held.append(rundir.exclusive(path))
+        held[0].__enter__()  # the other run now holds the lock
+        return rundir.exclusive(path)
+    monkeypatch.setattr(launch, "exclusive", exclusive_after_another)
+    with pytest.raises(UserError, match="another minibert run"):
+        launch.run_in_state(stop, cfg)
+    assert sorted(os.listdir(cfg.out)) == [".lock"], "the other run's directory is intact"
+    held[0].__exit__(None, None, None)
+    monkeypatch.undo()
+
+    cfg.out = str(tmp_path / "kept")  # an event was logged: the directory stays
+    with pytest.raises(UserError):
+        launch.run_in_state(lambda *_: (rundir.RunDir(cfg.out).log({"event": "x"}), stop()), cfg)
+    assert sorted(os.listdir(cfg.out)) == [".lock", "metrics.jsonl"]
+
 # ------------------------------------------------------------------ no code execution on load
 
 def code_execution(source, path="<src>"):

@@ -56,7 +56,7 @@ def check_device(device_type, what):
             f"{what} runs Triton kernels, which need a CUDA GPU (got {device_type}). To run them "
             "on a CPU (slowly, for tests), set TRITON_INTERPRET=1 before importing triton; "
             "otherwise use attention='sdpa'.")
-    if device_type != "cuda":
+    if interpreting():  # on CPU tensors, or CUDA ones: the interpreter runs either way
         import numpy
         import triton
         # Before 3.7 the interpreter reads a loop bound with int() on a 1-element array, which

@@ -102,16 +102,16 @@ def cmd_predict(args):
     tok_dir = args.model if args.backend == "onnx" else find_best(args.model, "predict")
     if args.output:
         check_output(args.output, tok_dir, args.model, args.input)
-    texts, where = args.text, "--text {}"
-    if not args.text and not args.input:
-        texts, where = read_stdin_lines("predict", "--text or --input"), "stdin:{}"
     if args.backend == "onnx":
         device = "cpu"  # onnxruntime's CPU provider; batches stay on the CPU
         model, task = load_onnx(args.model, args.threads)
     else:
         device = pick_device(args.device)
         model, task = load_task_model(tok_dir, device)
-    task = pick_heads(task, args.head, args.model)
+    task = pick_heads(task, args.head, args.model)  # before stdin: a wrong --head says so first
+    texts, where = args.text, "--text {}"
+    if not args.text and not args.input:
+        texts, where = read_stdin_lines("predict", "--text or --input"), "stdin:{}"
     data = task.read_inputs(texts, args.input, Tokenizer.from_dir(tok_dir), args.batch_size, where)
     rows = task.predict(model, data, device)
     lines = "".join(json_line(row) + "\n" for row in rows)

@@ -22,6 +22,7 @@ import torch
 
 from minibert.errors import UserError
 from minibert.io import load_json
+from minibert.kernels import check_device
 from train.command import absolute, dataclass_from_args, print_config
 from train.loop import distributed
 from train.loop.inputs import check_same_inputs, input_files
@@ -37,15 +38,15 @@ def run_in_state(body, cfg, resume=False, dist=None):
         check_not_a_model(cfg.out)  # before the lock file is made there
     made = dist.is_main and not resume and not os.path.exists(cfg.out)
     lock = exclusive(cfg.out) if dist.is_main else contextlib.nullcontext()
-    try:
-        with lock, run_state(cfg.seed, cfg.threads, dist.device):
+    with lock as held, run_state(cfg.seed, cfg.threads, dist.device):
+        try:
             if dist.is_main and not resume:
                 check_fresh(cfg.out)
             return body(cfg, resume, dist)
-    except BaseException:
-        if made:  # a run refused or stopped before its first event leaves no directory behind
-            remove_if_unstarted(cfg.out)
-        raise
+        except BaseException:
+            if made:  # a run that stops before its first event leaves no directory behind
+                remove_if_unstarted(cfg.out, held)  # while the lock is ours
+            raise
 
 
 def open_run(cfg, dist, resume, title):
@@ -61,6 +62,8 @@ def open_run(cfg, dist, resume, title):
             run.write_json("inputs.json", input_files(cfg))
     elif os.path.isfile(run.file("inputs.json")):  # on every rank: each stops alike
         check_same_inputs(load_json(run.file("inputs.json")))
+    if cfg.attention.startswith("triton"):  # the device the run picked, not whether one exists
+        check_device(torch.device(dist.device).type, f"attention={cfg.attention!r}")
     precision, amp = resolve_precision(cfg.precision, dist.device)
     said = describe_precision(precision, amp, cfg.precision, dist.device)
     print(f"device: {dist.device}, torch threads: {torch.get_num_threads()}, processes: "

@@ -134,7 +134,8 @@ def check_fresh(path, resumable=True):
 
 @contextlib.contextmanager
 def exclusive(path):
-    """Hold RUN/.lock for the block: one run writes into a directory at a time."""
+    """Hold RUN/.lock for the block (`as` gives its open file): one run writes into a directory
+    at a time."""
     os.makedirs(path, exist_ok=True)
     lock = os.path.join(path, ".lock")
     with open(lock, "a+", encoding="utf-8") as f:
@@ -150,7 +151,7 @@ def exclusive(path):
         f.write(f"{os.getpid()}\n")
         f.flush()
         try:
-            yield
+            yield f
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 
@@ -159,13 +160,20 @@ def exclusive(path):
 STARTUP_FILES = {".lock", "config.json", "inputs.json"}
 
 
-def remove_if_unstarted(path):
+def remove_if_unstarted(path, lock):
     """Remove the directory `path` if it holds no more than a run's startup files: for a --out
-    that a run made and then stopped in (a refusal, an error, Ctrl-C) before logging anything."""
-    if os.path.isdir(path) and set(os.listdir(path)) <= STARTUP_FILES:
-        for name in os.listdir(path):
+    that a run made and then stopped in (a refusal, an error, Ctrl-C) before logging anything.
+    Called while holding `lock`, the open RUN/.lock that `exclusive` yields: no other run can
+    have written here, and a .lock that is not that same file is left alone."""
+    if not (os.path.isdir(path) and set(os.listdir(path)) <= STARTUP_FILES):
+        return
+    for name in STARTUP_FILES - {".lock"}:
+        with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(path, name))
-        os.rmdir(path)
+    with contextlib.suppress(OSError):
+        if os.path.samestat(os.fstat(lock.fileno()), os.stat(os.path.join(path, ".lock"))):
+            os.remove(os.path.join(path, ".lock"))
+        os.rmdir(path)  # fails, and keeps the directory, if anything new is in it
 
 
 def read_jsonl(path):

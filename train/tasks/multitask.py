@@ -338,7 +338,8 @@ class MultiTask:
         per_head = {n: self.tasks[n].predict(TaskModel(model.bert, model.head[n]), ds[n], device)
                     for n in self.tasks}
         first = next(iter(per_head.values()))  # the first head's rows (self.tasks keeps meta order)
-        return [{"text": row.get("text"),
+        # the text once, where the heads read one (a QA head's rows carry their question)
+        return [{**({"text": row["text"]} if "text" in row else {}),
                  **{n: {k: v for k, v in preds[i].items() if k != "text"}
                     for n, preds in per_head.items()}}
                 for i, row in enumerate(first)]
