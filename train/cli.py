@@ -12,6 +12,7 @@ see train/command.py).
 
 import argparse
 import os
+import signal
 import sys
 import traceback
 
@@ -84,7 +85,12 @@ def run():
     input error does: status 2, and its traceback under --debug. main() itself lets it propagate,
     so that tests and library callers see the exception."""
     try:
-        return main()
+        status = main()
+        sys.stdout.flush()  # inside the try: a reader that left shows here, not at exit
+        return status
+    except BrokenPipeError:  # `minibert ... | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 128 + signal.SIGPIPE  # the status of a program that SIGPIPE ended, as `cat` has
     except SystemExit as e:
         if not isinstance(e.code, str):
             raise  # argparse's exits and plain statuses stay as they are

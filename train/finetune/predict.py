@@ -9,7 +9,8 @@ and predict, so they answer the same JSON lines."""
 import os
 import sys
 
-from minibert.commands import add_model_argument, int_at_least, read_stdin_lines, resolve_model
+from minibert.commands import (add_model_argument, check_utf8, int_at_least, read_stdin_lines,
+                               resolve_model)
 from minibert.io import atomic_write_text, json_line
 from minibert.tokenizer import Tokenizer
 from train.finetune.finetune import load_task_model
@@ -109,7 +110,7 @@ def cmd_predict(args):
         device = pick_device(args.device)
         model, task = load_task_model(tok_dir, device)
     task = pick_heads(task, args.head, args.model)  # before stdin: a wrong --head says so first
-    texts, where = args.text, "--text {}"
+    texts, where = args.text and check_utf8(args.text, "predict"), "--text {}"
     if not args.text and not args.input:
         texts, where = read_stdin_lines("predict", "--text or --input"), "stdin:{}"
     data = task.read_inputs(texts, args.input, Tokenizer.from_dir(tok_dir), args.batch_size, where)
