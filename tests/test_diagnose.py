@@ -471,6 +471,23 @@ def test_report_peak_lr_is_the_one_used_without_warm_up(tmp_path, capsys, config
     assert "parameter groups (3):\n" + "".join(f"  {x}\n" for x in lines) in out
 
 
+def test_a_run_logged_only_at_its_last_step_reads_its_configured_lr(tmp_path, capsys):
+    # a short run whose one train log is its last step, where linear decay is at 0: the peak
+    # is the configured --lr, not 0, and report says the groups' peaks are not in the logs
+    run = write_run(tmp_path / "run", lambda x: 0.6 * math.exp(-2 * x) + 0.15,
+                    lambda x: 0.45 - 0.1 * x, lambda x: 0.80 + 0.06 * x,
+                    lr=lambda s: 1e-4 * (1 - s / STEPS), config={"lr": 1e-4})
+    events = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    last = [e for e in events if e["event"] == "train"][-1]
+    assert set(last["lr"].values()) == {0.0}
+    (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events
+                                               if e["event"] != "train" or e is last))
+    from train.runs.curves import backbone_peak_lr, load_curves
+    assert backbone_peak_lr(load_curves(run)) == 1e-4  # what the lr rules of diagnose read
+    assert main(["report", str(run)]) == 0
+    assert "head, layer.0, embeddings: peak lr not logged" in capsys.readouterr().out
+
+
 def test_report_counts_the_task_s_own_metric_as_a_default(tmp_path, capsys):
     run = healthy_run(tmp_path / "run")
     for config, shown in (({"metric": "accuracy", "lr": 3e-5}, "lr=3e-05"),

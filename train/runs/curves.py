@@ -152,16 +152,23 @@ def backbone_peak_lr(c):
     cfg = c.config
     configured = 0.0 if cfg.get("stage_lrs") else max(
         cfg.get("lr_encoder") or cfg.get("lr") or 0.0, cfg.get("lr_embeddings") or 0.0)
-    return max(logged, configured) if logged > 0 else 0.0
+    if logged > 0:
+        return max(logged, configured)
+    # nothing above 0 in the logs: a backbone frozen throughout, or logs only where the schedule
+    # is at 0 (one log, at a decay's last step), whose peak is then the configured rate
+    frozen = cfg.get("freeze_backbone") or cfg.get("unfreeze_every")
+    return configured if c.lr and not frozen else 0.0
 
 
 def peak_lrs(c):
-    """{group: peak lr}. Every group follows the one schedule, so when the backbone trained from
+    """{group: peak lr, or None where no log shows it}. Every group follows the one schedule, so when the backbone trained from
     the first log on, each group's logs missed its peak by as much as backbone_peak_lr says the
     backbone's did; groups that unfreezing adds mid-run start below their peak, where logged."""
     logged = {g: max(v) for g, v in c.lr.items()}
     backbone = [g for g in c.lr if not g.startswith("head")]
     top = max((logged[g] for g in backbone), default=0.0)
+    if top == 0 and backbone_peak_lr(c) > 0:  # a trained backbone, logged only at lr 0
+        return dict.fromkeys(logged)  # None: not in the logs
     if top > 0 and all(c.lr[g][0] > 0 for g in backbone):  # 0: not trained yet at the first log
         return {g: v * backbone_peak_lr(c) / top for g, v in logged.items()}
     return logged

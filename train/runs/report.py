@@ -52,7 +52,9 @@ def group_lines(peaks):
     by_peak = {}
     for name, peak in peaks.items():
         by_peak.setdefault(peak, []).append(name)
-    return [f"  {', '.join(names)}: peak lr {peak:.2e}" for peak, names in by_peak.items()]
+    return [f"  {', '.join(names)}: " + (f"peak lr {peak:.2e}" if peak is not None else
+                                         "peak lr not logged (its train logs fall where the "
+                                         "schedule is at 0)") for peak, names in by_peak.items()]
 
 
 def metrics_line(m, metric=None):
