@@ -79,7 +79,7 @@ def test_embed_and_predict_read_texts_from_stdin(tiny, capsys, monkeypatch):
         assert flagged[0] == stdin[0] == 0, command
         assert parse(stdin[1]) == parse(flagged[1]) and len(parse(flagged[1])) == 3, command
         said, _ = piped([command, model], "", capsys, monkeypatch)
-        assert f"minibert {command}: no --text" in said and "stdin is empty" in said
+        assert f"minibert {command}: stdin is empty; give --text" in said
 
 
 def test_a_bad_stdin_line_is_named_by_its_line():
