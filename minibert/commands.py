@@ -58,12 +58,14 @@ def longest_input(model, max_length, command):
 
 
 def load_and_report(path, with_head=False):
-    """The model at `path`; what loading dropped or created fresh is said on stderr."""
+    """The model at `path`; what loading dropped or created fresh is said on stderr, but for
+    the pooler, which embed and fill-mask never run."""
     notes = []
     model = load_model(path, with_head=with_head, notes=notes)
     c = model.config
     for n in notes:
-        print(f"minibert: {n}", file=sys.stderr)
+        if "pooler absent" not in n:
+            print(f"minibert: {n}", file=sys.stderr)
     print(f"minibert: {path}: {c.num_hidden_layers} layers, hidden {c.hidden_size}, "
           f"{c.num_attention_heads} heads, attention {c.attention}", file=sys.stderr)
     return model

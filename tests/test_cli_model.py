@@ -109,6 +109,9 @@ def test_fill_mask_reads_text_flags_and_stdin(tiny_mlm_dir, capsys, monkeypatch)
     """`--text` and stdin, as embed and predict take them: the same answers as positional texts."""
     d, _ = tiny_mlm_dir
     texts = ["The capital of France is [MASK].", "[MASK] and [MASK] went up the hill."]
+    capsys.readouterr()
+    assert main(["fill-mask", d, texts[0]]) == 0
+    assert "pooler" not in capsys.readouterr().err  # a BertForMaskedLM has none; none is used
     positional = _stdout_json_lines(capsys, ["fill-mask", d, *texts])
     flags = _stdout_json_lines(capsys, ["fill-mask", "--model", d, texts[0], "--text", texts[1]])
     monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(texts) + "\n"))
