@@ -28,7 +28,8 @@ class FetchError(UserError, RuntimeError):
 
 
 class BackendError(UserError, RuntimeError):
-    """An attention backend that cannot run here: no GPU, or a Triton that cannot run the kernels."""
+    """An attention backend that cannot run here: no GPU, or a Triton that cannot run the
+    kernels."""
 
 
 class MissingPackage(UserError, ImportError):

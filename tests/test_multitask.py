@@ -1,5 +1,6 @@
 """Multi-task: spec parsing, the three sampling rules, per-head metrics and checkpoint, prediction
-from every head or the heads --head names, a frozen head that stays bit-identical, and freezing everything as an error."""
+from every head or the heads --head names, a frozen head that stays bit-identical, and freezing
+everything as an error."""
 
 import json
 import os

@@ -110,8 +110,10 @@ def cmd_predict(args):
         device = pick_device(args.device)
         model, task = load_task_model(tok_dir, device)
     task = pick_heads(task, args.head, args.model)  # before stdin: a wrong --head says so first
-    texts, where = args.text and check_utf8(args.text, "predict"), "--text {}"
-    if not args.text and not args.input:
+    texts, where = args.text, "--text {}"
+    if texts:
+        check_utf8(texts, "predict")
+    elif not args.input:
         texts, where = read_stdin_lines("predict", "--text or --input"), "stdin:{}"
     data = task.read_inputs(texts, args.input, Tokenizer.from_dir(tok_dir), args.batch_size, where)
     rows = task.predict(model, data, device)

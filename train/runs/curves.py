@@ -161,9 +161,10 @@ def backbone_peak_lr(c):
 
 
 def peak_lrs(c):
-    """{group: peak lr, or None where no log shows it}. Every group follows the one schedule, so when the backbone trained from
-    the first log on, each group's logs missed its peak by as much as backbone_peak_lr says the
-    backbone's did; groups that unfreezing adds mid-run start below their peak, where logged."""
+    """{group: peak lr, or None where no log shows it}. Every group follows the one schedule, so
+    when the backbone trained from the first log on, each group's logs missed its peak by as much
+    as backbone_peak_lr says the backbone's did; groups that unfreezing adds mid-run start below
+    their peak, where logged."""
     logged = {g: max(v) for g, v in c.lr.items()}
     backbone = [g for g in c.lr if not g.startswith("head")]
     top = max((logged[g] for g in backbone), default=0.0)
