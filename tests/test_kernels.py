@@ -25,6 +25,7 @@ from minibert.kernels import (  # noqa: E402
     attention_reference, check_device, check_triton_usable, dropout_keep_mask, flash_attention,
     flash_attention_varlen)
 from minibert.model import BertEncoder, attention_eager  # noqa: E402
+from bench.kernel_accuracy import ENCODER, case, encoder_out_and_grads, errors  # noqa: E402
 from tests.tiny import make_checkpoint, make_sentiment  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -223,21 +224,7 @@ def test_dropout_seed_is_reproducible():
 # -----------------------------------------------------------------------------------------------
 # The model: attention="triton" and "triton-varlen" against "eager"
 
-TINY = dict(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-            intermediate_size=128, max_position_embeddings=64, hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0)
-
-
-def encoder_out_and_grads(attention, state, ids, am, w, dtype):
-    """A 2-layer encoder's output and every parameter's gradient of sum(output * w), in float64
-    for comparison: ((B, T, C), {name: grad})."""
-    model = BertEncoder(BertConfig(**TINY, attention=attention)).to(DEVICE)
-    model.load_state_dict(state)
-    model.to(dtype)
-    y = model(ids, am)  # (B, T, C)
-    (y * w.to(dtype)).sum().backward()
-    return (y.double(),
-            {n: p.grad.double() for n, p in model.named_parameters() if p.grad is not None})
+TINY = ENCODER  # a 2-layer encoder, hidden 64, 2 heads (bench/kernel_accuracy.py)
 
 
 @pytest.mark.parametrize("attention", ["triton", "triton-varlen"])
@@ -249,22 +236,15 @@ def test_model_matches_eager(attention):
     # the terms' rounding error; eager fp32's own error on that tensor is 7e-5 (an H200),
     # more than an elementwise 1e-5 + 1e-4 * 0.19 allows. Measured normwise, at most 4.8e-7 on
     # that H200 (sdpa; the kernels 3.2e-7) and 4.1e-7 on this project's CPU. Tried and caught:
-    # an ignored mask, a softmax scale or a dK 1.001x off, a dropped dQ.
-    torch.manual_seed(0)
-    state = BertEncoder(BertConfig(**TINY, attention="eager")).state_dict()
-    ids = torch.randint(1, 100, (2, 33), device=DEVICE)
-    am = right_padding([33, 20], 33).long()
-    am[1, 5:8] = 0  # a hole as well, so that the padded path must read its mask
-    am = am.to(DEVICE)
-    w = torch.randn(2, 33, 64, device=DEVICE) * am[..., None]  # a loss on real positions only
+    # an ignored mask, a softmax scale or a dK 1.001x off, a dropped dQ. bench/kernel_accuracy.py
+    # prints every tensor's error for every path.
+    state, ids, am, w = case(DEVICE)  # right padding and a hole: the padded path reads its mask
     y64, g64 = encoder_out_and_grads("eager", state, ids, am, w, torch.float64)
     for name in ("eager", attention):  # eager first: the rule must hold for the reference too
         y, g = encoder_out_and_grads(name, state, ids, am, w, torch.float32)
-        real = am[..., None]  # (B, T, 1): padded positions' outputs are not compared
-        for what, x, x64 in [("output", y * real, y64 * real), *((n, g[n], g64[n]) for n in g64)]:
-            err, scale = (x - x64).abs().max().item(), x64.abs().max().item()
-            assert err <= 2e-6 * scale, f"{name}, {what}: off by {err:.3g}, max entry {scale:.3g}"
         assert g.keys() == g64.keys()
+        for what, (err, scale) in errors(y, g, y64, g64, am).items():
+            assert err <= 2e-6 * scale, f"{name}, {what}: off by {err:.3g}, max entry {scale:.3g}"
         if name == "triton-varlen":
             assert (y[1, 20:] == 0).all() and (y[1, 5:8] == 0).all(), "re-padding puts zeros"
 
