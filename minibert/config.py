@@ -160,9 +160,12 @@ class BertConfig:
     def from_json(cls, path):
         d = load_json_object(path, ConfigError)
         sizes = ("vocab_size", "hidden_size", "num_hidden_layers")
-        if not any(k in d for k in sizes):  # a run's config.json, say: not BERT-base's defaults
+        # a run's config.json, say (a pretraining run's has a vocab_size): not BERT-base's defaults
+        why = "a run's config, with an `out`" if "out" in d else \
+            None if any(k in d for k in sizes) else f"none of {', '.join(sizes)}"
+        if why:
             raise missing_from_checkpoint(os.path.dirname(path) or ".", f"{os.path.basename(path)}"
-                                          f" is not a model's config (none of {', '.join(sizes)})")
+                                          f" is not a model's config ({why})")
         return cls.from_dict(d, source=str(path))
 
     def to_hf_dict(self, architecture="BertForMaskedLM"):

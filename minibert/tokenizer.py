@@ -60,7 +60,9 @@ class Tokenizer:
         if os.path.exists(vt):
             return cls(build_wordpiece(read_vocab(vt), **normalizer_options(config, tc)), source=vt)
         if not os.path.isdir(path):
-            raise CheckpointError(f"{path}: no such checkpoint directory")
+            raise CheckpointError(f"{path}: " + (
+                "a file; give the directory that holds it" if os.path.exists(path)
+                else "no such checkpoint directory"))
         raise missing_from_checkpoint(path, "neither tokenizer.json nor vocab.txt")
 
     @property

@@ -283,15 +283,18 @@ def test_absurd_learning_rate_stops_with_the_message(tmp_path):
     assert os.path.isdir(tmp_path / "run" / "best")
 
 
-@pytest.mark.parametrize("error", [torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to "
-                                                               "allocate 2.00 GiB"), MemoryError()])
+@pytest.mark.parametrize("error", [
+    torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), MemoryError(),
+    # what torch's CPU allocator raises
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate "
+                 "memory: you tried to allocate 8589934592 bytes. Error code 12")])
 def test_out_of_memory_stops_cleanly(tmp_path, error):
     model = NaNAt(tiny_model(), k=6, error=error)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     trainer = make_trainer(model, Data(4), tmp_path / "run", opt, max_steps=10, eval_every=2,
                            keep=model.model)
     with pytest.raises(OutOfMemory, match=r"out of memory in step 6.*--grad-accum.*"
-                                          r"--effective-batch-size.*best model in .*step 4"):
+                                          r"keeps the batch.*best model in .*step 4"):
         trainer.fit()
     assert read_jsonl(tmp_path / "run" / "metrics.jsonl")[-1]["event"] == "oom"
     assert os.path.isdir(tmp_path / "run" / "state")
@@ -348,3 +351,14 @@ def test_effective_batch_size_sets_accumulation_in_a_real_run(tmp_path):
     assert read_jsonl(tmp_path / "run" / "metrics.jsonl")[-1]["step"] == 2
     # the end of every run writes its diagnosis
     assert json.loads((tmp_path / "run" / "diagnosis.json").read_text())["verdict"]
+
+
+def test_other_runtime_errors_are_not_out_of_memory(tmp_path):
+    # a bug stays a bug: only the allocator's message makes a RuntimeError an out-of-memory stop
+    model = NaNAt(tiny_model(), k=2, error=RuntimeError("shape mismatch"))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = make_trainer(model, Data(4), tmp_path / "run", opt, max_steps=4, eval_every=2,
+                           keep=model.model)
+    with pytest.raises(RuntimeError, match="shape mismatch") as e:
+        trainer.fit()
+    assert not isinstance(e.value, OutOfMemory)

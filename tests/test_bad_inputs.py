@@ -262,6 +262,8 @@ def test_run_directories_that_cannot_serve(base, tmp_path, capsys):
     shutil.rmtree(nobest / "best")
     check("predict-without-best", ["predict", nobest, "--text", "good"], str(nobest), capsys,
           runs=[nobest])
+    check("predict-text-and-input", ["predict", run, "--text", "good", "--input",
+                                     base / "data/dev.jsonl"], "--input", capsys, runs=[run])
 
     def resume_case(name, damage, where):
         d = tmp_path / name
@@ -291,6 +293,21 @@ def test_run_directories_that_cannot_serve(base, tmp_path, capsys):
         shutil.copytree(tmp_path / "wide-run" / "state", d / "state")
     resume_case("resume-foreign-state", foreign, lambda d: str(d / "state"))
     resume_case("resume-no-state", lambda d: shutil.rmtree(d / "state"), lambda d: str(d))
+
+    def edit(**kw):  # RUN/config.json edited by hand
+        def damage(d):
+            cfg = json.loads((d / "config.json").read_text())
+            (d / "config.json").write_text(json.dumps({**cfg, **kw}))
+        return damage
+    where = lambda d: str(d / "config.json")  # noqa: E731
+    resume_case("resume-config-value-a-string", edit(max_steps="40"), where)
+    resume_case("resume-config-key-misspelt", edit(max_step=40), where)
+    resume_case("resume-config-out-of-range", edit(lr=-1.0), where)
+    resume_case("resume-config-not-an-object",
+                lambda d: (d / "config.json").write_text("[1]"), where)
+    # another command's run: a pretraining run's config given to finetune --resume
+    resume_case("resume-another-commands-run",
+                edit(corpus=["a.txt"], mask_prob=0.15), where)
     check("resume-not-a-run", ["finetune", "--resume", tmp_path / "empty"],
           str(tmp_path / "empty"), capsys)
     # a fresh run pointed at a finished one refuses instead of writing into it
@@ -334,6 +351,8 @@ def test_contradictory_and_wrong_flags(base, tmp_path, capsys):
         ("bio-constraints-without-crf", ["--task", "tokens", "--bio-constraints"], "--crf"),
         ("max-steps-zero", ["--max-steps", "0"], "--max-steps"),
         ("epochs-zero", ["--epochs", "0"], "--epochs"),
+        ("eval-every-zero", ["--eval-every", "0"], "--eval-every"),
+        ("threads-zero", ["--threads", "0"], "--threads"),
     ]
     for name, flags, where in cases:
         check(name, ["finetune", *common, *flags], where, capsys, runs=[base / "run"])
@@ -351,6 +370,16 @@ def test_contradictory_and_wrong_flags(base, tmp_path, capsys):
     check("pretrain-eval-batch-zero", ["pretrain", "--config", "tiny", "--corpus",
                                        base / "data/train.jsonl", "--eval-batch-size", "0",
                                        "--out", tmp_path / "p2"], "--eval-batch-size", capsys)
+    check("pretrain-max-minutes-negative", ["pretrain", "--config", "tiny", "--corpus",
+                                            base / "data/train.jsonl", "--max-minutes", "-1",
+                                            "--out", tmp_path / "p3"], "--max-minutes", capsys)
+    afile = write(str(tmp_path / "afile"), "x\n")
+    check("tokenizer-out-a-file", ["tokenizer", "train", "--corpus", base / "data/train.jsonl",
+                                   "--out", afile], f"{afile}: a file", capsys)
+    check("pretrain-tokenizer-a-file", ["pretrain", "--config", "tiny", "--corpus",
+                                        base / "data/train.jsonl", "--tokenizer",
+                                        base / "model/vocab.txt", "--out", tmp_path / "p4"],
+          f"{base / 'model/vocab.txt'}: a file; give the directory", capsys)
     check("pretrain-without-config", ["pretrain", "--corpus", base / "data/train.jsonl",
                                       "--out", tmp_path / "p"], "--config", capsys)
     check("multitask-bad-spec", ["finetune", "--task", "multitask", "--model", base / "model",

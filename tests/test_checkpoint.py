@@ -351,6 +351,12 @@ def test_a_run_directory_given_as_a_checkpoint_points_to_its_model(tmp_path):
         BertConfig.from_json(str(run / "config.json"))
     with pytest.raises(CheckpointError, match=f"^{run}: config.json is not a model's config"):
         load_model(str(run))
+    # a pretraining run's config has a vocab_size: still a run's, not BERT-base with that vocab
+    (run / "config.json").write_text(json.dumps({"corpus": ["a.txt"], "out": str(run),
+                                                 "vocab_size": 2000, "max_len": 64}))
+    with pytest.raises(CheckpointError, match=f"^{run}: config.json is not a model's config "
+                                              rf"\(a run's config, with an `out`\){hint}"):
+        BertConfig.from_json(str(run / "config.json"))
     with pytest.raises(CheckpointError, match=f"^{run}: neither tokenizer.json nor vocab.txt{hint}"):
         Tokenizer.from_dir(str(run))
     (run / "config.json").unlink()

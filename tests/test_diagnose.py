@@ -497,3 +497,14 @@ def test_report_counts_the_task_s_own_metric_as_a_default(tmp_path, capsys):
         (run / "config.json").write_text(json.dumps(config))
         assert main(["report", str(run)]) == 0
         assert f"config (non-default): {shown}\n" in capsys.readouterr().out
+
+
+def test_the_majority_baseline_is_set_beside_accuracy_only():
+    # the majority label's score is an accuracy: "dev loss 0.68 vs majority 0.52" compared nats
+    # with a fraction
+    from train.runs.curves import Curves, dev_vs_chance
+    for metric, shown in (("accuracy", True), ("loss", False), ("macro_f1", False)):
+        c = Curves(train_steps=[1], train_loss=[0.6], lr={}, eval_steps=[1], dev_loss=[0.68],
+                   dev_metric=[0.68], metric=metric, mode="min" if metric == "loss" else "max",
+                   diverged=None, n_labels=2, majority=0.525, n_dev=40, config={})
+        assert ("always-the-majority-label 0.5250" in dev_vs_chance(c)) == shown, metric

@@ -109,6 +109,33 @@ def test_full_disk_keeps_the_previous_checkpoint(tiny, tmp_path, monkeypatch):
     FAULTS.append("full disk (ENOSPC)")
 
 
+def test_full_disk_at_the_first_save_does_not_advise_resume(tiny, tmp_path, monkeypatch):
+    def save(path, obj):  # the disk is full from the first state/ on: nothing to resume from
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+    monkeypatch.setattr(state_module, "atomic_torch_save", save)
+    with pytest.raises(UserError, match=r"state: the disk is full .*; no state/ had been saved "
+                                        r"yet: free some space, then start the run again$"):
+        run_finetune(config(tiny, tmp_path / "run"))
+
+
+def test_full_disk_outside_a_run_is_one_line(tmp_path, monkeypatch, capsys):
+    # the tokenizer's files (and the token cache) are written outside RUN/: the command's error
+    # boundary says a full disk in one line too, naming the file
+    import minibert.io
+    from train.cli import main
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+    monkeypatch.setattr(minibert.io, "atomic_write_text", full)
+    (tmp_path / "c.txt").write_text("the cat sat on the mat\n" * 50)
+    code = main(["tokenizer", "train", "--corpus", str(tmp_path / "c.txt"), "--vocab-size", "40",
+                 "--out", str(tmp_path / "tok")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "Traceback" not in "\n".join(err)
+    assert err[-1] == f"minibert tokenizer: {tmp_path / 'tok' / 'tokenizer.json'}: no space left " \
+        "on device"
+
+
 def test_atomic_writes_give_the_umask_permissions_and_leave_it_alone(tmp_path, monkeypatch):
     """A written file has the permissions open() would give it (mkstemp's 0600 would hide a run
     from its group), and writing never sets the process umask, which other threads share."""

@@ -92,6 +92,13 @@ UNUSED = [
      "--label-field applies to --task classification only"),
     (["--task", "regression", "--label-field", "y"],
      "--label-field applies to --task classification only"),
+    (["--task", "qa", "--pooling", "cls"],
+     "--pooling applies to --task classification or regression only"),
+    (["--tasks", "a:classification:d/{split}.jsonl"], "--tasks applies to --task multitask only"),
+    (["--sampling-temperature", "3"], "--sampling-temperature applies to --task multitask only"),
+    # the harness gives --train: a multi-task run reads its data from --tasks alone
+    (["--task", "multitask", "--tasks", "a:classification:d/{split}.jsonl"],
+     "--train applies to a single --task; a multi-task run reads its data from --tasks"),
     # the tagging and SQuAD readers stop at the first bad row
     (["--task", "qa", "--skip-bad-rows"],
      "--skip-bad-rows applies to --task classification or regression only"),

@@ -32,3 +32,14 @@ def test_multiclass_reports_macro_averages_with_never_predicted_classes_at_zero(
 def test_empty_denominators_give_zero():
     assert prf(0, 0, 0) == (0.0, 0.0, 0.0)
     assert confusion_matrix([], [], 2) == [[0, 0], [0, 0]]
+
+
+def test_macro_averages_leave_out_a_class_absent_from_gold_and_predictions():
+    # class 1 is in the label set but in neither this dev set nor its predictions: perfect
+    # predictions score 1, not 2/3; a class predicted but absent from gold still counts (as 0)
+    m = classification_metrics([0, 0, 2, 2], [0, 0, 2, 2], 3)
+    assert (m["macro_precision"], m["macro_recall"], m["macro_f1"]) == (1.0, 1.0, 1.0)
+    m = classification_metrics([0, 0, 2, 2], [0, 1, 2, 2], 3)
+    assert m["macro_recall"] == pytest.approx((0.5 + 0.0 + 1.0) / 3)
+    # the same numbers as scikit-learn's defaults, computed by hand: labels = gold | predicted
+    assert m["macro_precision"] == pytest.approx((1.0 + 0.0 + 1.0) / 3)

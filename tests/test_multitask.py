@@ -343,3 +343,23 @@ def test_the_data_of_each_task_is_fingerprinted_for_resume(setup, tmp_path):
     got = input_files(cfg_for(setup, "unused", tasks=None, tasks_file=str(f)))
     assert {os.path.realpath(p) for p in got} >= {os.path.realpath(p) for p in want} | {
         os.path.realpath(f)}
+
+
+@pytest.mark.parametrize("flags", [dict(early_stopping_patience=1),
+                                   dict(schedule="plateau", warmup_steps=1)])
+def test_dev_watching_flags_need_one_head_with_dev_data(setup, tmp_path, flags):
+    """A head without a dev file does not stop the run from following the others' dev metric;
+    with no dev file at all, the flag is refused, naming --tasks (--dev means nothing here)."""
+    import shutil
+    _, data = setup
+    nodev = tmp_path / "nodev"
+    nodev.mkdir()
+    shutil.copy(f"{data}/train.jsonl", nodev / "train.jsonl")
+    mixed = [f"p:classification:{data}/{{split}}.jsonl", f"q:regression:{nodev}/{{split}}.jsonl"
+             ":target_field=score"]
+    results = run_finetune(cfg_for(setup, tmp_path / "r", tasks=mixed, max_steps=4,
+                                   eval_every=2, **flags))
+    assert "p/accuracy" in results["dev"] and "q/mse" not in results["dev"]
+    with pytest.raises(ValueError, match=r"follows the dev metric, and no --tasks head has a "
+                                         "dev file"):
+        run_finetune(cfg_for(setup, tmp_path / "r2", tasks=mixed[1:], **flags))

@@ -21,7 +21,7 @@ from tests.tiny import NEWS_WORDS as WORDS
 from tests.tiny import compile_and_bf16_losses, make_corpus, tiny_tokenizer
 from tests.tiny import pretrain_config as config
 from train.loop.rundir import read_jsonl
-from train.pretrain.pretrain import run_pretrain
+from train.pretrain.pretrain import MLMObjective, run_pretrain
 from train.pretrain.config import SIZES, model_config
 
 @pytest.fixture(scope="module")
@@ -271,13 +271,43 @@ def test_a_valid_text_with_nothing_masked_is_named(corpus, tmp_path):
         run_pretrain(config(corpus, tmp_path / "run", valid=str(short), mask_prob=0.01))
 
 
-def test_a_run_that_spent_its_time_budget_resumes_to_no_more_steps(corpus, tiny_run, tmp_path):
+def test_a_run_that_spent_its_time_budget_resumes_to_no_more_steps(corpus, tiny_run, tmp_path,
+                                                                   monkeypatch):
+    import time
+    import train.pretrain.pretrain as module
+    real = module.evaluate
+
+    def slow(*a, **kw):  # an evaluation that takes time, as a real one does
+        time.sleep(0.3)
+        return real(*a, **kw)
+    monkeypatch.setattr(module, "evaluate", slow)
     tok = str(tiny_run[0] / "tokenizer")
     cut = config(corpus, tmp_path / "cut", eval_every=None, max_minutes=0, tokenizer=tok)
     run_pretrain(cut)
+    first = json.load(open(tmp_path / "cut" / "results.json"))
     run_pretrain(cut, resume=True)  # as `minibert pretrain --resume RUN` reads it back
     assert json.load(open(tmp_path / "cut" / "state" / "trainer.json"))["step"] == 1
-    assert json.load(open(tmp_path / "cut" / "results.json"))["steps"] == 1
+    again = json.load(open(tmp_path / "cut" / "results.json"))
+    assert again["steps"] == 1
+    assert again["train_seconds"] == first["train_seconds"]  # no step: no time added or lost
+
+
+def test_out_of_memory_stops_in_one_line_and_keeps_the_state(corpus, tiny_run, tmp_path,
+                                                            monkeypatch):
+    real, calls = MLMObjective.forward, [0]
+
+    def forward(self, batch):  # the third training step asks the CPU allocator for too much
+        calls[0] += self.training
+        if calls[0] == 3 and self.training:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                               "8589934592 bytes. Error code 12 (Cannot allocate memory)")
+        return real(self, batch)
+    monkeypatch.setattr(MLMObjective, "forward", forward)
+    cfg = config(corpus, tmp_path / "run", tokenizer=str(tiny_run[0] / "tokenizer"))
+    with pytest.raises(SystemExit, match=r"^minibert pretrain: out of memory in step 3 .*"
+                                         r"--grad-accum \(now 1\), which keeps the batch"):
+        run_pretrain(cfg)
+    assert json.load(open(tmp_path / "run" / "state" / "trainer.json"))["step"] == 2
 
 
 def test_out_holding_a_checkpoint_or_tokenizer_is_refused_and_left_intact(corpus, tiny_run,

@@ -144,3 +144,53 @@ def test_a_metric_no_trial_reports_is_named(tiny_setup, tmp_path, capsys):
     from train.runs.sweep import check_metric
     with pytest.raises(SystemExit, match=r"its dev metrics: none \(pass --dev after --\)"):
         check_metric({"best_step": 3}, "accuracy", "lr=1")
+
+
+def children(pid):
+    """The pids whose parent is `pid` (Linux /proc)."""
+    out = []
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):  # it ended meanwhile
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(d))
+    return out
+
+
+def alive(pid):
+    """Running, not a zombie: a container's pid 1 may never reap an orphan's exit."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_killed_sweep_takes_its_running_trial_with_it(tiny_setup, tmp_path):
+    """kill -9 of the sweep left its trial training, and the rerun recorded that trial as failed
+    on the lock the orphan still held."""
+    import signal
+    import subprocess
+    import time
+    from train.command import minibert_argv
+    args = sweep_args(tiny_setup, tmp_path / "sweep", ["lr=1e-3"])
+    args[args.index("--max-steps") + 1] = "1000000"  # trains until killed
+    sweep = subprocess.Popen(minibert_argv() + args, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "sweep" / "lr=1e-3" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and children(sweep.pid)) and time.time() < deadline:
+        time.sleep(0.2)
+    trial = children(sweep.pid)
+    assert metrics.exists() and trial, "the trial never started training"
+    os.kill(sweep.pid, signal.SIGKILL)
+    sweep.wait()
+    deadline = time.time() + 30
+    while alive(trial[0]) and time.time() < deadline:
+        time.sleep(0.2)
+    if alive(trial[0]):
+        os.kill(trial[0], signal.SIGKILL)
+        pytest.fail("the trial went on training after its sweep was killed")

@@ -11,6 +11,7 @@ see train/command.py).
 """
 
 import argparse
+import errno
 import os
 import signal
 import sys
@@ -37,6 +38,12 @@ COMMANDS = [minibert.commands, train.data.datasets, train.finetune.finetune,
             train.finetune.predict, train.pretrain.tokenizer, train.pretrain.pretrain,
             train.runs.diagnose, train.runs.memory, train.runs.sweep, train.runs.plot,
             train.runs.report, train.deploy.commands, train.prune.prune]
+
+
+# the OSErrors that are inputs to fix, with a full disk (ENOSPC, EDQUOT): a file or directory that
+# is missing, is there already, is of the wrong kind or may not be read or written
+INPUT_OS_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
+                   PermissionError)
 
 
 class Parser(argparse.ArgumentParser):
@@ -69,10 +76,12 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("minibert: interrupted", file=sys.stderr)
         return 130
-    except (UserError, FileNotFoundError, FileExistsError, IsADirectoryError,
-            NotADirectoryError, PermissionError) as e:
+    except (UserError, OSError) as e:
         # The error boundary: an input the user can fix is one line, `minibert CMD: WHERE: what
         # is wrong; what to do`. Anything else is a bug, and keeps its traceback.
+        if isinstance(e, OSError) and not isinstance(e, INPUT_OS_ERRORS) \
+                and e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
         if args.debug or os.environ.get("MINIBERT_DEBUG") == "1":
             traceback.print_exc()
         print(f"minibert {args.command}: {describe(e)}", file=sys.stderr)

@@ -36,6 +36,21 @@ def minibert_argv():
     return [sys.executable, "-P", "-m", "train.cli"]
 
 
+def die_with_parent():
+    """A subprocess's preexec_fn: Linux SIGKILLs the child when its parent dies.
+
+    A sweep's trial, or torchrun under `--nproc` (which starts each worker in a session of its
+    own), would otherwise go on training and writing into its RUN after the command that started
+    it was killed (kill -9, a lost node), while a rerun or a resume of the same RUN starts. With
+    this, the job dies as a whole. Linux only (prctl); elsewhere orphans must be stopped by hand."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def _parse_list(inner):
     def parse(s):
         return [inner(x) for x in s.split(",") if x != ""]
@@ -123,6 +138,9 @@ RANGES = {
     "early_stopping_patience": (lambda v: v >= 1, "must be >= 1"),
     "freeze_layers": _AT_LEAST_0,
     "unfreeze_every": _POSITIVE,
+    # 0 would read as "never" or "torch's default" where none says that; 0 minutes is one step
+    "eval_every": _POSITIVE, "save_every": _POSITIVE, "threads": _POSITIVE,
+    "max_minutes": _AT_LEAST_0,
 }
 
 

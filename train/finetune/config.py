@@ -29,8 +29,12 @@ TASK_FLAGS = {"text_field": ("classification", "regression"),
               "pair_field": ("classification", "regression"),
               "label_field": ("classification",),
               "target_field": ("regression",), "standardize_targets": ("regression",),
+              "pooling": ("classification", "regression"),
               "crf": ("tokens",), "bio_constraints": ("tokens",), "doc_stride": ("qa",),
               "max_answer_len": ("qa",)}
+# the data of one task, and the flags of several: each read by one kind of run only
+SINGLE_TASK_FLAGS = ("train", "dev", "test")
+MULTITASK_FLAGS = ("tasks", "tasks_file", "sampling", "sampling_temperature")
 
 
 def check_metric(metric, names, task):
@@ -61,6 +65,12 @@ def unused_flags(cfg):
     defaults = flag_defaults()
     given = [k for k in defaults if getattr(cfg, k) != defaults[k]]
     why = [flag_applies(k, cfg.task) for k in given if cfg.task != "multitask"]
+    if cfg.task == "multitask":
+        why += [f"--{k} applies to a single --task; a multi-task run reads its data from --tasks"
+                for k in SINGLE_TASK_FLAGS if k in given]
+    else:
+        why += [f"--{k.replace('_', '-')} applies to --task multitask only"
+                for k in MULTITASK_FLAGS if k in given]
     if cfg.unfreeze_every is None:
         why += [f"--{k.replace('_', '-')} applies with --unfreeze-every only"
                 for k in ("stage_lrs", "unfreeze_unit") if k in given]

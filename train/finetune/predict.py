@@ -129,11 +129,12 @@ def register(sub):
     p = sub.add_parser("predict", help="predict with a fine-tuned run, as JSON lines")
     add_model_argument(p, "run directory (or its best/); with --backend onnx, a directory "
                           "written by `minibert export --to onnx` or `minibert quantize`")
-    p.add_argument("--text", action="append", help="an input text (repeatable); with neither "
+    given = p.add_mutually_exclusive_group()  # --input beside --text would be left unread
+    given.add_argument("--text", action="append", help="an input text (repeatable); with neither "
                    "--text nor --input, texts are read from stdin, one a line. A model of text "
                    "pairs (--pair-field) reads 'TEXT ||| PAIR', a QA model 'QUESTION ||| "
                    "CONTEXT' (its answers' start/end index CONTEXT without the spaces around it)")
-    p.add_argument("--input", help="a file in the run's training format")
+    given.add_argument("--input", help="a file in the run's training format")
     p.add_argument("--head", action="append", metavar="NAME",
                    help="a multi-task model: predict with this head (repeatable; default: every "
                         "head, which must then all read the same kind of input)")

@@ -105,3 +105,10 @@ def memory_stats(device):
         out["cuda_peak_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
         out["cuda_peak_reserved_mb"] = round(torch.cuda.max_memory_reserved(device) / 2**20, 1)
     return out
+
+
+def is_out_of_memory(err):
+    """Whether an exception is the device running out of memory: CUDA's OutOfMemoryError, a
+    MemoryError, or the plain RuntimeError that torch's CPU allocator raises."""
+    return isinstance(err, (torch.cuda.OutOfMemoryError, MemoryError)) or (
+        isinstance(err, RuntimeError) and "can't allocate memory" in str(err))

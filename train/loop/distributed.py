@@ -42,7 +42,7 @@ import torch
 import torch.distributed as tdist
 
 from minibert.errors import UserError
-from train.command import minibert_argv
+from train.command import die_with_parent, minibert_argv
 from train.loop.rundir import RunDir
 
 
@@ -80,21 +80,6 @@ def launch(argv, nproc):
         except KeyboardInterrupt:  # the job got the same Ctrl-C: let it stop its workers
             continue
     return 128 - rc if rc < 0 else rc  # killed by a signal: the shell's status, not 256 - sig
-
-
-def die_with_parent():
-    """Ask Linux to SIGKILL this process when its parent dies.
-
-    torchrun starts each worker in a session of its own, so when torchrun itself is killed
-    (kill -9, a lost node) nothing stops the workers: they would go on training and writing
-    into RUN while a resume of the same RUN starts. With this, the job dies as a whole. Linux
-    only (prctl); elsewhere orphaned workers must be stopped by hand."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-    import signal
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class Dist:

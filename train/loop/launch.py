@@ -15,8 +15,11 @@
 
 import contextlib
 import dataclasses
+import json
 import os
 import sys
+import types
+import typing
 
 import torch
 
@@ -94,6 +97,50 @@ def read_run_config(run):
         raise UserError(f"{path}: not readable JSON ({e})") from None
 
 
+def saved_config(config_cls, saved, run, name):
+    """`config_cls` from RUN/config.json, refused in one line where the file is another
+    command's run (a pretraining run given to finetune) or was edited into a wrong shape."""
+    path = os.path.join(run, "config.json")
+    if not isinstance(saved, dict):
+        raise UserError(f"{path}: not a run's config (a JSON object)")
+    unknown = sorted(set(saved) - {f.name for f in dataclasses.fields(config_cls)})
+    if unknown:
+        raise UserError(f"{path}: {'keys' if len(unknown) > 1 else 'key'} {', '.join(unknown)}"
+                        f" of no `minibert {name}` run; is it another command's run?")
+    hints = typing.get_type_hints(config_cls)
+    for key, value in saved.items():
+        if not _fits(hints[key], value):
+            raise UserError(f"{path}: {key} {json.dumps(value)} is not a {_said(hints[key])}")
+    try:
+        return config_cls(**saved)
+    except (TypeError, ValueError) as e:  # a value of the wrong type or range, edited by hand
+        raise UserError(f"{path}: {e}") from None
+
+
+def _fits(tp, value):
+    """Whether a JSON value is of the field type `tp` (int, float, str, bool, list[X], X | None)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return any(_fits(t, value) for t in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return isinstance(value, list) and all(_fits(typing.get_args(tp)[0], v) for v in value)
+    if tp is type(None):
+        return value is None
+    if tp in (int, float) and isinstance(value, bool):
+        return False  # JSON's true is no number
+    return isinstance(value, (int, float) if tp is float else tp)
+
+
+def _said(tp):
+    """A field type in JSON's words: `int | None` -> "an integer or null"."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_said(t) for t in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        inner = _said(typing.get_args(tp)[0]).split(" ", 1)[1]  # "an integer" -> "integer"
+        return f"a list of {inner}s"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+            type(None): "null"}.get(tp, str(tp))
+
+
 def command(args, name, config_cls, run_fn, check=None):
     """The body of `minibert NAME`: run_fn(cfg, resume=..., dist=...) from the flags or from
     --resume RUN; `check(cfg)` may refuse a fresh config with a ValueError."""
@@ -112,7 +159,8 @@ def command(args, name, config_cls, run_fn, check=None):
                                  f"run's saved config.json; drop {', '.join(given)}")
             saved = read_run_config(args.resume)
             threads = {"threads": args.threads} if "--threads" in flags else {}
-            cfg = config_cls(**{**saved, "out": args.resume, **threads})
+            cfg = saved_config(config_cls, saved, args.resume, name)
+            cfg = dataclasses.replace(cfg, out=args.resume, **threads)
         else:
             cfg = dataclass_from_args(config_cls, args)
             if check is not None:

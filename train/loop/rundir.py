@@ -91,10 +91,11 @@ class RunDir:
             if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
             kept = self.find_dir(name)
-            raise UserError(f"{final}: the disk is full ({e.strerror}); "
-                            + (f"the previous {os.path.basename(kept)}/ is intact" if kept else
-                               "nothing had been saved yet")
-                            + ": free some space, then --resume") from None
+            said = f"the previous {os.path.basename(kept)}/ is intact" if kept else \
+                f"no {name}/ had been saved yet"
+            then = "--resume" if self.find_dir("state") else "start the run again"
+            raise UserError(f"{final}: the disk is full ({e.strerror}); {said}: free some space, "
+                            f"then {then}") from None
         if os.path.exists(final):
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
@@ -115,7 +116,9 @@ MODEL_FILES = ("model.safetensors", "pytorch_model.bin", "head.safetensors", "ta
 
 def check_not_a_model(path, files=MODEL_FILES):
     """Refuse to write into a directory that holds a checkpoint or a tokenizer: its config.json
-    and files would be replaced (`--out` given the `--model` directory, say)."""
+    and files would be replaced (`--out` given the `--model` directory, say); and a file."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{path}: a file, not a directory; give another --out")
     held = [n for n in files if os.path.exists(os.path.join(path, n))]
     if held:
         raise UserError(f"{os.path.join(path, held[0])}: {path} holds a checkpoint or a "

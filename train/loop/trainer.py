@@ -16,11 +16,11 @@ checkpoint, a divergence guard, a clean stop on out-of-memory, metrics.jsonl, an
 from `state/` (train/loop/state.py). It prints nothing unless given a stream (`log`): the
 commands pass stderr, a library caller gets silence.
 
-Data parallelism and precision come in through three optional arguments, so the loop itself
-stays one loop: `dist` (train/loop/distributed.py: which share of each global batch this rank takes,
-the all-reduce of logged numbers, rank-0-only writes), `net` (the module to train through:
-DDP and/or torch.compile around `model`; evaluation and checkpoints use `model` itself) and
-`scaler` (a torch.amp.GradScaler, for fp16). `LoopSettings.autocast` is the dtype of the forward.
+Data parallelism and precision come in through three optional arguments, so the loop stays
+one loop: `dist` (train/loop/distributed.py: each rank's share of a global batch, the all-reduce
+of logged numbers, rank-0-only writes), `net` (DDP and/or torch.compile around `model`, to train
+through; evaluation and checkpoints use `model`) and `scaler` (a GradScaler, for fp16).
+`LoopSettings.autocast` is the dtype of the forward.
 
 The step loop does not wait for the GPU: the running loss is a device tensor, read at log
 intervals only, and on CUDA (or with several processes) a non-finite loss is recorded on the
@@ -37,7 +37,7 @@ import torch
 from train.loop import state
 from train.loop.accumulate import micro_batches
 from train.loop.best import better
-from train.loop.device import autocast, memory_stats
+from train.loop.device import autocast, is_out_of_memory, memory_stats
 from train.loop.distributed import single
 from train.loop.progress import Progress
 from train.loop.schedules import WarmupThenPlateau
@@ -102,7 +102,9 @@ class Trainer:
         # best/ and state/ of the last evaluation stay, and the message says what to change.
         try:
             return self._fit()
-        except (torch.cuda.OutOfMemoryError, MemoryError) as e:
+        except (MemoryError, RuntimeError) as e:
+            if not is_out_of_memory(e):
+                raise
             self._out_of_memory(e)
 
     def _fit(self):
@@ -168,8 +170,7 @@ class Trainer:
                     late = out_of_time  # ranks' clocks differ; all stop when rank 0's says so
                     out_of_time = self.dist.on_main(lambda: late)
                 if out_of_time:
-                    self._say(f"time budget of {s.max_minutes} minutes reached at step "
-                              f"{self.step}")
+                    self._say(f"time budget of {s.max_minutes} minutes reached at step {self.step}")
                     self.total_steps = self.step  # ends the loop; eval and save as at a normal end
                 evaluating = (s.eval_every and self.step % s.eval_every == 0) or end_of_epoch \
                     or self.step == self.total_steps
@@ -214,8 +215,7 @@ class Trainer:
                     self.save_state()
                 if self.stopped or end_of_epoch:
                     break
-        bar.close()
-        self.seconds = time.time() - t_start
+        bar.close()  # self.seconds: as at the last save, so a resumed finished run says the same
         return {"best_step": self.best_step, "best_" + s.metric: self.best, "steps": self.step,
                 "train_seconds": round(self.seconds, 1),
                 "examples_per_second": round(self.examples_seen / max(self.seconds, 1e-9), 1),
@@ -333,8 +333,8 @@ class Trainer:
         best, state = self.run.find_dir("best"), self.run.find_dir("state")
         msg = (f"out of memory in step {self.step + 1} ({type(err).__name__}). Use smaller "
                f"micro-batches with gradient accumulation: halve --batch-size and double "
-               f"--grad-accum (now {self.s.grad_accum}), or set --effective-batch-size to keep "
-               "the batch the optimizer sees. ")
+               f"--grad-accum (now {self.s.grad_accum}), which keeps the batch the optimizer "
+               "sees. ")
         msg += f"Kept: best model in {best} (step {self.best_step}). " if best else \
             "No best model had been saved yet. "
         msg += f"Resume state in {state}." if state else ""

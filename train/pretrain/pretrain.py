@@ -43,7 +43,7 @@ from train.loop.schedules import LambdaSchedule, lr_multiplier
 from train.pretrain.tokenizer import train_tokenizer
 from train.loop.device import autocast, grad_scaler
 from train.loop.launch import command, open_run, run_in_state
-from train.loop.trainer import Diverged, LoopSettings, Trainer, plan_steps
+from train.loop.trainer import Diverged, LoopSettings, OutOfMemory, Trainer, plan_steps
 
 # Dense bf16 peak of the GPUs we expect, TFLOP/s (vendor datasheets, without sparsity).
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}
@@ -212,7 +212,7 @@ def _pretrain(cfg, resume, dist):
         trainer.load_state()
     try:
         summary = trainer.fit()
-    except Diverged as e:
+    except (Diverged, OutOfMemory) as e:
         raise SystemExit(f"minibert pretrain: {e}") from None
     if not dist.is_main:
         return None  # the final evaluation and results.json are rank 0's

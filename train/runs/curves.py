@@ -190,8 +190,10 @@ def best_eval(c):
 
 
 def dev_vs_chance(c):
+    # the majority label's score is an accuracy: beside any other metric it would mislead
     return f"last dev {c.metric} {c.dev_metric[-1]:.4f}" + (
-        f" vs always-the-majority-label {c.majority:.4f}" if c.majority else "")
+        f" vs always-the-majority-label {c.majority:.4f}"
+        if c.majority and c.metric == "accuracy" else "")
 
 
 def at_chance_on_dev(c):

@@ -38,7 +38,7 @@ import typing
 
 from minibert.commands import int_at_least
 from minibert.io import atomic_write_json, atomic_write_text, load_json
-from train.command import minibert_argv
+from train.command import die_with_parent, minibert_argv
 from train.finetune.config import DEFAULT_METRIC, FinetuneConfig
 from train.finetune.config import check_metric as check_task_metric
 from train.loop.best import is_missing, metric_mode, rank_key
@@ -111,7 +111,8 @@ def run_trial(cmd, run_dir, resume):
     os.makedirs(run_dir, exist_ok=True)
     t0 = time.time()
     with open(os.path.join(run_dir, "finetune.log"), "a", encoding="utf-8") as log:
-        rc = subprocess.run(argv, stdout=log, stderr=log).returncode
+        # the trial dies with the sweep: a rerun would find it still writing into its RUN
+        rc = subprocess.run(argv, stdout=log, stderr=log, preexec_fn=die_with_parent).returncode
     return rc, time.time() - t0
 
 

@@ -1,7 +1,8 @@
 """Classification metrics, written out: accuracy, precision, recall, F1 and the confusion matrix.
 
 Binary tasks report precision/recall/F1 of the positive class (label index 1) as `precision`,
-`recall`, `f1`, and also the macro averages (`macro_f1` ...) that multi-class tasks use. Checked
+`recall`, `f1`, and also the macro averages (`macro_f1` ...) that multi-class tasks use, over the
+classes that occur in the gold labels or the predictions. Checked
 against hand-computed examples in tests/test_metrics.py.
 """
 
@@ -27,7 +28,10 @@ def classification_metrics(gold, pred, n_classes):
     acc = sum(cm[c][c] for c in range(n_classes)) / max(len(gold), 1)
     # class c: hits cm[c][c], predicted column c, gold row c
     per_class = [prf(cm[c][c], sum(row[c] for row in cm), sum(cm[c])) for c in range(n_classes)]
-    macro = [sum(x[i] for x in per_class) / n_classes for i in range(3)]
+    # the macro average runs over the classes seen in gold or predictions (as scikit-learn's): a
+    # class this set lacks, and that is never predicted, has no precision or recall to average
+    seen = [c for c in range(n_classes) if sum(cm[c]) or sum(row[c] for row in cm)] or [0]
+    macro = [sum(per_class[c][i] for c in seen) / len(seen) for i in range(3)]
     out = {"accuracy": acc, "macro_precision": macro[0], "macro_recall": macro[1],
            "macro_f1": macro[2], "confusion_matrix": cm}
     if n_classes == 2:
