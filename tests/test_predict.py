@@ -69,6 +69,15 @@ def test_predict_classification_jsonl(tmp_path, capsys):
     assert main(["predict", str(run), "--input", str(bad), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert f"{bad}:2" in err and "--skip-bad-rows" not in err, err
+    # a run that has not finished (killed: no results.json) serves its best/ so far, and says so
+    (run / "results.json").rename(tmp_path / "results.json")
+    assert main(["predict", str(run), "--text", "fine", "--device", "cpu"]) == 0
+    assert f"note: {run} has not finished training (no results.json)" in capsys.readouterr().err
+    # an ONNX export given without --backend onnx: the message says what to add
+    (tmp_path / "onnx").mkdir()
+    (tmp_path / "onnx" / "model.onnx").write_bytes(b"")
+    with pytest.raises(SystemExit, match="it holds an ONNX export: add --backend onnx$"):
+        main(["predict", str(tmp_path / "onnx"), "--text", "fine"])
 
 
 def test_output_that_would_replace_what_predict_reads_is_refused_first(tmp_path, capsys,

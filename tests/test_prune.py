@@ -187,8 +187,19 @@ def test_prune_command_writes_a_smaller_model_that_loads_predicts_and_exports(ru
     assert find_best(out, "predict") == os.path.join(out, "finetune", "best")
     assert main(["predict", out, "--text", "a good film"]) == 0
     assert json.loads(capsys.readouterr().out)["label"] in ("0", "1")
+    # a fine-tune killed before its end: DIR serves pruned/ until `finetune --resume` ends it
+    os.rename(os.path.join(out, "finetune", "results.json"), tmp_path / "ft-results.json")
+    assert find_best(out, "predict") == os.path.join(out, "pruned")
+    assert main(["finetune", "--resume", os.path.join(out, "finetune")]) == 0
+    assert find_best(out, "predict") == os.path.join(out, "finetune", "best")
+    # a prune output names no data to score on: its message says what to prune instead
+    assert main(["prune", out, "--heads", "0.1", "--out", str(tmp_path / "again")]) == 2
+    assert f"{out}: a `minibert prune` output" in capsys.readouterr().err
+    # nor is DIR a folder to export another model into: predict would still answer from pruned/
+    with pytest.raises(SystemExit, match=r"holds a checkpoint, a run or an export \(results"):
+        main(["export", run, "--to", "onnx", "--out", out])
     # again into the same DIR: refused in one line before any work, naming what to do
-    (tmp_path / "p" / "results.json").unlink()  # as if killed during its fine-tune
+    (tmp_path / "p" / "results.json").unlink()  # as if killed before it wrote results.json
     config = open(os.path.join(out, "pruned", "config.json")).read()
     assert main(["prune", run, "--heads", "0.25", "--out", out, "--finetune-steps", "2",
                  "--threads", "1"]) == 2
@@ -218,6 +229,22 @@ def test_prune_command_writes_a_smaller_model_that_loads_predicts_and_exports(ru
         main(["export", os.path.join(out, "pruned"), "--to", "hf", "--out", str(tmp_path / "hf")])
     assert "pruned (heads, FFN neurons)" in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "hf").exists()
+
+
+def test_a_prune_killed_in_its_fine_tune_serves_pruned_and_keeps_its_scores(run, tmp_path,
+                                                                            monkeypatch):
+    import train.prune.prune as module
+    from train.finetune.predict import find_best
+
+    def killed(cfg):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(module, "run_finetune", killed)
+    out = str(tmp_path / "p")
+    assert main(["prune", run, "--heads", "0.5", "--out", out, "--importance-examples", "40",
+                 "--finetune-steps", "2", "--threads", "1"]) == 130
+    res = json.loads(open(os.path.join(out, "results.json")).read())
+    assert res["model"] == os.path.join(out, "pruned") and set(res["pruned"]) == {"dev", "test"}
+    assert find_best(out, "predict") == os.path.join(out, "pruned")
 
 
 def test_prune_refuses_bad_fractions_and_a_directory_that_is_not_a_run(tmp_path, capsys):

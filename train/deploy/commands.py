@@ -32,7 +32,7 @@ from train.finetune.predict import find_best
 # export (model.onnx, and model.json unless it was killed part-way) may be written again, but
 # not mixed with a checkpoint
 RUN_FILES = ("task.json", "head.safetensors", "metrics.jsonl", "state", "config.json",
-             "model.safetensors")
+             "model.safetensors", "results.json", "pruned")  # the last two: a prune's DIR
 
 
 def check_out(out, command, onnx=True):

@@ -220,8 +220,8 @@ def read_card(export_dir):
     """model.json of an export directory, checked to be an ONNX export."""
     path = os.path.join(export_dir, "model.json")
     if not os.path.exists(path) or not os.path.exists(os.path.join(export_dir, "model.onnx")):
-        raise FileNotFoundError(f"{export_dir}: no model.onnx and model.json (make one with "
-                                "`minibert export RUN --to onnx --out DIR`)")
+        raise CheckpointError(f"{export_dir}: no model.onnx and model.json (make one with "
+                              "`minibert export RUN --to onnx --out DIR`)")
     card = load_json_object(path, CheckpointError)
     if not isinstance(card.get("outputs"), dict):
         raise CheckpointError(f"{path}: no outputs listed: not a model.json minibert wrote; "

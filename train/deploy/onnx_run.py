@@ -67,6 +67,9 @@ class GraphHead(nn.Module):
             K = len(meta["labels"])
             crf = None
             if meta["crf"]:
+                if not os.path.exists(crf_path):
+                    raise CheckpointError(f"{crf_path}: missing; task.json has a CRF head, whose "
+                                          "transitions the export writes there")
                 crf = CRF(K)
                 load_head_state(crf, {k[len("crf."):]: v for k, v in crf_state.items()},
                                 crf_path)

@@ -9,6 +9,8 @@ and predict, so they answer the same JSON lines."""
 import os
 import sys
 
+import torch
+
 from minibert.commands import (add_model_argument, check_utf8, int_at_least, read_stdin_lines,
                                resolve_model)
 from minibert.io import atomic_write_text, json_line
@@ -24,21 +26,34 @@ def is_task_model(d):
 
 def task_model_dir(run):
     """RUN's best/ checkpoint (best.old after a kill between renames), or RUN itself when it is
-    one; for a finished `minibert prune` DIR, the model it ended with (finetune/best/, else
-    pruned/). None when RUN holds no fine-tuned model."""
+    one; for a `minibert prune` DIR, the model it ended with: finetune/best/ once that fine-tune
+    has finished (in prune, or by `finetune --resume DIR/finetune`), else pruned/. None when RUN
+    holds no fine-tuned model."""
     best = RunDir(run, writer=False).find_dir("best") or run
     if not is_task_model(best) and os.path.exists(os.path.join(run, "results.json")):
-        pruned = [os.path.join(run, "finetune", "best"), os.path.join(run, "pruned")]
+        tuned = os.path.join(run, "finetune")
+        pruned = [os.path.join(run, "pruned")]
+        if os.path.exists(os.path.join(tuned, "results.json")):
+            pruned.insert(0, os.path.join(tuned, "best"))
         best = next((d for d in pruned if is_task_model(d)), best)
     return best if is_task_model(best) else None
 
 
 def find_best(run, command):
-    """task_model_dir(run), or SystemExit naming RUN when it holds no fine-tuned model."""
+    """task_model_dir(run), or SystemExit naming RUN when it holds no fine-tuned model. A run
+    whose training has not finished (no results.json: killed, or still running) serves its best/
+    so far, and the command says so."""
     best = task_model_dir(run)
     if best is None:
-        raise SystemExit(f"minibert {command}: {run} holds no fine-tuned model "
-                         "(no best/task.json and best/head.safetensors)")
+        onnx = os.path.exists(os.path.join(run, "model.onnx"))
+        raise SystemExit(f"minibert {command}: {run} holds no fine-tuned model (no "
+                         "best/task.json and best/head.safetensors)" + (
+                             "; it holds an ONNX export: add --backend onnx" if onnx and
+                             command == "predict" else ""))
+    if os.path.realpath(os.path.dirname(best)) == os.path.realpath(run) and not os.path.exists(
+            os.path.join(run, "results.json")):
+        print(f"note: {run} has not finished training (no results.json): {command} uses its "
+              f"best checkpoint so far, {best}", file=sys.stderr)
     return best
 
 
@@ -48,10 +63,7 @@ def load_onnx(export_dir, threads):
     except ImportError as e:
         raise SystemExit(f"minibert predict: --backend onnx needs {e.name} (pip install "
                          "'minibert[deploy]')") from None
-    try:
-        return load_onnx_task_model(export_dir, threads)
-    except FileNotFoundError as e:
-        raise SystemExit(f"minibert predict: {e}") from None
+    return load_onnx_task_model(export_dir, threads)  # a missing file: one line, by train/cli
 
 
 # what a run (or a prune DIR) writes beside its model; predictions may go there under another name
@@ -104,10 +116,15 @@ def cmd_predict(args):
     if args.output:
         check_output(args.output, tok_dir, args.model, args.input)
     if args.backend == "onnx":
-        device = "cpu"  # onnxruntime's CPU provider; batches stay on the CPU
+        if args.device not in ("auto", "cpu"):
+            raise SystemExit(f"minibert predict: --device {args.device}: --backend onnx runs on "
+                             "the CPU (onnxruntime's CPU provider); drop --device")
+        device = "cpu"  # batches stay on the CPU
         model, task = load_onnx(args.model, args.threads)
     else:
         device = pick_device(args.device)
+        if args.threads:  # the command's process: nothing else runs in it to disturb
+            torch.set_num_threads(args.threads)
         model, task = load_task_model(tok_dir, device)
     task = pick_heads(task, args.head, args.model)  # before stdin: a wrong --head says so first
     texts, where = args.text, "--text {}"
@@ -144,5 +161,6 @@ def register(sub):
     p.add_argument("--backend", choices=("torch", "onnx"), default="torch",
                    help="torch: the run's checkpoint; onnx: an exported graph, by onnxruntime")
     p.add_argument("--threads", type=int_at_least(1), default=None,
-                   help="onnx backend: onnxruntime's intra-op threads (default: its own choice)")
+                   help="CPU threads: torch's, or onnxruntime's intra-op threads (default: "
+                        "their own choice)")
     p.set_defaults(func=cmd_predict)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from minibert.commands import add_model_argument, resolve_model
 from minibert.errors import UserError
+from minibert.io import load_json
 from minibert.tokenizer import Tokenizer
 from train.command import add_dataclass_flags, dataclass_from_args, option, print_config
 from train.finetune.config import FinetuneConfig
@@ -98,6 +99,13 @@ def finetune_recipe(run):
     """RUN's FinetuneConfig. A distilled run saved a DistillConfig, the fine-tuning fields plus
     the teacher's: those are left out, as the fine-tune after pruning has no teacher."""
     names = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    done = os.path.join(run, "results.json")
+    if not os.path.exists(os.path.join(run, "config.json")) and os.path.isdir(
+            os.path.join(run, "pruned")) and os.path.exists(done):
+        raise UserError(f"{run}: a `minibert prune` output, which has no data of its own to "
+                        f"score on: prune {load_json(done).get('run', 'its run')} again, with "
+                        f"larger fractions, or prune {os.path.join(run, 'finetune')} (a prune "
+                        "with --finetune-steps)")
     config = read_run_config(run)
     if "train" not in config:  # a checkpoint's config.json: the model's, not a run's
         raise UserError(f"{run}: a checkpoint, not a run directory: give the finetune run whose "
@@ -162,6 +170,9 @@ def _prune(cfg, device):
         print(f"{split}: before " + scores(results["before"][split]) + "; pruned " + scores(m),
               file=sys.stderr)
     results["model"] = pruned_dir
+    # written now too: a fine-tune killed below leaves DIR serving pruned/, its scores kept, and
+    # `finetune --resume DIR/finetune` finishes it (DIR then serves finetune/best/)
+    out.write_json("results.json", results)
 
     if cfg.finetune_steps:
         print(f"fine-tune: {cfg.finetune_steps} steps with the run's recipe -> {ft.out}",
