@@ -141,6 +141,9 @@ class BertConfig:
         if kind != "bert":
             raise ConfigError(f"{source}: model_type {kind!r}: not a BERT checkpoint; minibert "
                               "reads BERT's architecture only")
+        if d.get("is_decoder") or d.get("add_cross_attention"):
+            raise ConfigError(f"{source}: is_decoder / add_cross_attention: a causal BERT decoder; "
+                              "minibert's encoder attends both ways and has no cross-attention")
         positions = d.get("position_embedding_type", "absolute")
         if positions != "absolute":
             raise ConfigError(f"{source}: position_embedding_type {positions!r}: minibert has "

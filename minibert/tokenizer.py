@@ -51,14 +51,20 @@ class Tokenizer:
                 tok = HFTokenizer.from_file(tj)
             except Exception as e:  # tokenizers raises a bare Exception that names no file
                 raise CheckpointError(f"{tj}: not a readable tokenizer.json ({e})") from None
-            if (config.get("tokenizer_class") in ("BertTokenizer", "BertTokenizerFast")
-                    and isinstance(tok.normalizer, normalizers.BertNormalizer)):
-                # transformers' BERT tokenizer class sets the normalizer from tokenizer_config.json
-                # (BERT's defaults for keys it lacks), over what tokenizer.json says: so do we.
-                bert_normalization(tok, **normalizer_options(config, tc))
+            # transformers reads a BERT checkpoint's tokenizer with its BERT class (named in
+            # tokenizer_config.json, or by config.json's model_type when it names none), which sets
+            # the normalizer from tokenizer_config.json (BERT's defaults for keys it lacks) over
+            # what tokenizer.json says, and puts [CLS] A [SEP] around the pieces: so do we.
+            if config.get("tokenizer_class") in (None, "BertTokenizer", "BertTokenizerFast"):
+                if isinstance(tok.normalizer, normalizers.BertNormalizer):
+                    bert_normalization(tok, **normalizer_options(config, tc))
+                if tok.post_processor is None:
+                    bert_template(tok)
             return cls(tok, source=tj)
         if os.path.exists(vt):
-            return cls(build_wordpiece(read_vocab(vt), **normalizer_options(config, tc)), source=vt)
+            tok = build_wordpiece(read_vocab(vt), **normalizer_options(config, tc))
+            add_tokens(tok, config, path)  # what transformers added to the vocabulary beside it
+            return cls(tok, source=vt)
         if not os.path.isdir(path):
             raise CheckpointError(f"{path}: " + (
                 "a file; give the directory that holds it" if os.path.exists(path)
@@ -146,6 +152,27 @@ def read_vocab(path):
 def read_tokenizer_config(path):
     """transformers' `tokenizer_config.json` as a dict; {} when there is none."""
     return load_json_object(path, CheckpointError) if os.path.exists(path) else {}
+
+
+def add_tokens(tok: HFTokenizer, config, path):
+    """The tokens a vocab.txt checkpoint added after its vocabulary, as transformers saved them:
+    added_tokens.json ({token: id}), or tokenizer_config.json's added_tokens_decoder ({id:
+    {"content", "special", "normalized"}}). Each must get the id it was saved with."""
+    added = {int(i): t for i, t in config.get("added_tokens_decoder", {}).items()
+             if isinstance(t, dict) and "content" in t}
+    extra = os.path.join(path, "added_tokens.json")
+    if os.path.exists(extra):
+        added.update({i: {"content": t} for t, i in load_json_object(extra, CheckpointError)
+                      .items() if isinstance(i, int)})
+    for i, t in sorted(added.items()):
+        if tok.token_to_id(t["content"]) == i:
+            continue  # in the vocabulary already (BERT's specials, listed there too)
+        special = bool(t.get("special", False))
+        tok.add_tokens([AddedToken(t["content"], special=special,
+                                   normalized=t.get("normalized", not special))])
+        if tok.token_to_id(t["content"]) != i:
+            raise CheckpointError(f"{path}: added token {t['content']!r} was saved with id {i}, "
+                                  f"and follows the vocabulary at {tok.token_to_id(t['content'])}")
 
 
 def normalizer_options(config, path):

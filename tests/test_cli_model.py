@@ -171,8 +171,10 @@ def test_a_model_that_is_not_bert_is_refused(tmp_path, capsys):
     from tests.tiny import make_checkpoint
     for key, value, why in [("model_type", "roberta", "model_type 'roberta': not a BERT"),
                             ("position_embedding_type", "relative_key",
-                             "position_embedding_type 'relative_key'")]:
-        d = make_checkpoint(tmp_path / value)
+                             "position_embedding_type 'relative_key'"),
+                            # transformers masks a decoder's attention causally; ours is both ways
+                            ("is_decoder", True, "is_decoder / add_cross_attention")]:
+        d = make_checkpoint(tmp_path / str(value))
         cfg = json.loads((d / "config.json").read_text())
         (d / "config.json").write_text(json.dumps({**cfg, key: value}))
         capsys.readouterr()

@@ -383,3 +383,17 @@ def test_resume_refuses_a_corpus_or_tokenizer_changed_since_the_start(corpus, ti
     with pytest.raises(UserError, match=f"^{tok / 'vocab.txt'}: this run read it at its start"):
         run_pretrain(cut, resume=True)
     assert json.load(open(tmp_path / "cut" / "state" / "trainer.json"))["step"] == 1
+
+
+def test_a_vocab_size_that_a_given_tokenizer_makes_unused_is_said(corpus, tiny_run, tmp_path,
+                                                                  capsys):
+    tok = str(tiny_run[0] / "tokenizer")
+    run_pretrain(config(corpus, tmp_path / "r", tokenizer=tok, vocab_size=50, max_steps=1,
+                        eval_every=None))
+    err = capsys.readouterr().err
+    assert "note: --vocab-size 50 sizes a tokenizer trained on the corpus; --tokenizer brings " \
+        "its own; it is ignored" in err
+    from train.pretrain.config import PretrainConfig
+    run_pretrain(config(corpus, tmp_path / "r2", tokenizer=tok, max_steps=1, eval_every=None,
+                        vocab_size=PretrainConfig.vocab_size))
+    assert "--vocab-size" not in capsys.readouterr().err  # not given: nothing to say

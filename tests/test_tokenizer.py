@@ -212,3 +212,54 @@ def test_no_texts_give_empty_tensors():
     from tests.tiny import tiny_tokenizer
     b = tiny_tokenizer().encode_batch([])
     assert b["input_ids"].shape == b["attention_mask"].shape == (0, 0)
+
+
+def _bert_checkpoint_dir(d, tokenizer_config):
+    """SMALL_VOCAB as a BERT checkpoint's tokenizer: config.json names the model type, so that
+    transformers picks its BERT tokenizer class when tokenizer_config.json names none."""
+    d.mkdir()
+    (d / "vocab.txt").write_text("".join(t + "\n" for t in SMALL_VOCAB), encoding="utf-8")
+    (d / "config.json").write_text('{"model_type": "bert"}')
+    if tokenizer_config is not None:
+        (d / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    return d
+
+
+@pytest.mark.parametrize("options", [None, {}, {"do_lower_case": False}],
+                         ids=["no tokenizer_config", "{}", "cased, no class"])
+def test_tokenizer_json_follows_a_config_that_names_no_class(options, tmp_path):
+    """An older checkpoint's tokenizer_config.json may name no tokenizer class, or be missing:
+    transformers still reads it with BERT's class, whose options override tokenizer.json's."""
+    d = _bert_checkpoint_dir(tmp_path / "tok", options)
+    vocab = {t: i for i, t in enumerate(SMALL_VOCAB)}
+    opposite = not (options or {}).get("do_lower_case", True)
+    build_wordpiece(vocab, lowercase=opposite).save(str(d / "tokenizer.json"))
+    assert _ids(minibert.load_tokenizer(d), OPTION_TEXTS) == \
+        _ids(AutoTokenizer.from_pretrained(d), OPTION_TEXTS)
+
+
+def test_a_tokenizer_json_without_a_post_processor_gets_bert_s_template(tmp_path):
+    d = _bert_checkpoint_dir(tmp_path / "tok", {"tokenizer_class": "BertTokenizer"})
+    tok = build_wordpiece({t: i for i, t in enumerate(SMALL_VOCAB)})
+    spec = json.loads(tok.to_str())
+    spec["post_processor"] = None
+    (d / "tokenizer.json").write_text(json.dumps(spec))
+    ours = _ids(minibert.load_tokenizer(d), ["hello world"])
+    assert ours == _ids(AutoTokenizer.from_pretrained(d), ["hello world"]) == [[2, 7, 8, 3]]
+
+
+@pytest.mark.parametrize("where", ["added_tokens.json", "added_tokens_decoder"])
+def test_tokens_added_beside_a_vocab_txt_keep_their_ids(where, tmp_path):
+    d = _bert_checkpoint_dir(tmp_path / "tok", {"tokenizer_class": "BertTokenizer"})
+    n = len(SMALL_VOCAB)
+    if where == "added_tokens.json":
+        (d / "added_tokens.json").write_text(json.dumps({"<ent>": n, "<loc>": n + 1}))
+    else:
+        (d / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "BertTokenizer", "added_tokens_decoder": {
+                str(n): {"content": "<ent>", "special": False, "normalized": True},
+                str(n + 1): {"content": "<loc>", "special": True, "normalized": False}}}))
+    texts = ["hello <ent> world <loc>."]
+    ours = _ids(minibert.load_tokenizer(d), texts)
+    assert ours == _ids(AutoTokenizer.from_pretrained(d), texts)
+    assert n in ours[0] and n + 1 in ours[0]

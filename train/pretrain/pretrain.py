@@ -154,6 +154,11 @@ def _pretrain(cfg, resume, dist):
     with dist.main_first():  # rank 0 may train and save the tokenizer; the others read it
         tok = get_tokenizer(cfg, run, fresh=not resume and dist.is_main)
     print(f"tokenizer: {tok.source} ({tok.vocab_size} tokens)", file=sys.stderr)
+    given = cfg.vocab_size != PretrainConfig.vocab_size  # the size of a tokenizer trained here
+    if (cfg.init_from or cfg.tokenizer) and given and cfg.vocab_size != tok.vocab_size:
+        print(f"note: --vocab-size {cfg.vocab_size} sizes a tokenizer trained on the corpus; "
+              f"{'--init-from' if cfg.init_from else '--tokenizer'} brings its own; it is ignored",
+              file=sys.stderr)
     vocab = [tok.id_to_token(i) for i in range(tok.vocab_size)]
     masker = Masker(vocab, tok.special_ids, tok.mask_id, cfg.mask_prob, cfg.whole_word_mask)
     with dist.main_first():  # rank 0 writes the token caches; the others read them
