@@ -134,6 +134,12 @@ def test_attention_from_qkv_is_what_the_layer_computes():
     v = qkv.split(attn.nh * attn.hs, -1)[2].view(B, T, attn.nh, attn.hs).transpose(1, 2)
     y = attn.proj((logp.exp() @ v).transpose(1, 2).reshape(B, T, -1))
     torch.testing.assert_close(y[mask], attn(x, mask)[mask], rtol=0, atol=1e-6)
+    # under the run's bf16 autocast the scores stay fp32: the KL term is a small difference of
+    # log-probabilities that bf16's 8 bits would round away
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = attention_log_probs(qkv, attn.nh, attn.hs, mask)
+    assert under.dtype == torch.float32
+    torch.testing.assert_close(under, logp, rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------ teachers

@@ -183,6 +183,24 @@ def test_windows_map_answers_back_to_their_characters(tmp_path):
     assert ctx0[-3:] == ctx1[:3]
 
 
+def test_an_answer_ending_in_an_accent_of_nfd_text_is_labelled_as_in_nfc():
+    """The normalizer drops a combining accent (NFD text), so no token's offsets reached the
+    answer's last character: its label ran a word too long, or to [CLS] at the context's end."""
+    import unicodedata
+    from minibert.tokenizer import Tokenizer, build_wordpiece
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "who", "wrote", "it", "?", "by",
+             "andre", "gide", "in", "paris", "."]
+    tok = Tokenizer(build_wordpiece({w: i for i, w in enumerate(words)}))
+    labels = {}
+    for form in ("NFC", "NFD"):
+        for ctx in ("by André Gidé in Paris.", "by André Gidé"):
+            ctx, answer = unicodedata.normalize(form, ctx), unicodedata.normalize(form, "André Gidé")
+            ex = QAExample("x", "who wrote it?", ctx, [(answer, ctx.index(answer))], "t")
+            labels[form, ctx[-3:] == "is."] = QADataset([ex], tok, 64, 16, 1).positions
+    assert labels["NFD", True] == labels["NFC", True] and labels["NFD", False] == \
+        labels["NFC", False] != [(0, 0)]
+
+
 def test_misplaced_answer_names_the_question(tmp_path):
     p = tmp_path / "bad.json"
     p.write_text(json.dumps({"data": [{"paragraphs": [{"context": "good film", "qas": [

@@ -61,6 +61,15 @@ def test_agrees_with_the_seqeval_package_on_random_sequences():
     assert m["f1"] == pytest.approx(seqeval.f1_score(gold, pred), abs=1e-12)
 
 
+def test_token_accuracy_reads_gold_and_predictions_alike():
+    # a gold file that starts an entity with I- (IOB1 habits): the model's tags, repaired before
+    # scoring, equal it entity for entity, and token by token once both read as BIO
+    gold = [["I-PER", "I-PER", "O", "I-LOC"]]
+    m = entity_scores(gold, [repair_bio(gold[0])])
+    assert (m["f1"], m["accuracy"]) == (1.0, 1.0)
+    assert entity_scores(gold, [["O", "I-PER", "O", "B-LOC"]])["accuracy"] == 0.5
+
+
 def test_labels_sit_on_first_pieces_only():
     tok = tiny_tokenizer()
     sents = [(["goodly", "film", "goods"], ["B-X", "O", "B-X"], "t:1", "", [])]

@@ -85,10 +85,11 @@ def attention_log_probs(qkv, nh, hs, key_mask):
     q, k, _ = qkv.float().split(nh * hs, dim=-1)  # 2 x (B, T, nh * hs), v unused
     q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
     k = k.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-    scores = (q @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, T, T)
-    # the most negative finite number, as attention_eager: padded keys get probability 0
-    scores = scores.masked_fill(~key_mask[:, None, None, :], torch.finfo(scores.dtype).min)
-    return F.log_softmax(scores, dim=-1)
+    with torch.autocast(qkv.device.type, enabled=False):  # fp32 under the run's bf16 autocast
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, T, T)
+        # the most negative finite number, as attention_eager: padded keys get probability 0
+        scores = scores.masked_fill(~key_mask[:, None, None, :], torch.finfo(scores.dtype).min)
+        return F.log_softmax(scores, dim=-1)
 
 
 def attention_kl(teacher_logp, student_logp, key_mask):

@@ -22,6 +22,7 @@ long for --max-length is an error naming it); training uses the first gold answe
 """
 
 import json
+import unicodedata
 from dataclasses import dataclass
 
 import torch
@@ -102,6 +103,11 @@ def read_squad(path, need_answers=True):
     return out
 
 
+def is_mark(c):
+    """A combining mark (an accent in NFD text): part of the letter before it."""
+    return unicodedata.category(c).startswith("M")
+
+
 def answer_positions(enc, char_start, char_end):
     """Token (start, end) of the answer [char_start, char_end) in this window; (0, 0), i.e.
     [CLS], when the window's context does not hold all of it."""
@@ -147,7 +153,12 @@ class QADataset(Batched):
             self.positions = []
             for i, w in self.windows:
                 text, start = examples[i].answers[0]
-                self.positions.append(answer_positions(w, start, start + len(text)))
+                # the answer up to its last letter: an accent after it (NFD text) may be dropped
+                # by the normalizer, and then no token's offsets reach it
+                end = start + len(text)
+                while end > start + 1 and is_mark(text[end - start - 1]):
+                    end -= 1
+                self.positions.append(answer_positions(w, start, end))
         self.lengths = [len(w.ids) for _, w in self.windows]
 
     def collate(self, idx):
@@ -231,9 +242,11 @@ class QATask:
                 answers[i] = ("", 0, 0, float("-inf"))
                 continue
             score, w, a, b = best
-            offs = windows[w][0].offsets
+            offs, ctx = windows[w][0].offsets, ds.examples[i].context
             start, end = offs[a][0], offs[b][1]
-            answers[i] = (ds.examples[i].context[start:end], start, end, score)
+            while end < len(ctx) and is_mark(ctx[end]):
+                end += 1  # an accent the normalizer dropped (NFD text) belongs to its letter
+            answers[i] = (ctx[start:end], start, end, score)
         loss = None if res[0][2] is None else sum(r[2] for r in res) / len(res)
         return answers, loss
 

@@ -65,7 +65,9 @@ def entity_scores(gold_seqs, pred_seqs):
         for kind, group in (("gold", gs), ("pred", ps), ("correct", gs & ps)):
             for typ, _, _ in group:
                 per_type.setdefault(typ, {"gold": 0, "pred": 0, "correct": 0})[kind] += 1
-        tok_ok += sum(a == b for a, b in zip(g, p))
+        # the tags as their entities read them: a gold I-X that starts an entity is B-X, as in
+        # a repaired prediction (which it would otherwise never equal)
+        tok_ok += sum(a == b for a, b in zip(repair_bio(g), repair_bio(p)))
         tok_n += len(g)
     p, r, f = prf(correct, n_pred, n_gold)
     return {"precision": p, "recall": r, "f1": f, "accuracy": tok_ok / max(tok_n, 1),
