@@ -79,17 +79,24 @@ def cmd_weights_import(args):
 def read_stdin_lines(command, what="--text"):
     """The texts piped in, one a line, when `what` was not given. Every line counts, blank ones
     too, so that line N of the output answers line N of the input."""
-    if sys.stdin.isatty():
+    if sys.stdin is None or sys.stdin.isatty():  # None: started with stdin closed
         raise SystemExit(f"minibert {command}: give {what}, or pipe texts in, one a line")
-    texts = [line.rstrip("\r\n") for line in sys.stdin]
+    if hasattr(sys.stdin, "buffer"):  # the bytes, as UTF-8 whatever the locale says
+        text = sys.stdin.buffer.read().decode("utf-8", "surrogateescape")
+        text = text.replace("\r\n", "\n").replace("\r", "\n")  # as text mode reads lines
+        texts = text.split("\n")[:-1] if text.endswith("\n") else text.split("\n")
+        texts = texts if text else []
+    else:  # a text stream handed in (a test, a library caller)
+        texts = [line.rstrip("\r\n") for line in sys.stdin]
     if not texts:
         raise SystemExit(f"minibert {command}: stdin is empty; give {what}, or pipe texts in")
     return check_utf8(texts, command, "stdin:{}")
 
 
 def check_utf8(texts, command, where="--text {}"):
-    """texts, each refused in one line if it holds bytes that are not UTF-8 (Python hands them
-    over as lone surrogates, which the tokenizer cannot take). `where` names text i from 1."""
+    """texts, each refused in one line if it holds bytes that are not UTF-8 (read with
+    surrogateescape, they come as lone surrogates, which the tokenizer cannot take). `where`
+    names text i from 1."""
     for i, t in enumerate(texts):
         try:
             t.encode("utf-8")

@@ -11,6 +11,12 @@ module existed, so code that catches those still does.
 import os
 
 
+# the OSErrors that are inputs to fix, as a UserError is: a file or directory that is missing,
+# is there already, is of the wrong kind, or may not be read or written
+INPUT_OS_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
+                   PermissionError)
+
+
 class UserError(Exception):
     """An input that is wrong: the message says where, what, and what to do."""
 

@@ -299,3 +299,22 @@ def test_a_cache_that_cannot_be_a_directory_is_named(tmp_path, monkeypatch):
     monkeypatch.setenv("MINIBERT_CACHE", str(tmp_path / "afile"))
     with pytest.raises(FetchError, match=r"^\$MINIBERT_CACHE=.*afile: cannot be the cache"):
         cache_dir()
+
+
+def test_stdin_is_read_as_utf8_whatever_the_locale(monkeypatch):
+    """Python decodes stdin with the locale's codec: strictly under en_US.UTF-8 (a traceback on
+    a bad byte), as Latin-1 under a Latin-1 locale (other vectors, silently). minibert reads the
+    bytes as UTF-8 itself; a closed stdin is a missing input, not an AttributeError."""
+    import io
+    from minibert.commands import read_stdin_lines
+
+    def stdin(data, encoding):
+        return io.TextIOWrapper(io.BytesIO(data), encoding=encoding, errors="strict")
+    monkeypatch.setattr(sys, "stdin", stdin("café\r\nnaïve\n\nend".encode(), "latin-1"))
+    assert read_stdin_lines("embed") == ["café", "naïve", "", "end"]
+    monkeypatch.setattr(sys, "stdin", stdin(b"good\n\xff bad\n", "utf-8"))
+    with pytest.raises(SystemExit, match=r"^minibert embed: stdin:2: not UTF-8 \(byte 0xff"):
+        read_stdin_lines("embed")
+    monkeypatch.setattr(sys, "stdin", None)
+    with pytest.raises(SystemExit, match="give --text, or pipe texts in"):
+        read_stdin_lines("embed")

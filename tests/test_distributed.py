@@ -263,6 +263,33 @@ def test_an_input_error_under_two_processes_is_one_line(tmp_path):
         assert noise not in r.stderr, r.stderr[-3000:]
 
 
+def two_processes(*args):
+    return subprocess.run([sys.executable, "-P", "-m", "train.cli", "finetune", "--nproc", "2",
+                           *args], env=ENV, capture_output=True, text=True, timeout=180)
+
+
+def test_refusals_under_two_processes_are_said_once(setup, tmp_path):
+    """Rank 0 alone holds the lock and checks --out: its refusal used to leave rank 1 waiting in
+    a collective rank 0 never joined (a gloo traceback). A flag's refusal was said by each rank.
+    An effective batch split over the processes was refused, counted for one process."""
+    ckpt, d61, _ = setup
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "results.json").write_text("{}")  # a finished run
+    for out, extra, said in ((taken, (), f"{taken}/results.json: {taken} holds a run already"),
+                             (tmp_path / "neg", ("--lr", "-1"), "--lr -1: must be > 0")):
+        r = two_processes(*flags(ckpt, d61, out, "--max-steps", "1", *extra))
+        assert r.returncode == 2, r.stderr[-3000:]
+        lines = [ln for ln in r.stderr.splitlines() if ln.startswith("minibert")]
+        assert len(lines) == 1 and said in lines[0], r.stderr[-3000:]
+        assert "Traceback" not in r.stderr and "rank 1 of 2 failed" not in r.stderr
+    r = two_processes(*flags(ckpt, d61, tmp_path / "eb", "--batch-size", "4", "--grad-accum",
+                             "2", "--effective-batch-size", "16", "--max-steps", "1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    cfg = json.loads((tmp_path / "eb" / "config.json").read_text())
+    assert (cfg["nproc"], cfg["batch_size"], cfg["grad_accum"]) == (2, 4, 2)
+
+
 def test_torchrun_wrapper_exits_as_the_failed_worker_did(monkeypatch, capsys):
     """The worker's own status (2 for an input error, which it has said); a worker killed by a
     signal, which could say nothing, is named in one line, with the shell's 128 + signal."""

@@ -18,7 +18,7 @@ import sys
 import traceback
 
 import minibert.commands  # weights import, embed, fill-mask
-from minibert.errors import UserError
+from minibert.errors import INPUT_OS_ERRORS, UserError
 import train.data.datasets  # data get
 import train.deploy.commands  # export, quantize
 import train.distill.distill  # distill
@@ -38,12 +38,6 @@ COMMANDS = [minibert.commands, train.data.datasets, train.finetune.finetune,
             train.finetune.predict, train.pretrain.tokenizer, train.pretrain.pretrain,
             train.runs.diagnose, train.runs.memory, train.runs.sweep, train.runs.plot,
             train.runs.report, train.deploy.commands, train.prune.prune]
-
-
-# the OSErrors that are inputs to fix, with a full disk (ENOSPC, EDQUOT): a file or directory that
-# is missing, is there already, is of the wrong kind or may not be read or written
-INPUT_OS_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
-                   PermissionError)
 
 
 class Parser(argparse.ArgumentParser):
@@ -80,7 +74,7 @@ def main(argv=None):
         # The error boundary: an input the user can fix is one line, `minibert CMD: WHERE: what
         # is wrong; what to do`. Anything else is a bug, and keeps its traceback.
         if isinstance(e, OSError) and not isinstance(e, INPUT_OS_ERRORS) \
-                and e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                and e.errno not in (errno.ENOSPC, errno.EDQUOT):  # a full disk is one line too
             raise
         if args.debug or os.environ.get("MINIBERT_DEBUG") == "1":
             traceback.print_exc()

@@ -41,7 +41,7 @@ import time
 import torch
 import torch.distributed as tdist
 
-from minibert.errors import UserError
+from minibert.errors import INPUT_OS_ERRORS, UserError
 from train.command import die_with_parent, minibert_argv
 from train.loop.rundir import RunDir
 
@@ -51,12 +51,18 @@ def launched():
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def other_rank():
+    """True in a torchrun worker other than rank 0: its errors are rank 0's too, said once."""
+    return launched() and os.environ.get("RANK", "0") != "0"
+
+
 def launch(argv, nproc):
     """Run `minibert <argv>` in `nproc` processes under torchrun (through train/loop/torchrun.py,
     which cuts its failure report to what the user needs); returns the job's exit code.
 
-    `--nproc` itself is removed from the child command line: inside torchrun the process count
-    comes from WORLD_SIZE. `--standalone` makes torchrun pick a free port on this machine."""
+    `--nproc` itself is removed from the child command line (torchrun's parser would take it
+    for its own --nproc-per-node): a worker reads the process count from WORLD_SIZE.
+    `--standalone` makes torchrun pick a free port on this machine."""
     child, skip = [], False
     for a in argv:
         if skip:
@@ -240,7 +246,7 @@ def session(device):
 
     try:
         yield Dist(rank, world, device)
-    except (SystemExit, UserError, KeyboardInterrupt) as e:
+    except (SystemExit, UserError, KeyboardInterrupt, *INPUT_OS_ERRORS) as e:
         # a deliberate stop (divergence, a data error, Ctrl-C) happens on every rank alike;
         # rank 0 reports it, the others leave with rank 0's status and no second message
         tdist.destroy_process_group()  # now, not in the interpreter's teardown
@@ -270,7 +276,7 @@ def session(device):
 def exit_status(e):
     """The status `minibert` leaves with after `e` (train/cli.py): an input error 2, Ctrl-C 130,
     a SystemExit its code (1 for a message)."""
-    if isinstance(e, UserError):
+    if isinstance(e, (UserError, *INPUT_OS_ERRORS)):
         return 2
     if isinstance(e, KeyboardInterrupt):
         return 130

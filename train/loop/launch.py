@@ -37,14 +37,18 @@ def run_in_state(body, cfg, resume=False, dist=None):
     """body(cfg, resume, dist) with the run's seed and threads; `dist` None: one process. Rank 0
     holds the run directory's lock throughout; a fresh run refuses a directory holding a run."""
     dist = dist if dist is not None else distributed.single(pick_device(cfg.device))
-    if dist.is_main and not resume:
-        check_not_a_model(cfg.out)  # before the lock file is made there
     made = dist.is_main and not resume and not os.path.exists(cfg.out)
-    lock = exclusive(cfg.out) if dist.is_main else contextlib.nullcontext()
-    with lock as held, run_state(cfg.seed, cfg.threads, dist.device):
+    with contextlib.ExitStack() as stack:
+        held = None
+        with dist.main_first():  # rank 0's refusal stops the other ranks quietly
+            if dist.is_main:
+                if not resume:
+                    check_not_a_model(cfg.out)  # before the lock file is made there
+                held = stack.enter_context(exclusive(cfg.out))
+                if not resume:
+                    check_fresh(cfg.out)
+        stack.enter_context(run_state(cfg.seed, cfg.threads, dist.device))
         try:
-            if dist.is_main and not resume:
-                check_fresh(cfg.out)
             return body(cfg, resume, dist)
         except BaseException:
             if made:  # a run that stops before its first event leaves no directory behind
@@ -162,12 +166,16 @@ def command(args, name, config_cls, run_fn, check=None):
             cfg = saved_config(config_cls, saved, args.resume, name)
             cfg = dataclasses.replace(cfg, out=args.resume, **threads)
         else:
+            if distributed.launched() and args.nproc == 1:  # --nproc N, which launch() strips:
+                args.nproc = int(os.environ["WORLD_SIZE"])  # --effective-batch-size counts it
             cfg = dataclass_from_args(config_cls, args)
             if check is not None:
                 check(cfg)
-    except UserError:
-        raise  # train/cli.py says it in one line
-    except (ValueError, OSError) as e:  # a config that refuses its flags
+    except (UserError, ValueError, OSError) as e:  # a config that refuses its flags
+        if distributed.other_rank():
+            raise SystemExit(2) from None  # rank 0 says it, once
+        if isinstance(e, UserError):
+            raise  # train/cli.py says it in one line
         raise SystemExit(f"minibert {name}: {e}") from None
     with distributed.session(pick_device(cfg.device)) as dist:
         try:

@@ -102,33 +102,43 @@ def activation_bytes(cfg: BertConfig, B, T, device_type="cpu", frozen_layers=0,
     trainable embeddings (--freeze-layers alone) the gradient flows back through the frozen
     blocks, which keep all but the inputs of their linear layers (only their weights' gradients
     need those; a fused attention kernel keeps its output, proj's input, for itself)."""
-    C, H, nh, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, \
-        cfg.num_hidden_layers
+    C = cfg.hidden_size
     mask = FP32 if device_type == "cpu" else 1  # dropout mask element: float noise vs bool
     p_hid, p_att = cfg.hidden_dropout_prob > 0, cfg.attention_probs_dropout_prob > 0
     fused = cfg.attention != "eager" and (device_type == "cuda" or not p_att)
-    BTC, BTH, att = B * T * C, B * T * H, B * nh * T * T
-    block = FP32 * (8 * BTC + 2 * BTH) + (2 * mask * BTC if p_hid else 0)
-    if fused:
-        block += FP32 * B * nh * T  # log-sum-exp of each query row
-    else:
-        block += FP32 * att + ((FP32 + mask) * att if p_att else 0)  # probs [+ mask, dropped]
+    BTC = B * T * C
+
+    def block(layer):  # (all it saves, the inputs of its linear layers); a pruned layer is narrower
+        nh, H = len(cfg.heads(layer)), cfg.ffn_size(layer)
+        BTA, BTH, att = B * T * nh * cfg.head_size, B * T * H, B * nh * T * T
+        saved = FP32 * (4 * BTC + 4 * BTA + 2 * BTH) + (2 * mask * BTC if p_hid else 0)  # q k v y
+        if fused:
+            saved += FP32 * B * nh * T  # log-sum-exp of each query row
+        else:
+            saved += FP32 * att + ((FP32 + mask) * att if p_att else 0)  # probs [+ mask, dropped]
+        return saved, FP32 * (2 * BTC + (0 if fused else BTA) + BTH)  # qkv, fc_in, [proj,] fc_out
     embeddings = 0 if embeddings_frozen else \
         FP32 * BTC + (mask * BTC if p_hid else 0) + 2 * 8 * B * T  # + the int64 ids
     # the head keeps only (B, C)-sized tensors: mean pooling multiplies by a mask that needs no
     # gradient, so autograd saves the mask, not the last hidden state
-    linear_inputs = FP32 * ((2 if fused else 3) * BTC + BTH)  # qkv, [proj,] fc_in, fc_out
-    frozen = 0 if embeddings_frozen else block - linear_inputs
-    return (L - frozen_layers) * block + frozen_layers * frozen + embeddings
+    total = embeddings
+    for layer in range(cfg.num_hidden_layers):
+        saved, linear_inputs = block(layer)
+        if layer >= frozen_layers:
+            total += saved
+        elif not embeddings_frozen:  # a frozen block the gradient still flows back through
+            total += saved - linear_inputs
+    return total
 
 
 def transient_bytes(cfg: BertConfig, B, T):
     """The top block's backward allocates gradients of its largest tensors while all saved
     activations are still alive: two (B, T, H) in the MLP, or in the softmax backward the
     gradients of the probabilities and of the scores, two (B, nh, T, T)."""
+    top = cfg.num_hidden_layers - 1
     fused = cfg.attention != "eager" and cfg.attention_probs_dropout_prob == 0
-    att = 0 if fused else 2 * B * cfg.num_attention_heads * T * T
-    return FP32 * max(2 * B * T * cfg.intermediate_size, att)
+    att = 0 if fused else 2 * B * len(cfg.heads(top)) * T * T
+    return FP32 * max(2 * B * T * cfg.ffn_size(top), att)
 
 
 def estimate(cfg: BertConfig, B, T, n_labels=2, device_type="cpu", **freeze):
