@@ -194,7 +194,8 @@ def test_an_answer_ending_in_an_accent_of_nfd_text_is_labelled_as_in_nfc():
     labels = {}
     for form in ("NFC", "NFD"):
         for ctx in ("by André Gidé in Paris.", "by André Gidé"):
-            ctx, answer = unicodedata.normalize(form, ctx), unicodedata.normalize(form, "André Gidé")
+            ctx = unicodedata.normalize(form, ctx)
+            answer = unicodedata.normalize(form, "André Gidé")
             ex = QAExample("x", "who wrote it?", ctx, [(answer, ctx.index(answer))], "t")
             labels[form, ctx[-3:] == "is."] = QADataset([ex], tok, 64, 16, 1).positions
     assert labels["NFD", True] == labels["NFC", True] and labels["NFD", False] == \
