@@ -55,7 +55,9 @@ class Tokenizer:
             # tokenizer_config.json, or by config.json's model_type when it names none), which sets
             # the normalizer from tokenizer_config.json (BERT's defaults for keys it lacks) over
             # what tokenizer.json says, and puts [CLS] A [SEP] around the pieces: so do we.
-            if config.get("tokenizer_class") in (None, "BertTokenizer", "BertTokenizerFast"):
+            named = config.get("tokenizer_class")
+            if named in ("BertTokenizer", "BertTokenizerFast") or named is None and \
+                    model_type(path) == "bert":
                 if isinstance(tok.normalizer, normalizers.BertNormalizer):
                     bert_normalization(tok, **normalizer_options(config, tc))
                 if tok.post_processor is None:
@@ -152,6 +154,17 @@ def read_vocab(path):
 def read_tokenizer_config(path):
     """transformers' `tokenizer_config.json` as a dict; {} when there is none."""
     return load_json_object(path, CheckpointError) if os.path.exists(path) else {}
+
+
+def model_type(path):
+    """config.json's model_type in a checkpoint directory; None without a readable one (a
+    tokenizer's own directory)."""
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            d = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return d.get("model_type") if isinstance(d, dict) else None
 
 
 def add_tokens(tok: HFTokenizer, config, path):

@@ -4,6 +4,8 @@ would have been used as given (a negative clip norm or lr reverses training, a z
 divides by zero mid-run). Flags that only matter in another setting are said to be ignored at
 the start of the run: refused, they would stop a sweep over --schedule and a saved run."""
 
+import dataclasses
+
 import pytest
 
 from tests.tiny import make_checkpoint, make_sentiment
@@ -199,3 +201,13 @@ def test_a_runs_crf_with_bio_constraints_goes_to_its_tagging_heads_only(root, tm
     a, b, c = (h["meta"] for h in task.meta["heads"])
     assert b["crf"] and b["bio_constraints"] and "crf" not in a
     assert not c["crf"] and not c.get("bio_constraints")  # its spec turned the CRF off
+
+
+def test_a_run_saved_with_a_zero_now_refused_still_resumes(tmp_path):
+    """0 was accepted for --eval-every and --save-every (never) and --threads (torch's default)
+    before it was refused: a run saved with one reads it as the none that means the same."""
+    from train.loop.launch import saved_config
+    saved = dataclasses.asdict(FinetuneConfig(model="m", train="t"))
+    saved.update(eval_every=0, save_every=0, threads=0)
+    cfg = saved_config(FinetuneConfig, saved, str(tmp_path), "finetune")
+    assert (cfg.eval_every, cfg.save_every, cfg.threads) == (None, None, None)

@@ -363,3 +363,11 @@ def test_dev_watching_flags_need_one_head_with_dev_data(setup, tmp_path, flags):
     with pytest.raises(ValueError, match=r"follows the dev metric, and no --tasks head has a "
                                          "dev file"):
         run_finetune(cfg_for(setup, tmp_path / "r2", tasks=mixed[1:], **flags))
+
+
+def test_a_multi_task_run_resumes(setup, tmp_path):
+    # its config.json holds "train": null (the data comes from --tasks), which --resume's check
+    # of the saved types refused
+    run_finetune(cfg_for(setup, tmp_path / "r", max_steps=2))
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["train"] is None
+    assert main(["finetune", "--resume", str(tmp_path / "r")]) == 0

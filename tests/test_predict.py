@@ -73,6 +73,8 @@ def test_predict_classification_jsonl(tmp_path, capsys):
     (run / "results.json").rename(tmp_path / "results.json")
     assert main(["predict", str(run), "--text", "fine", "--device", "cpu"]) == 0
     assert f"note: {run} has not finished training (no results.json)" in capsys.readouterr().err
+    assert main(["predict", f"{run}/best/", "--text", "fine", "--device", "cpu"]) == 0
+    assert "note:" not in capsys.readouterr().err  # a model directory, not a run (a trailing /)
     # an ONNX export given without --backend onnx: the message says what to add
     (tmp_path / "onnx").mkdir()
     (tmp_path / "onnx" / "model.onnx").write_bytes(b"")

@@ -232,7 +232,7 @@ def test_prune_command_writes_a_smaller_model_that_loads_predicts_and_exports(ru
 
 
 def test_a_prune_killed_in_its_fine_tune_serves_pruned_and_keeps_its_scores(run, tmp_path,
-                                                                            monkeypatch):
+                                                                            monkeypatch, capsys):
     import train.prune.prune as module
     from train.finetune.predict import find_best
 
@@ -245,6 +245,12 @@ def test_a_prune_killed_in_its_fine_tune_serves_pruned_and_keeps_its_scores(run,
     res = json.loads(open(os.path.join(out, "results.json")).read())
     assert res["model"] == os.path.join(out, "pruned") and set(res["pruned"]) == {"dev", "test"}
     assert find_best(out, "predict") == os.path.join(out, "pruned")
+    # pruning into DIR again says how to finish the fine-tune that stopped there
+    os.makedirs(os.path.join(out, "finetune", "state"))
+    monkeypatch.undo()
+    assert main(["prune", run, "--heads", "0.5", "--out", out, "--finetune-steps", "2"]) == 2
+    assert f"continue it with `minibert finetune --resume {out}/finetune`" in \
+        capsys.readouterr().err
 
 
 def test_prune_refuses_bad_fractions_and_a_directory_that_is_not_a_run(tmp_path, capsys):

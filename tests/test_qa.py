@@ -200,6 +200,16 @@ def test_an_answer_ending_in_an_accent_of_nfd_text_is_labelled_as_in_nfc():
             labels[form, ctx[-3:] == "is."] = QADataset([ex], tok, 64, 16, 1).positions
     assert labels["NFD", True] == labels["NFC", True] and labels["NFD", False] == \
         labels["NFC", False] != [(0, 0)]
+    # a tokenizer that keeps accents reads the mark as a piece of its own: the label keeps it
+    cased = Tokenizer(build_wordpiece({w: i for i, w in enumerate(
+        words[:5] + ["who", "by", "André", "Gide", "##\u0301", "?"])}, lowercase=False,
+        strip_accents=False))
+    ctx = unicodedata.normalize("NFD", "by André Gidé")
+    ex = QAExample("x", "who?", ctx, [(ctx[3:], 3)], "t")
+    ds = QADataset([ex], cased, 64, 16, 1)
+    (a, b), = ds.positions
+    enc = ds.windows[0][1]
+    assert enc.tokens[b] == "##\u0301" and ctx[enc.offsets[a][0]:enc.offsets[b][1]] == ctx[3:]
 
 
 def test_misplaced_answer_names_the_question(tmp_path):

@@ -263,3 +263,16 @@ def test_tokens_added_beside_a_vocab_txt_keep_their_ids(where, tmp_path):
     ours = _ids(minibert.load_tokenizer(d), texts)
     assert ours == _ids(AutoTokenizer.from_pretrained(d), texts)
     assert n in ours[0] and n + 1 in ours[0]
+
+
+def test_a_tokenizer_json_alone_keeps_its_own_normalizer(tmp_path):
+    # no config.json and no tokenizer_config.json: nothing says BERT's class reads it, so its
+    # own (cased) normalizer stands, as transformers' PreTrainedTokenizerFast keeps it
+    from tokenizers import Tokenizer as HFTokenizer
+    d = tmp_path / "tok"
+    d.mkdir()
+    build_wordpiece({t: i for i, t in enumerate(SMALL_VOCAB)}, lowercase=False).save(
+        str(d / "tokenizer.json"))
+    own = HFTokenizer.from_file(str(d / "tokenizer.json"))
+    assert _ids(minibert.load_tokenizer(d), ["Hello world"]) == \
+        [own.encode("Hello world").ids] == [[2, 5, 8, 3]]

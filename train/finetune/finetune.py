@@ -288,11 +288,11 @@ def train_task_model(cfg, resume, dist, build=finetune_model, name="finetune"):
         trainer.load_state()
     try:
         summary = trainer.fit()
-    except Diverged as e:
-        if dist.is_main:
+    except (Diverged, OutOfMemory) as e:
+        if isinstance(e, OutOfMemory) and not dist.is_main:
+            raise  # one rank's own failure, which the others did not share: named by session()
+        if isinstance(e, Diverged) and dist.is_main:
             write_diagnosis(run.path)
-        raise SystemExit(f"minibert {name}: {e}") from None
-    except OutOfMemory as e:
         raise SystemExit(f"minibert {name}: {e}") from None
     if not dist.is_main:
         return None  # the final evaluation and results.json are rank 0's

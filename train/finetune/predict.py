@@ -50,7 +50,7 @@ def find_best(run, command):
                          "best/task.json and best/head.safetensors)" + (
                              "; it holds an ONNX export: add --backend onnx" if onnx and
                              command == "predict" else ""))
-    if os.path.realpath(os.path.dirname(best)) == os.path.realpath(run) and not os.path.exists(
+    if os.path.dirname(os.path.realpath(best)) == os.path.realpath(run) and not os.path.exists(
             os.path.join(run, "results.json")):
         print(f"note: {run} has not finished training (no results.json): {command} uses its "
               f"best checkpoint so far, {best}", file=sys.stderr)

@@ -112,13 +112,21 @@ def saved_config(config_cls, saved, run, name):
         raise UserError(f"{path}: {'keys' if len(unknown) > 1 else 'key'} {', '.join(unknown)}"
                         f" of no `minibert {name}` run; is it another command's run?")
     hints = typing.get_type_hints(config_cls)
+    defaults = {f.name: f.default for f in dataclasses.fields(config_cls)}
     for key, value in saved.items():
-        if not _fits(hints[key], value):
-            raise UserError(f"{path}: {key} {json.dumps(value)} is not a {_said(hints[key])}")
+        if not (_fits(hints[key], value) or value is None and defaults[key] is None):
+            raise UserError(f"{path}: {key} {json.dumps(value)} is not {_said(hints[key])}")
     try:
-        return config_cls(**saved)
+        return config_cls(**upgraded(saved))
     except (TypeError, ValueError) as e:  # a value of the wrong type or range, edited by hand
         raise UserError(f"{path}: {e}") from None
+
+
+def upgraded(saved):
+    """A config.json saved before a value was refused, in the spelling that means the same now:
+    0 for --eval-every / --save-every meant never (none), for --threads torch's default (none)."""
+    return {k: None if k in ("eval_every", "save_every", "threads") and v == 0 else v
+            for k, v in saved.items()}
 
 
 def _fits(tp, value):
@@ -159,8 +167,8 @@ def command(args, name, config_cls, run_fn, check=None):
             flags = {a.split("=")[0] for a in args.argv if a.startswith("--")}
             given = sorted(flags - {"--resume", "--nproc", "--threads", "--debug"})
             if given:
-                raise SystemExit(f"minibert {name}: --resume {args.resume} continues with the "
-                                 f"run's saved config.json; drop {', '.join(given)}")
+                raise UserError(f"--resume {args.resume} continues with the run's saved "
+                                f"config.json; drop {', '.join(given)}")
             saved = read_run_config(args.resume)
             threads = {"threads": args.threads} if "--threads" in flags else {}
             cfg = saved_config(config_cls, saved, args.resume, name)

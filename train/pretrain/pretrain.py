@@ -218,6 +218,8 @@ def _pretrain(cfg, resume, dist):
     try:
         summary = trainer.fit()
     except (Diverged, OutOfMemory) as e:
+        if isinstance(e, OutOfMemory) and not dist.is_main:
+            raise  # one rank's own failure, which the others did not share: named by session()
         raise SystemExit(f"minibert pretrain: {e}") from None
     if not dist.is_main:
         return None  # the final evaluation and results.json are rank 0's

@@ -32,7 +32,7 @@ from train.finetune.config import FinetuneConfig
 from train.finetune.finetune import TASKS, load_task_model, run_finetune, save_task_model
 from train.finetune.predict import find_best
 from train.loop.device import pick_device, run_state
-from train.loop.launch import read_run_config
+from train.loop.launch import read_run_config, upgraded
 from train.loop.rundir import RunDir, check_fresh, check_not_a_model, exclusive
 from train.prune.importance import importance, least_important
 from train.prune.surgery import pruned, size_report
@@ -88,6 +88,12 @@ def scores(metrics):
 def run_prune(cfg: PruneConfig):
     device = pick_device(cfg.device)
     check_not_a_model(cfg.out)  # before the lock file is made there
+    tuned = os.path.join(cfg.out, "finetune")
+    if os.path.isdir(os.path.join(tuned, "state")) and not os.path.exists(
+            os.path.join(tuned, "results.json")):  # this DIR's own fine-tune, stopped
+        raise UserError(f"{tuned}: the fine-tune of an earlier prune into {cfg.out}, stopped; "
+                        f"continue it with `minibert finetune --resume {tuned}`, or give "
+                        "another --out")
     with exclusive(cfg.out), run_state(cfg.seed, cfg.threads, device):
         check_fresh(cfg.out, resumable=False)  # prune itself has no --resume
         if cfg.finetune_steps:  # before any work or write, not when the fine-tune starts
@@ -112,7 +118,7 @@ def finetune_recipe(run):
                         "best/ it is, which names the data to score on (a pruned model is "
                         "pruned again through its DIR/finetune run)")
     try:
-        return FinetuneConfig(**{k: v for k, v in config.items() if k in names})
+        return FinetuneConfig(**{k: v for k, v in upgraded(config).items() if k in names})
     except (TypeError, ValueError) as e:  # a run saved with a value refused since
         raise UserError(f"{os.path.join(run, 'config.json')}: {e}") from None
 

@@ -103,9 +103,17 @@ def read_squad(path, need_answers=True):
     return out
 
 
-def is_mark(c):
-    """A combining mark (an accent in NFD text): part of the letter before it."""
-    return unicodedata.category(c).startswith("M")
+def dropped_mark(text, i, covered):
+    """Whether text[i] is a combining mark (an accent in NFD text) that the normalizer dropped:
+    no token's offsets reach it, though it belongs to the letter before it. `covered`: the
+    character positions the context's tokens span."""
+    return i not in covered and unicodedata.category(text[i]).startswith("M")
+
+
+def covered_chars(encodings):
+    """The character positions of the context that the context tokens of these windows span."""
+    return {c for enc in encodings for (s, e), seq in zip(enc.offsets, enc.sequence_ids)
+            if seq == 1 for c in range(s, e)}
 
 
 def answer_positions(enc, char_start, char_end):
@@ -150,13 +158,15 @@ class QADataset(Batched):
             tok.tok.no_truncation()
         self.positions = None
         if labelled:
-            self.positions = []
+            self.positions, covered = [], {}
+            for i, w in self.windows:
+                covered.setdefault(i, set()).update(covered_chars([w]))
             for i, w in self.windows:
                 text, start = examples[i].answers[0]
-                # the answer up to its last letter: an accent after it (NFD text) may be dropped
-                # by the normalizer, and then no token's offsets reach it
+                # the answer up to its last letter that a token reaches: an accent after it that
+                # the normalizer dropped (NFD text) is in no token's offsets
                 end = start + len(text)
-                while end > start + 1 and is_mark(text[end - start - 1]):
+                while end > start + 1 and dropped_mark(examples[i].context, end - 1, covered[i]):
                     end -= 1
                 self.positions.append(answer_positions(w, start, end))
         self.lengths = [len(w.ids) for _, w in self.windows]
@@ -244,7 +254,8 @@ class QATask:
             score, w, a, b = best
             offs, ctx = windows[w][0].offsets, ds.examples[i].context
             start, end = offs[a][0], offs[b][1]
-            while end < len(ctx) and is_mark(ctx[end]):
+            covered = covered_chars([windows[w][0]])
+            while end < len(ctx) and dropped_mark(ctx, end, covered):
                 end += 1  # an accent the normalizer dropped (NFD text) belongs to its letter
             answers[i] = (ctx[start:end], start, end, score)
         loss = None if res[0][2] is None else sum(r[2] for r in res) / len(res)
