@@ -262,6 +262,15 @@ def test_plot_overlays_runs(tmp_path):
     out = tmp_path / "curves.png"
     assert main(["plot", str(a), str(b), "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a run without evaluations leaves the metric panel empty, and no warning on stderr
+    import warnings
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "metrics.jsonl").write_text(json.dumps(
+        {"event": "train", "step": 2, "train_loss": 0.6, "lr": {"head": 1e-3}}) + "\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main(["plot", str(lone), "--out", str(tmp_path / "lone.png")]) == 0
 
 
 def test_plot_names_the_loss_of_each_run_s_task(tmp_path, monkeypatch):
@@ -508,3 +517,30 @@ def test_the_majority_baseline_is_set_beside_accuracy_only():
                    dev_metric=[0.68], metric=metric, mode="min" if metric == "loss" else "max",
                    diverged=None, n_labels=2, majority=0.525, n_dev=40, config={})
         assert ("always-the-majority-label 0.5250" in dev_vs_chance(c)) == shown, metric
+
+
+def test_a_rising_dev_loss_names_what_the_metric_did():
+    """'the dev accuracy held' was said of any healthy run whose dev loss rose, even when the
+    accuracy fell far beyond its noise (0.80 to 0.56 on 100 dev examples)."""
+    from train.runs.curves import Curves
+    from train.runs.diagnose import healthy
+    for last, held in ((0.79, True), (0.56, False)):
+        c = Curves(train_steps=[10, 50, 100], train_loss=[0.3, 0.3, 0.3], lr={},
+                   eval_steps=[20, 60, 100], dev_loss=[0.40, 0.50, 0.56],
+                   dev_metric=[0.80, 0.70, last], metric="accuracy", mode="max", diverged=None,
+                   n_labels=2, majority=None, n_dev=100, config={})
+        advice = " ".join(healthy(c).advice)
+        assert ("while the dev accuracy held" in advice) == held, advice
+        assert ("the dev accuracy went from 0.8000 (best) to 0.5600" in advice) != held, advice
+
+
+def test_a_damaged_metrics_file_is_named_in_one_line(tmp_path, capsys):
+    from train.cli import main
+    run = write_run(tmp_path / "run", lambda x: 0.5, lambda x: 0.5, lambda x: 0.8)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write("not json\n")
+    n = len((run / "metrics.jsonl").read_text().splitlines())
+    for command in ("diagnose", "report"):
+        assert main([command, str(run)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"minibert {command}: {run}/metrics.jsonl:{n}: not a JSON event")

@@ -143,7 +143,8 @@ def test_resume_writes_into_the_directory_given_and_refuses_other_flags(setup, t
     assert main(["finetune", "--resume", str(copy), "--max-steps", "20", "--lr", "5"]) == 2
     assert capsys.readouterr().err.strip().endswith(
         "continues with the run's saved config.json; drop --lr, --max-steps")
-    run(["finetune", "--resume", copy, "--threads", "1"])  # how the process runs may change
+    # how the process runs may change, its flags abbreviated as argparse allows
+    run(["finetune", "--resu", copy, "--thr", "1"])
     assert (copy / "results.json").exists() and not (first / "results.json").exists()
 
 

@@ -65,6 +65,13 @@ def test_sweep_records_failures_sorts_and_resumes(tiny_setup, tmp_path, capsys):
     assert s2[done[1]["name"]]["how"] == "ran"
     log = open(os.path.join(first, "finetune.log")).read()
     assert "resumed from" in log
+    # killed between the renames of a save: state.old alone, which --resume reads too
+    os.remove(os.path.join(first, "results.json"))
+    os.rename(os.path.join(first, "state"), os.path.join(first, "state.old"))
+    assert main(args) == 0
+    capsys.readouterr()
+    s3 = {t["name"]: t for t in json.loads((out / "sweep.json").read_text())["trials"]}
+    assert s3[done[0]["name"]]["how"] == "resumed", s3[done[0]["name"]]
 
 
 def test_random_draws_a_seeded_subset(tiny_setup, tmp_path):
@@ -75,6 +82,15 @@ def test_random_draws_a_seeded_subset(tiny_setup, tmp_path):
     assert a == b and len(a) == 4 and len({tuple(t.values()) for t in a}) == 4
     with pytest.raises(SystemExit, match="not a finetune option"):
         parse_grid(["learning_rate=1"])
+    # values that would be dropped, or run twice into one directory, are refused
+    for specs, said in ((["lr=1", "lr=2"], "--grid lr given twice"),
+                        (["lr=,"], "give distinct values"), (["lr=1,1"], "give distinct values")):
+        with pytest.raises(SystemExit, match=said):
+            parse_grid(specs)
+    # the sweep names each trial's --out: one given as --out=DIR would be overridden silently
+    with pytest.raises(SystemExit, match="--out/--resume are set by the sweep"):
+        main(["sweep", "--grid", "lr=1", "--out", str(tmp_path / "s"), "--", "--model", "m",
+              "--train", "t", "--out=elsewhere"])
 
 
 def test_boolean_fields_become_flags_finetune_accepts(tmp_path):

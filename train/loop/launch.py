@@ -165,12 +165,14 @@ def command(args, name, config_cls, run_fn, check=None):
             # change (--nproc, --threads); a flag that would change the run is refused, not
             # silently dropped.
             flags = {a.split("=")[0] for a in args.argv if a.startswith("--")}
-            given = sorted(flags - {"--resume", "--nproc", "--threads", "--debug"})
+            allowed = ("--resume", "--nproc", "--threads", "--debug")
+            # argparse took a flag's unique prefix (--thr) as the flag: read it the same way
+            given = sorted(f for f in flags if not any(a.startswith(f) for a in allowed))
             if given:
                 raise UserError(f"--resume {args.resume} continues with the run's saved "
                                 f"config.json; drop {', '.join(given)}")
             saved = read_run_config(args.resume)
-            threads = {"threads": args.threads} if "--threads" in flags else {}
+            threads = {"threads": args.threads} if args.threads is not None else {}
             cfg = saved_config(config_cls, saved, args.resume, name)
             cfg = dataclasses.replace(cfg, out=args.resume, **threads)
         else:

@@ -187,4 +187,12 @@ def read_jsonl(path):
         text = f.read()
     lines = text.split("\n")
     complete = lines[:-1]  # the part after the last newline is empty, or a torn line
-    return [json.loads(line) for line in complete if line.strip()]
+    events = []
+    for n, line in enumerate(complete, 1):
+        if line.strip():
+            try:
+                events.append(json.loads(line))
+            except ValueError as e:
+                raise UserError(f"{path}:{n}: not a JSON event ({e}); the file was damaged or "
+                                "is not a run's metrics.jsonl") from None
+    return events

@@ -252,8 +252,15 @@ def healthy(c):
             if b == len(c.eval_steps) - 1 and len(c.eval_steps) > 1 else []
         rise = (c.dev_loss[-1] - c.dev_loss[i]) / max(c.dev_loss[i], 1e-12)
         if rise >= OVERFIT_RISE:  # below the overfitting verdict, but worth a look
-            advice.append(f"dev loss ended {rise:.0%} above its minimum while the dev "
-                          f"{c.metric} held: watch for overfitting in a longer run")
+            best, last = c.dev_metric[b], c.dev_metric[-1]
+            if c.metric == "loss":  # the metric is the loss itself: nothing else to set beside
+                said = ""
+            elif abs(last - best) <= metric_noise(c, best):
+                said = f" while the dev {c.metric} held"
+            else:
+                said = f"; the dev {c.metric} went from {best:.4f} (best) to {last:.4f}"
+            advice.append(f"dev loss ended {rise:.0%} above its minimum{said}: watch for "
+                          "overfitting in a longer run")
     else:
         advice = ["no dev evaluations: pass --dev to see generalisation"]
     return Finding("healthy", "training looks healthy", ev, advice)

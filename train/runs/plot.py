@@ -116,7 +116,8 @@ def plot_runs(runs, out, metric=None, labels=None):
     ax_lr.set(title="learning rate per parameter group", xlabel="step", yscale="log")
     for ax in (ax_loss, ax_metric, ax_lr):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # an empty panel (no evaluations) has none
+            ax.legend(fontsize=7)
     fig.tight_layout()
     with atomic_open(out, "wb") as f:
         fig.savefig(f, format=fmt, dpi=110)

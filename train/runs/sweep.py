@@ -60,7 +60,12 @@ def parse_grid(specs):
             raise SystemExit(f"minibert sweep: --grid {name}: not a finetune option")
         if name == "out":
             raise SystemExit("minibert sweep: --grid out: the sweep names the run directories")
+        if name in grid:
+            raise SystemExit(f"minibert sweep: --grid {name} given twice; list its values in one")
         grid[name] = [v for v in values.split(",") if v != ""]
+        if not grid[name] or len(set(grid[name])) < len(grid[name]):
+            raise SystemExit(f"minibert sweep: --grid {spec!r}: give distinct values, "
+                             "NAME=V1,V2,...")
         wrong = [v for v in grid[name] if name in flags and v not in ("true", "false")]
         if wrong:
             raise SystemExit(f"minibert sweep: --grid {name}={wrong[0]}: {name} is a boolean "
@@ -212,7 +217,7 @@ def cmd_sweep(args):
     base = list(args.finetune_args)
     if base and base[0] == "--":
         base = base[1:]
-    if "--out" in base or "--resume" in base:
+    if {a.split("=")[0] for a in base} & {"--out", "--resume"}:
         raise SystemExit("minibert sweep: --out/--resume are set by the sweep; drop them")
     grid = parse_grid(args.grid)
     args.metric = sweep_metric(args.metric, base, grid)
@@ -234,7 +239,8 @@ def cmd_sweep(args):
         if os.path.exists(os.path.join(run_dir, "results.json")):
             how = "already done"
         else:
-            resume = os.path.isdir(os.path.join(run_dir, "state"))
+            # state.old alone: killed between the renames of a save, which --resume reads too
+            resume = any(os.path.isdir(os.path.join(run_dir, d)) for d in ("state", "state.old"))
             how = "resumed" if resume else "ran"
             print(f"[{i + 1}/{len(todo)}] {rec['name']}: "
                   f"{'resuming' if resume else 'starting'}", file=sys.stderr)
