@@ -157,14 +157,14 @@ def read_tokenizer_config(path):
 
 
 def model_type(path):
-    """config.json's model_type in a checkpoint directory; None without a readable one (a
-    tokenizer's own directory)."""
+    """config.json's model_type in a checkpoint directory (BERT's when it names none, as
+    minibert/config.py reads it); None without a readable one (a tokenizer's own directory)."""
     try:
         with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
             d = json.load(f)
     except (OSError, ValueError):
         return None
-    return d.get("model_type") if isinstance(d, dict) else None
+    return d.get("model_type", "bert") if isinstance(d, dict) else None
 
 
 def add_tokens(tok: HFTokenizer, config, path):

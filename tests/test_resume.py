@@ -143,7 +143,19 @@ def test_resume_writes_into_the_directory_given_and_refuses_other_flags(setup, t
     assert main(["finetune", "--resume", str(copy), "--max-steps", "20", "--lr", "5"]) == 2
     assert capsys.readouterr().err.strip().endswith(
         "continues with the run's saved config.json; drop --lr, --max-steps")
-    # how the process runs may change, its flags abbreviated as argparse allows
+    # how the process runs may change, its flags abbreviated as argparse allows; a prefix that
+    # may begin a flag of the run too is refused (--de: --debug, or --device)
+    import argparse
+    from minibert.errors import UserError
+    from train.loop.launch import command
+    from train.pretrain.config import PretrainConfig
+    from train.pretrain.pretrain import register
+    sub = argparse.ArgumentParser().add_subparsers()
+    register(sub)
+    args = sub.choices["pretrain"].parse_args(["--resume", str(copy), "--de", "cpu"])
+    args.argv, args.nproc = ["pretrain", "--resume", str(copy), "--de", "cpu"], 1
+    with pytest.raises(UserError, match="drop --de$"):
+        command(args, "pretrain", PretrainConfig, None)
     run(["finetune", "--resu", copy, "--thr", "1"])
     assert (copy / "results.json").exists() and not (first / "results.json").exists()
 

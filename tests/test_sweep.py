@@ -88,9 +88,10 @@ def test_random_draws_a_seeded_subset(tiny_setup, tmp_path):
         with pytest.raises(SystemExit, match=said):
             parse_grid(specs)
     # the sweep names each trial's --out: one given as --out=DIR would be overridden silently
-    with pytest.raises(SystemExit, match="--out/--resume are set by the sweep"):
-        main(["sweep", "--grid", "lr=1", "--out", str(tmp_path / "s"), "--", "--model", "m",
-              "--train", "t", "--out=elsewhere"])
+    for given in (["--out=elsewhere"], ["--ou", "elsewhere"]):
+        with pytest.raises(SystemExit, match="--out/--resume are set by the sweep"):
+            main(["sweep", "--grid", "lr=1", "--out", str(tmp_path / "s"), "--", "--model", "m",
+                  "--train", "t", *given])
 
 
 def test_boolean_fields_become_flags_finetune_accepts(tmp_path):

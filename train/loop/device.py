@@ -107,6 +107,10 @@ def memory_stats(device):
     return out
 
 
+class OutOfMemory(RuntimeError):
+    """The trainer's stop when a step runs out of memory; its message says what to change."""
+
+
 def is_out_of_memory(err):
     """Whether an exception is the device running out of memory: CUDA's OutOfMemoryError, a
     MemoryError, or the plain RuntimeError that torch's CPU allocator raises."""

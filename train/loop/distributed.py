@@ -43,6 +43,7 @@ import torch.distributed as tdist
 
 from minibert.errors import INPUT_OS_ERRORS, UserError
 from train.command import die_with_parent, minibert_argv
+from train.loop.device import OutOfMemory
 from train.loop.rundir import RunDir
 
 
@@ -256,6 +257,10 @@ def session(device):
             time.sleep(2)
             raise SystemExit(exit_status(e)) from None
         raise
+    except OutOfMemory as e:  # one rank's own stop, which the others need not share: said here
+        speak()
+        print(f"minibert: rank {rank} of {world}: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     except BaseException as e:
         speak()  # the interpreter prints the traceback after this line
         print(f"minibert: rank {rank} of {world} failed: {type(e).__name__}: {e}",

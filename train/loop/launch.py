@@ -165,9 +165,13 @@ def command(args, name, config_cls, run_fn, check=None):
             # change (--nproc, --threads); a flag that would change the run is refused, not
             # silently dropped.
             flags = {a.split("=")[0] for a in args.argv if a.startswith("--")}
-            allowed = ("--resume", "--nproc", "--threads", "--debug")
-            # argparse took a flag's unique prefix (--thr) as the flag: read it the same way
-            given = sorted(f for f in flags if not any(a.startswith(f) for a in allowed))
+            allowed = {"--resume", "--nproc", "--threads", "--debug"}
+            # argparse took a flag's unique prefix (--thr) as the flag: allowed when every
+            # option it could begin is (--de begins --device too, in pretrain)
+            options = allowed | {"--" + f.name.replace("_", "-")
+                                 for f in dataclasses.fields(config_cls)}
+            given = sorted(f for f in flags if not {o for o in options if o.startswith(f)}
+                           <= allowed)
             if given:
                 raise UserError(f"--resume {args.resume} continues with the run's saved "
                                 f"config.json; drop {', '.join(given)}")

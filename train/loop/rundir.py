@@ -191,8 +191,12 @@ def read_jsonl(path):
     for n, line in enumerate(complete, 1):
         if line.strip():
             try:
-                events.append(json.loads(line))
+                event = json.loads(line)
             except ValueError as e:
-                raise UserError(f"{path}:{n}: not a JSON event ({e}); the file was damaged or "
-                                "is not a run's metrics.jsonl") from None
+                event = e
+            if not isinstance(event, dict):
+                raise UserError(f"{path}:{n}: not a JSON event" + (
+                    f" ({event})" if isinstance(event, ValueError) else "") +
+                    "; the file was damaged or is not a run's metrics.jsonl")
+            events.append(event)
     return events

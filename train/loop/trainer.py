@@ -37,7 +37,7 @@ import torch
 from train.loop import state
 from train.loop.accumulate import micro_batches
 from train.loop.best import better
-from train.loop.device import autocast, is_out_of_memory, memory_stats
+from train.loop.device import OutOfMemory, autocast, is_out_of_memory, memory_stats
 from train.loop.distributed import single
 from train.loop.progress import Progress
 from train.loop.schedules import WarmupThenPlateau
@@ -67,10 +67,6 @@ def plan_steps(n_micro_batches, grad_accum, epochs, max_steps):
 
 
 class Diverged(RuntimeError):
-    pass
-
-
-class OutOfMemory(RuntimeError):
     pass
 
 

@@ -88,13 +88,13 @@ def scores(metrics):
 def run_prune(cfg: PruneConfig):
     device = pick_device(cfg.device)
     check_not_a_model(cfg.out)  # before the lock file is made there
-    tuned = os.path.join(cfg.out, "finetune")
-    if os.path.isdir(os.path.join(tuned, "state")) and not os.path.exists(
-            os.path.join(tuned, "results.json")):  # this DIR's own fine-tune, stopped
-        raise UserError(f"{tuned}: the fine-tune of an earlier prune into {cfg.out}, stopped; "
-                        f"continue it with `minibert finetune --resume {tuned}`, or give "
-                        "another --out")
     with exclusive(cfg.out), run_state(cfg.seed, cfg.threads, device):
+        tuned = os.path.join(cfg.out, "finetune")
+        if RunDir(tuned, writer=False).find_dir("state") and not os.path.exists(
+                os.path.join(tuned, "results.json")):  # this DIR's own fine-tune, stopped
+            raise UserError(f"{tuned}: the fine-tune of an earlier prune into {cfg.out}, "
+                            f"stopped; continue it with `minibert finetune --resume {tuned}`, "
+                            "or give another --out")
         check_fresh(cfg.out, resumable=False)  # prune itself has no --resume
         if cfg.finetune_steps:  # before any work or write, not when the fine-tune starts
             check_fresh(os.path.join(cfg.out, "finetune"))

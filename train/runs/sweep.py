@@ -217,7 +217,9 @@ def cmd_sweep(args):
     base = list(args.finetune_args)
     if base and base[0] == "--":
         base = base[1:]
-    if {a.split("=")[0] for a in base} & {"--out", "--resume"}:
+    # finetune's argparse reads a unique prefix (--ou DIR, --res=RUN) as the flag itself
+    names = {a.split("=")[0] for a in base if a.startswith("--") and len(a.split("=")[0]) > 3}
+    if any(o.startswith(n) for n in names for o in ("--out", "--resume")):
         raise SystemExit("minibert sweep: --out/--resume are set by the sweep; drop them")
     grid = parse_grid(args.grid)
     args.metric = sweep_metric(args.metric, base, grid)

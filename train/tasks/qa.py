@@ -103,11 +103,9 @@ def read_squad(path, need_answers=True):
     return out
 
 
-def dropped_mark(text, i, covered):
-    """Whether text[i] is a combining mark (an accent in NFD text) that the normalizer dropped:
-    no token's offsets reach it, though it belongs to the letter before it. `covered`: the
-    character positions the context's tokens span."""
-    return i not in covered and unicodedata.category(text[i]).startswith("M")
+def is_mark(c):
+    """A combining mark (an accent in NFD text): it belongs to the letter before it."""
+    return unicodedata.category(c).startswith("M")
 
 
 def covered_chars(encodings):
@@ -158,15 +156,17 @@ class QADataset(Batched):
             tok.tok.no_truncation()
         self.positions = None
         if labelled:
-            self.positions, covered = [], {}
-            for i, w in self.windows:
-                covered.setdefault(i, set()).update(covered_chars([w]))
+            self.positions, covered = [], {}  # covered: made only for an answer ending in a mark
             for i, w in self.windows:
                 text, start = examples[i].answers[0]
                 # the answer up to its last letter that a token reaches: an accent after it that
                 # the normalizer dropped (NFD text) is in no token's offsets
                 end = start + len(text)
-                while end > start + 1 and dropped_mark(examples[i].context, end - 1, covered[i]):
+                while end > start + 1 and is_mark(text[end - start - 1]):
+                    if i not in covered:
+                        covered[i] = covered_chars(e for j, e in self.windows if j == i)
+                    if end - 1 in covered[i]:
+                        break  # a mark the tokenizer keeps, as a piece of its own
                     end -= 1
                 self.positions.append(answer_positions(w, start, end))
         self.lengths = [len(w.ids) for _, w in self.windows]
@@ -255,7 +255,7 @@ class QATask:
             offs, ctx = windows[w][0].offsets, ds.examples[i].context
             start, end = offs[a][0], offs[b][1]
             covered = covered_chars([windows[w][0]])
-            while end < len(ctx) and dropped_mark(ctx, end, covered):
+            while end < len(ctx) and is_mark(ctx[end]) and end not in covered:
                 end += 1  # an accent the normalizer dropped (NFD text) belongs to its letter
             answers[i] = (ctx[start:end], start, end, score)
         loss = None if res[0][2] is None else sum(r[2] for r in res) / len(res)
