@@ -150,6 +150,10 @@ def read_pooler(ckpt_dir):
     return {ours.removeprefix("pooler."): tensors[theirs] for ours, theirs in _POOLER_MAP.items()}
 
 
+# the note of a checkpoint without a pooler (BertForMaskedLM's): embed and fill-mask leave it out
+POOLER_ABSENT = "pooler absent (as in BertForMaskedLM checkpoints); initialised fresh"
+
+
 def load_state_into(model, ckpt_dir, with_head, allow_missing_head=False):
     """Load `ckpt_dir/model.safetensors` into a BertEncoder (with_head=False) or BertForMLM.
     Returns notes, "PATH: what", on what was dropped or created fresh, and why."""
@@ -162,8 +166,7 @@ def load_state_into(model, ckpt_dir, with_head, allow_missing_head=False):
     optional = {}  # minibert names that may be absent: they keep their fresh initialisation
     pooler = {("bert." if with_head else "") + k: v for k, v in _POOLER_MAP.items()}
     mapping.update(pooler)
-    optional.update(dict.fromkeys(pooler, "pooler absent (as in BertForMaskedLM checkpoints); "
-                                          "initialised fresh"))
+    optional.update(dict.fromkeys(pooler, POOLER_ABSENT))
     head_keys = [k for k in tensors if k.startswith("cls.predictions.")]
     if with_head:
         if not head_keys and not allow_missing_head:

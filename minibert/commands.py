@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from minibert.checkpoint import check_vocabulary, load_model
+from minibert.checkpoint import POOLER_ABSENT, check_vocabulary, load_model
 from minibert.model import mean_pool
 from minibert.tokenizer import Tokenizer
 
@@ -64,7 +64,7 @@ def load_and_report(path, with_head=False):
     model = load_model(path, with_head=with_head, notes=notes)
     c = model.config
     for n in notes:
-        if "pooler absent" not in n:
+        if not n.endswith(POOLER_ABSENT):
             print(f"minibert: {n}", file=sys.stderr)
     print(f"minibert: {path}: {c.num_hidden_layers} layers, hidden {c.hidden_size}, "
           f"{c.num_attention_heads} heads, attention {c.attention}", file=sys.stderr)

@@ -29,7 +29,8 @@ from train.runs.memory import largest_fitting, plan_accumulation
 from train.loop.rundir import RunDir, read_jsonl
 from train.loop.schedules import LambdaSchedule
 from train.tasks.task import TaskModel
-from train.loop.trainer import Diverged, LoopSettings, OutOfMemory, Trainer
+from train.loop.device import OutOfMemory
+from train.loop.trainer import Diverged, LoopSettings, Trainer
 
 N = 8  # training examples
 

@@ -25,7 +25,8 @@ from minibert.kernels import (  # noqa: E402
     attention_reference, check_device, check_triton_usable, dropout_keep_mask, flash_attention,
     flash_attention_varlen)
 from minibert.model import BertEncoder, attention_eager  # noqa: E402
-from bench.kernel_accuracy import ENCODER, case, encoder_out_and_grads, errors  # noqa: E402
+from bench.kernel_accuracy import ENCODER as TINY  # noqa: E402  (2 layers, hidden 64, 2 heads)
+from bench.kernel_accuracy import case, encoder_out_and_grads, errors  # noqa: E402
 from tests.tiny import make_checkpoint, make_sentiment  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -223,9 +224,6 @@ def test_dropout_seed_is_reproducible():
 
 # -----------------------------------------------------------------------------------------------
 # The model: attention="triton" and "triton-varlen" against "eager"
-
-TINY = ENCODER  # a 2-layer encoder, hidden 64, 2 heads (bench/kernel_accuracy.py)
-
 
 @pytest.mark.parametrize("attention", ["triton", "triton-varlen"])
 def test_model_matches_eager(attention):

@@ -34,9 +34,9 @@ from train.loop.schedules import LambdaSchedule, WarmupThenPlateau, lr_multiplie
 from train.tasks.registry import SINGLE_TASKS
 from train.tasks.task import (TaskModel, head_meaning_differs, head_metas, load_head_state,
                               task_from_file)
-from train.loop.device import grad_scaler
+from train.loop.device import OutOfMemory, grad_scaler
 from train.loop.launch import command, open_run, run_in_state
-from train.loop.trainer import Diverged, LoopSettings, OutOfMemory, Trainer, plan_steps
+from train.loop.trainer import Diverged, LoopSettings, Trainer, plan_steps
 
 # --task NAME -> the class that knows its head, data and metrics (train/tasks/task.py)
 TASKS = {**SINGLE_TASKS, MultiTask.name: MultiTask}

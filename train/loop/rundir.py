@@ -187,16 +187,15 @@ def read_jsonl(path):
         text = f.read()
     lines = text.split("\n")
     complete = lines[:-1]  # the part after the last newline is empty, or a torn line
-    events = []
+    events, damaged = [], "the file was damaged or is not a run's metrics.jsonl"
     for n, line in enumerate(complete, 1):
-        if line.strip():
-            try:
-                event = json.loads(line)
-            except ValueError as e:
-                event = e
-            if not isinstance(event, dict):
-                raise UserError(f"{path}:{n}: not a JSON event" + (
-                    f" ({event})" if isinstance(event, ValueError) else "") +
-                    "; the file was damaged or is not a run's metrics.jsonl")
-            events.append(event)
+        if not line.strip():
+            continue
+        try:
+            event = json.loads(line)
+        except ValueError as e:
+            raise UserError(f"{path}:{n}: not a JSON event ({e}); {damaged}") from None
+        if not isinstance(event, dict):
+            raise UserError(f"{path}:{n}: not a JSON event (not an object); {damaged}")
+        events.append(event)
     return events

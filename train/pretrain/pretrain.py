@@ -41,9 +41,9 @@ from train.pretrain.config import (SIZES, PretrainConfig, check_positions, confi
 from train.loop.rundir import RunDir
 from train.loop.schedules import LambdaSchedule, lr_multiplier
 from train.pretrain.tokenizer import train_tokenizer
-from train.loop.device import autocast, grad_scaler
+from train.loop.device import OutOfMemory, autocast, grad_scaler
 from train.loop.launch import command, open_run, run_in_state
-from train.loop.trainer import Diverged, LoopSettings, OutOfMemory, Trainer, plan_steps
+from train.loop.trainer import Diverged, LoopSettings, Trainer, plan_steps
 
 # Dense bf16 peak of the GPUs we expect, TFLOP/s (vendor datasheets, without sparsity).
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}

@@ -32,7 +32,7 @@ from train.finetune.config import FinetuneConfig
 from train.finetune.finetune import TASKS, load_task_model, run_finetune, save_task_model
 from train.finetune.predict import find_best
 from train.loop.device import pick_device, run_state
-from train.loop.launch import read_run_config, upgraded
+from train.loop.launch import read_run_config, saved_config
 from train.loop.rundir import RunDir, check_fresh, check_not_a_model, exclusive
 from train.prune.importance import importance, least_important
 from train.prune.surgery import pruned, size_report
@@ -117,10 +117,8 @@ def finetune_recipe(run):
         raise UserError(f"{run}: a checkpoint, not a run directory: give the finetune run whose "
                         "best/ it is, which names the data to score on (a pruned model is "
                         "pruned again through its DIR/finetune run)")
-    try:
-        return FinetuneConfig(**{k: v for k, v in upgraded(config).items() if k in names})
-    except (TypeError, ValueError) as e:  # a run saved with a value refused since
-        raise UserError(f"{os.path.join(run, 'config.json')}: {e}") from None
+    return saved_config(FinetuneConfig, {k: v for k, v in config.items() if k in names}, run,
+                        "finetune")
 
 
 def _prune(cfg, device):

@@ -42,6 +42,7 @@ from train.command import die_with_parent, minibert_argv
 from train.finetune.config import DEFAULT_METRIC, FinetuneConfig
 from train.finetune.config import check_metric as check_task_metric
 from train.loop.best import is_missing, metric_mode, rank_key
+from train.loop.rundir import RunDir
 from train.runs.curves import dev_metrics
 from train.tasks.registry import SINGLE_TASKS
 
@@ -218,8 +219,8 @@ def cmd_sweep(args):
     if base and base[0] == "--":
         base = base[1:]
     # finetune's argparse reads a unique prefix (--ou DIR, --res=RUN) as the flag itself
-    names = {a.split("=")[0] for a in base if a.startswith("--") and len(a.split("=")[0]) > 3}
-    if any(o.startswith(n) for n in names for o in ("--out", "--resume")):
+    names = {a.split("=")[0] for a in base if a.startswith("--")}
+    if any(len(n) > 3 and o.startswith(n) for n in names for o in ("--out", "--resume")):
         raise SystemExit("minibert sweep: --out/--resume are set by the sweep; drop them")
     grid = parse_grid(args.grid)
     args.metric = sweep_metric(args.metric, base, grid)
@@ -241,8 +242,8 @@ def cmd_sweep(args):
         if os.path.exists(os.path.join(run_dir, "results.json")):
             how = "already done"
         else:
-            # state.old alone: killed between the renames of a save, which --resume reads too
-            resume = any(os.path.isdir(os.path.join(run_dir, d)) for d in ("state", "state.old"))
+            # state.old alone (killed between the renames of a save) is resumed too
+            resume = RunDir(run_dir, writer=False).find_dir("state") is not None
             how = "resumed" if resume else "ran"
             print(f"[{i + 1}/{len(todo)}] {rec['name']}: "
                   f"{'resuming' if resume else 'starting'}", file=sys.stderr)

@@ -264,7 +264,8 @@ class MultiTask:
                              "type")
         for spec in specs:
             # the run's task flags are the defaults of the heads that read them; the others keep
-            # the field's default (their own check would refuse a --crf on a classification head)
+            # the field's default (their own check would refuse a --crf on a classification head).
+            # Early stopping and the schedule follow the run's dev metric, checked below.
             unused = {k: defaults[k] for k in TASK_FLAGS if flag_applies(k, spec.type)}
             if not spec.options.get("crf", cfg.crf):  # a head that says crf=false: no constraints
                 unused["bio_constraints"] = False
@@ -273,7 +274,7 @@ class MultiTask:
                 raise DataError(f"task {spec.name}: no training data at {paths['train']}")
             sub = dataclasses.replace(
                 cfg, task=spec.type, metric=None, tasks=None, tasks_file=None, freeze_head=None,
-                init_heads=None, early_stopping_patience=None, schedule="linear",  # run-wide
+                init_heads=None, early_stopping_patience=None, schedule="linear",
                 **{s: paths[s] if os.path.exists(paths[s]) else None for s in SPLITS},
                 **{**unused, **spec.options})
             if spec.options.get("max_length", 0) > positions:  # --max-length is capped already
@@ -283,11 +284,10 @@ class MultiTask:
             heads.append({"name": spec.name, "weight": spec.weight, "meta": task.meta})
             for split, ds in data.items():
                 parts[split][spec.name] = ds
-        if not parts["dev"] and (cfg.early_stopping_patience is not None
-                                 or cfg.schedule == "plateau"):
-            flag = "--schedule plateau" if cfg.schedule == "plateau" else \
-                "--early-stopping-patience"
-            raise ValueError(f"{flag} follows the dev metric, and no --tasks head has a dev file")
+        watch = "--schedule plateau" if cfg.schedule == "plateau" else \
+            "--early-stopping-patience" if cfg.early_stopping_patience is not None else None
+        if watch and not parts["dev"]:
+            raise ValueError(f"{watch} follows the dev metric, and no --tasks head has a dev file")
         task = cls({"task": cls.name, "heads": heads, "sampling": cfg.sampling,
                     "sampling_temperature": cfg.sampling_temperature})
         data = {s: MultiDataset(p, cfg.sampling, cfg.sampling_temperature, cfg.seed)

@@ -254,9 +254,10 @@ class QATask:
             score, w, a, b = best
             offs, ctx = windows[w][0].offsets, ds.examples[i].context
             start, end = offs[a][0], offs[b][1]
-            covered = covered_chars([windows[w][0]])
-            while end < len(ctx) and is_mark(ctx[end]) and end not in covered:
-                end += 1  # an accent the normalizer dropped (NFD text) belongs to its letter
+            if end < len(ctx) and is_mark(ctx[end]):  # an accent that may belong to its letter
+                covered = covered_chars([windows[w][0]])
+                while end < len(ctx) and is_mark(ctx[end]) and end not in covered:
+                    end += 1  # one the normalizer dropped (NFD text): no token reaches it
             answers[i] = (ctx[start:end], start, end, score)
         loss = None if res[0][2] is None else sum(r[2] for r in res) / len(res)
         return answers, loss
